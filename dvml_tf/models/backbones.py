@@ -1,0 +1,121 @@
+"""Backbones: images (float32 pixels in [0, 255]) -> the globally pooled feature f(x).
+
+Every backbone carries its own input normalization as its first layer, so the data pipeline and
+the exported serving graph feed raw pixel values and cannot get the normalization wrong.
+"""
+
+import keras
+
+from dvml_tf.models import googlenet
+
+# name -> (keras.applications constructor name, normalization mode)
+_APPLICATIONS = {
+    "resnet50": ("ResNet50", "caffe"),
+    "inception_v3": ("InceptionV3", "tf"),
+    "mobilenet_v2": ("MobileNetV2", "tf"),
+    # EfficientNet normalizes inside its own graph and expects [0, 255].
+    "efficientnet_b0": ("EfficientNetB0", None),
+}
+BACKBONES = ("convnet_small", "googlenet", *_APPLICATIONS)
+
+# ImageNet RGB means of the Caffe-trained networks (BVLC GoogLeNet, Keras ResNet50).
+_CAFFE_RGB_MEAN = (123.68, 116.779, 103.939)
+
+
+@keras.saving.register_keras_serializable(package="dvml_tf")
+class PixelNormalization(keras.layers.Layer):
+    """Per-channel `(x - mean) / std` on [0, 255] pixels, optionally reordering RGB to BGR.
+
+    Args:
+        mean: sequence of 3 floats, per-channel mean in RGB order.
+        std: sequence of 3 floats, per-channel standard deviation in RGB order.
+        bgr: bool. Reverse the channels after normalizing (Caffe-trained weights expect BGR).
+        **kwargs: forwarded to `keras.layers.Layer`.
+    """
+
+    def __init__(self, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), bgr=False, **kwargs):
+        super().__init__(**kwargs)
+        self.mean = tuple(float(m) for m in mean)
+        self.std = tuple(float(s) for s in std)
+        self.bgr = bool(bgr)
+
+    def call(self, images):
+        mean = keras.ops.convert_to_tensor(self.mean, dtype=images.dtype)
+        std = keras.ops.convert_to_tensor(self.std, dtype=images.dtype)
+        normalized = (images - mean) / std
+        return normalized[..., ::-1] if self.bgr else normalized
+
+    def get_config(self):
+        config = super().get_config()
+        config.update({"mean": self.mean, "std": self.std, "bgr": self.bgr})
+        return config
+
+
+def _convnet_small(inputs, channels=(64, 64, 128, 256)):
+    """Four conv-BN-ReLU-maxpool blocks and global average pooling: a fast CPU backbone."""
+    x = keras.layers.Rescaling(1.0 / 255.0, name="rescale")(inputs)
+    for block, width in enumerate(channels):
+        x = keras.layers.Conv2D(width, 3, padding="same", use_bias=False, name=f"conv{block}")(x)
+        x = keras.layers.BatchNormalization(name=f"bn{block}")(x)
+        x = keras.layers.ReLU(name=f"relu{block}")(x)
+        x = keras.layers.MaxPooling2D(2, padding="same", name=f"pool{block}")(x)
+    return keras.layers.GlobalAveragePooling2D(name="pool_features")(x)
+
+
+def build_backbone(name, input_shape=(224, 224, 3), pretrained=False, weights_path=None):
+    """Builds a backbone by name.
+
+    Args:
+        name: one of `BACKBONES`.
+        input_shape: tuple `(height, width, 3)` of the (cropped) input images.
+        pretrained: bool. Load ImageNet weights from `keras.applications` (downloaded once to
+            ~/.keras/models on a machine with internet access).
+        weights_path: optional path of a `.weights.h5` file for this backbone (e.g. GoogLeNet
+            weights ported by the user); loaded after building.
+
+    Returns:
+        A functional `keras.Model` named `backbone_<name>` mapping `[B, H, W, 3]` float32 pixels in
+        [0, 255] to the pooled feature `[B, F]`.
+
+    Raises:
+        ValueError: unknown name, bad input shape, or `pretrained` for a backbone without
+            published Keras weights.
+    """
+    if name not in BACKBONES:
+        raise ValueError(f"Unknown backbone {name!r}; valid backbones: {', '.join(BACKBONES)}.")
+    if len(input_shape) != 3 or input_shape[-1] != 3:
+        raise ValueError(f"Backbone input shape must be (height, width, 3); got {input_shape}.")
+    inputs = keras.Input(shape=input_shape, name="images")
+    if name == "convnet_small":
+        if pretrained:
+            raise ValueError("convnet_small has no pretrained weights; drop --pretrained.")
+        features = _convnet_small(inputs)
+    elif name == "googlenet":
+        if pretrained:
+            raise ValueError(
+                "Keras ships no ImageNet weights for GoogLeNet (Inception-v1), the paper's "
+                "backbone. Train it from scratch (drop --pretrained), pass weights you ported "
+                "with --backbone_weights=PATH.weights.h5, or use a pretrained backbone from "
+                "keras.applications such as --backbone=inception_v3 --pretrained."
+            )
+        x = PixelNormalization(mean=_CAFFE_RGB_MEAN, name="normalize")(inputs)
+        features = googlenet.inception_v1_features(x)
+    else:
+        constructor, mode = _APPLICATIONS[name]
+        if mode == "caffe":
+            x = PixelNormalization(mean=_CAFFE_RGB_MEAN, bgr=True, name="normalize")(inputs)
+        elif mode == "tf":
+            x = keras.layers.Rescaling(1.0 / 127.5, offset=-1.0, name="normalize")(inputs)
+        else:
+            x = inputs
+        network = getattr(keras.applications, constructor)(
+            include_top=False,
+            weights="imagenet" if pretrained else None,
+            input_shape=input_shape,
+            pooling="avg",
+        )
+        features = network(x)
+    backbone = keras.Model(inputs, features, name=f"backbone_{name}")
+    if weights_path:
+        backbone.load_weights(weights_path)
+    return backbone

@@ -1,0 +1,67 @@
+import keras
+import numpy as np
+import pytest
+
+from dvml_tf import models
+
+
+@pytest.mark.parametrize(
+    "name, size, feature_dim",
+    [
+        ("convnet_small", 28, 256),
+        ("googlenet", 64, 1024),
+        ("resnet50", 32, 2048),
+        ("inception_v3", 75, 2048),
+        ("mobilenet_v2", 32, 1280),
+        ("efficientnet_b0", 32, 1280),
+    ],
+)
+def test_every_backbone_maps_pixels_to_a_pooled_feature(name, size, feature_dim):
+    backbone = models.build_backbone(name, input_shape=(size, size, 3))
+    assert backbone.output_shape == (None, feature_dim)
+    features = backbone(np.full((2, size, size, 3), 128.0, np.float32))
+    assert features.shape == (2, feature_dim)
+    assert np.all(np.isfinite(features))
+
+
+def test_googlenet_has_the_inception_v1_layout():
+    backbone = models.build_backbone("googlenet")
+    names = {layer.name for layer in backbone.layers}
+    for module in ("3a", "3b", "4a", "4b", "4c", "4d", "4e", "5a", "5b"):
+        assert f"inception{module}_concat" in names
+    assert backbone.get_layer("inception5b_concat").output.shape[-1] == 1024
+    assert backbone.get_layer("inception3a_concat").output.shape[-1] == 256
+
+
+def test_pretrained_googlenet_explains_there_are_no_keras_weights():
+    with pytest.raises(ValueError, match="no ImageNet weights for GoogLeNet"):
+        models.build_backbone("googlenet", pretrained=True)
+
+
+def test_unknown_backbone_lists_the_valid_ones():
+    with pytest.raises(ValueError, match="valid backbones: convnet_small, googlenet, resnet50"):
+        models.build_backbone("vgg16")
+
+
+def test_bad_input_shape():
+    with pytest.raises(ValueError, match=r"\(height, width, 3\)"):
+        models.build_backbone("convnet_small", input_shape=(28, 28, 1))
+
+
+def test_pixel_normalization_matches_the_caffe_convention():
+    layer = models.PixelNormalization(mean=(1.0, 2.0, 3.0), std=(1.0, 1.0, 2.0), bgr=True)
+    out = np.asarray(layer(np.array([[[[11.0, 12.0, 13.0]]]], np.float32)))
+    np.testing.assert_allclose(out[0, 0, 0], [5.0, 10.0, 10.0])
+    clone = models.PixelNormalization.from_config(layer.get_config())
+    assert clone.get_config() == layer.get_config()
+
+
+def test_backbone_weights_file_is_loaded(tmp_path):
+    keras.utils.set_random_seed(0)
+    source = models.build_backbone("convnet_small")
+    path = tmp_path / "convnet.weights.h5"
+    source.save_weights(path)
+    keras.utils.set_random_seed(1)
+    loaded = models.build_backbone("convnet_small", weights_path=str(path))
+    x = np.random.default_rng(0).uniform(0, 255, (2, 224, 224, 3)).astype(np.float32)
+    np.testing.assert_allclose(loaded(x), source(x), rtol=1e-6)
