@@ -65,6 +65,8 @@ def sample_negatives(log_weights, seed):
     shape = tf.shape(log_weights)
     batch = shape[-1]
     rows = tf.reshape(log_weights, [-1, batch])
+    # XLA compiles stateless_categorical only with an int32 seed.
+    seed = tf.cast(seed, tf.int32)
     drawn = tf.random.stateless_categorical(rows, batch, seed=seed, dtype=tf.int32)
     return tf.reshape(drawn, shape)
 

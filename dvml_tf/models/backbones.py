@@ -62,7 +62,36 @@ def _convnet_small(inputs, channels=(64, 64, 128, 256)):
     return keras.layers.GlobalAveragePooling2D(name="pool_features")(x)
 
 
-def build_backbone(name, input_shape=(224, 224, 3), pretrained=False, weights_path=None):
+def synchronize_batch_norm(model):
+    """A copy of `model` (same weights) whose batch-norm layers use global batch statistics.
+
+    Under a distribution strategy each replica normally normalizes with its own part of the
+    batch; synchronized batch norm all-reduces the statistics, so R replicas compute what one
+    device computes on the global batch (at the cost of one all-reduce per layer).
+
+    Args:
+        model: a functional `keras.Model`.
+
+    Returns:
+        A functional `keras.Model` with the same weights.
+    """
+
+    def clone_layer(layer):
+        config = layer.get_config()
+        if isinstance(layer, keras.layers.BatchNormalization):
+            config["synchronized"] = True
+        elif isinstance(layer, keras.Model):
+            return synchronize_batch_norm(layer)
+        return layer.__class__.from_config(config)
+
+    clone = keras.models.clone_model(model, clone_function=clone_layer)
+    clone.set_weights(model.get_weights())
+    return clone
+
+
+def build_backbone(
+    name, input_shape=(224, 224, 3), pretrained=False, weights_path=None, sync_batch_norm=False
+):
     """Builds a backbone by name.
 
     Args:
@@ -72,6 +101,8 @@ def build_backbone(name, input_shape=(224, 224, 3), pretrained=False, weights_pa
             ~/.keras/models on a machine with internet access).
         weights_path: optional path of a `.weights.h5` file for this backbone (e.g. GoogLeNet
             weights ported by the user); loaded after building.
+        sync_batch_norm: bool. Synchronize batch-norm statistics across replicas
+            (see `synchronize_batch_norm`).
 
     Returns:
         A functional `keras.Model` named `backbone_<name>` mapping `[B, H, W, 3]` float32 pixels in
@@ -118,4 +149,4 @@ def build_backbone(name, input_shape=(224, 224, 3), pretrained=False, weights_pa
     backbone = keras.Model(inputs, features, name=f"backbone_{name}")
     if weights_path:
         backbone.load_weights(weights_path)
-    return backbone
+    return synchronize_batch_norm(backbone) if sync_batch_norm else backbone

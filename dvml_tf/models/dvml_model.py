@@ -235,7 +235,7 @@ class DVMLModel(keras.Model):
 
     def _step_seed(self, purpose):
         seed = tf.stack([tf.constant(self.seed, tf.int64), self.step_counter.value])
-        return tf.random.experimental.stateless_fold_in(seed, purpose)
+        return tf.random.experimental.stateless_fold_in(seed, purpose, alg="philox")
 
     def loss_terms(self, images, labels, training=True):
         """Computes every DVML loss term on one (per-replica) batch.
@@ -254,7 +254,12 @@ class DVMLModel(keras.Model):
         labels = tf.reshape(tf.cast(labels, tf.int32), [-1])
 
         def gather(tensor, axis=0):
-            return tensor if context is None else context.all_gather(tensor, axis=axis)
+            if context is None:
+                return tensor
+            # all_gather forgets the static shape, which the losses need (embedding dim).
+            shape = tensor.shape.as_list()
+            shape[axis] = None if shape[axis] is None else shape[axis] * num_replicas
+            return tf.ensure_shape(context.all_gather(tensor, axis=axis), shape)
 
         features = tf.cast(self.backbone(images, training=training), "float32")
         z_inv = self.embedding_head(features)
@@ -277,8 +282,12 @@ class DVMLModel(keras.Model):
         global_batch = local_batch * num_replicas
         # Draw the noise of the whole global batch and keep this replica's rows, so that R
         # replicas use exactly the numbers one device would.
+        # Philox explicitly: "auto_select" may pick another algorithm under XLA, and the same
+        # (seed, step) must give the same noise on every device, with or without XLA.
         noise = tf.random.stateless_normal(
-            [self.num_samples, global_batch, self.embedding_dim], seed=self._step_seed(_NOISE)
+            [self.num_samples, global_batch, self.embedding_dim],
+            seed=self._step_seed(_NOISE),
+            alg="philox",
         )
         noise = noise[:, replica_id * local_batch : (replica_id + 1) * local_batch]
         z_var = mean + sigma * noise  # [T, B, J], reparameterized
@@ -333,6 +342,9 @@ class DVMLModel(keras.Model):
         images, labels = data[0], data[1]
         with tf.GradientTape() as tape:
             objective, logs = self.loss_terms(images, labels, training=True)
+            # Under mixed precision the optimizer is a LossScaleOptimizer: it needs the scaled
+            # loss and unscales the gradients itself (a no-op for other optimizers).
+            objective = self.optimizer.scale_loss(objective)
         variables = self.trainable_variables
         gradients = tape.gradient(objective, variables)
         self.optimizer.apply(gradients, variables)

@@ -65,3 +65,21 @@ def test_backbone_weights_file_is_loaded(tmp_path):
     loaded = models.build_backbone("convnet_small", weights_path=str(path))
     x = np.random.default_rng(0).uniform(0, 255, (2, 224, 224, 3)).astype(np.float32)
     np.testing.assert_allclose(loaded(x), source(x), rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["convnet_small", "mobilenet_v2"])
+def test_synchronized_batch_norm_keeps_weights_and_outputs(name):
+    keras.utils.set_random_seed(0)
+    backbone = models.build_backbone(name, input_shape=(32, 32, 3))
+    synced = models.backbones.synchronize_batch_norm(backbone)
+    norms = [layer for layer in synced._flatten_layers()
+             if isinstance(layer, keras.layers.BatchNormalization)]
+    assert norms and all(layer.synchronized for layer in norms)
+    x = np.random.default_rng(0).uniform(0, 255, (4, 32, 32, 3)).astype(np.float32)
+    np.testing.assert_allclose(synced(x, training=False), backbone(x, training=False), rtol=1e-5)
+    if name == "convnet_small":
+        # Training mode uses batch statistics. Synchronized batch norm computes the variance as
+        # E[x^2] - E[x]^2, which cancels badly on MobileNet's 1x1 maps of a 4-image batch, so
+        # the tight training-mode comparison is made on the shallow network only.
+        np.testing.assert_allclose(synced(x, training=True), backbone(x, training=True),
+                                   rtol=1e-4, atol=1e-5)

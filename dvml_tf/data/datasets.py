@@ -1,0 +1,273 @@
+"""`load_dataset`: the named datasets (TFDS builders, zero-shot class splits) and the folder layout.
+
+| name     | TFDS builder             | train                       | test                        |
+| -------- | ------------------------ | --------------------------- | --------------------------- |
+| omniglot | omniglot 3.0.0           | split train: 964 cl./19,280 | split test: 659 cl./13,180  |
+| cub200   | caltech_birds2011        | labels 0-99: 5,864 images   | labels 100-199: 5,924       |
+| cars196  | cars196                  | labels 0-97: 8,054 images   | labels 98-195: 8,131        |
+| sop      | stanford_online_products | train: 11,318 cl./59,551    | test: 11,316 cl./60,502     |
+
+The builders are used through `tfds.builder(...).as_dataset(...)`, so `tfds.testing.mock_data`
+works. TFDS's own split of Omniglot and SOP is class-disjoint, with the training classes below a
+label boundary; the loader keeps only the images on the right side of that boundary, which
+changes nothing on the real data and keeps the splits class-disjoint under mock data (whose labels
+are random and whose splits hold the same examples).
+
+Offline: a real `tfds.load` of a dataset that is not prepared locally hangs on DNS retries, so
+before TFDS downloads anything the loader checks (~3 s) that the download host is reachable and
+otherwise raises `FileNotFoundError` explaining how to point TFDS at a prepared copy. `mock_data`
+replaces `DatasetBuilder.download_and_prepare` with a no-op; the check is skipped when that
+method is not TFDS's own, so mocked loads never touch the network.
+"""
+
+import contextlib
+import dataclasses
+import os
+import socket
+import threading
+import time
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+from absl import logging
+
+from dvml_tf.data import folder
+from dvml_tf.data.catalog import DatasetSplits
+from dvml_tf.data.catalog import ImageCatalog
+from dvml_tf.data.catalog import carve_validation
+from dvml_tf.data.catalog import check_training_classes
+from dvml_tf.data.catalog import host_tensor
+from dvml_tf.data.catalog import materialize
+
+DATASETS = ("omniglot", "cub200", "cars196", "sop", "folder")
+# Default side of the in-memory Omniglot images: the training recipe random-crops 28 from 32.
+OMNIGLOT_IMAGE_SIZE = 32
+NETWORK_TIMEOUT_SECONDS = 3.0
+# Largest decoded copy `image_size` may create for the photo datasets: CUB (2.3 GB) and Cars
+# (3.2 GB) fit at 256 px, SOP (23.6 GB at 256 px) stays encoded.
+MAX_DECODED_BYTES = 4 * 1024**3
+
+
+@dataclasses.dataclass(frozen=True)
+class _TfdsSpec:
+    tfds_name: str
+    label_key: str
+    # Labels below `boundary` are training classes (the zero-shot split of paper §4).
+    boundary: int
+    # True: TFDS's own train/test splits are the protocol's (each filtered to its side of the
+    # boundary). False: all splits are merged and re-split by the boundary.
+    own_splits: bool
+    # Where the TFDS builder (4.9.10) downloads from: (host, port).
+    download_host: tuple
+
+
+_SPECS = {
+    "omniglot": _TfdsSpec("omniglot", "label", 964, True, ("github.com", 443)),
+    "cub200": _TfdsSpec("caltech_birds2011", "label", 100, False, ("data.caltech.edu", 443)),
+    "cars196": _TfdsSpec("cars196", "label", 98, False, ("ai.stanford.edu", 80)),
+    "sop": _TfdsSpec("stanford_online_products", "class_id", 11318, True,
+                     ("cs.stanford.edu", 21)),
+}
+
+_CARS196_HINT = (
+    "TFDS's cars196 download URL (ai.stanford.edu/~jkrause) has been broken upstream since 2023 "
+    "(tensorflow/datasets#4932), so cars196 cannot be downloaded by TFDS: use an already prepared "
+    "TFDS copy (a data dir containing cars196/2.1.0/), or the folder layout: "
+    "load_dataset('folder', data_dir=DIR) (--dataset=folder --data_dir=DIR) with one sub-folder "
+    "per car model; the first 98 sorted class folders are the training classes.")
+
+
+def load_dataset(name, data_dir=None, image_size=None, validation_classes=0, seed=0):
+    """Loads a dataset as zero-shot (class-disjoint) train / [validation] / test catalogs.
+
+    Args:
+        name: one of `DATASETS`.
+        data_dir: for TFDS datasets, the TFDS data dir (default: TFDS's default, which honours
+            the TFDS_DATA_DIR environment variable); for "folder", the image folder.
+        image_size: optional int. Omniglot is always held decoded, at this size (default 32;
+            105 is the original). Other datasets are kept encoded and decoded on the fly, unless
+            `image_size` is given and the decoded copy fits in `MAX_DECODED_BYTES`: then they
+            are decoded once and held in memory at image_size x image_size (faster epochs;
+            with a warning and no effect when it does not fit).
+        validation_classes: int; carve this many training classes out as a validation split
+            (never test classes).
+        seed: int, picks the validation classes.
+
+    Returns:
+        `DatasetSplits`.
+
+    Raises:
+        ValueError: for an unknown name or bad arguments.
+        FileNotFoundError: when the data is not available (see the message for what to do).
+    """
+    if name not in DATASETS:
+        raise ValueError(f"Unknown dataset {name!r}; valid datasets: {', '.join(DATASETS)}.")
+    if image_size is not None and (int(image_size) != image_size or image_size < 1):
+        raise ValueError(f"image_size must be a positive integer or None, got {image_size!r}.")
+    data_dir = None if data_dir is None else os.fspath(data_dir)
+    if name == "folder":
+        splits = folder.load_folder(data_dir)
+    else:
+        splits = _load_tfds(name, data_dir)
+    if name == "omniglot":
+        size = image_size or OMNIGLOT_IMAGE_SIZE
+        splits = dataclasses.replace(
+            splits, train=materialize(splits.train, size, _omniglot_ink, num_channels=1),
+            test=materialize(splits.test, size, _omniglot_ink, num_channels=1),
+            num_channels=1, grayscale=True)
+    elif image_size is not None:
+        images = splits.train.num_images + splits.test.num_images
+        decoded_bytes = images * image_size * image_size * splits.num_channels
+        if decoded_bytes > MAX_DECODED_BYTES:
+            logging.warning("%s: %d images at %d px would take %.1f GB decoded (limit %.1f GB): "
+                            "keeping them encoded and decoding on the fly.", name, images,
+                            image_size, decoded_bytes / 1e9, MAX_DECODED_BYTES / 1e9)
+        else:
+            splits = dataclasses.replace(splits, train=materialize(splits.train, image_size),
+                                         test=materialize(splits.test, image_size))
+    splits = carve_validation(splits, validation_classes, seed)
+    # Paper §4 is silent on single-image classes: left out of training batches (they have no
+    # positive), kept in the evaluation splits (their images are gallery distractors).
+    check_training_classes(splits.train, name)
+    for split, catalog in splits.splits().items():
+        logging.info("%s %s: %d classes, %d images (%s).", name, split, catalog.num_classes,
+                     catalog.num_images, catalog.storage)
+    return splits
+
+
+def _omniglot_ink(image):
+    """Grayscale strokes, black on white -> ink bright on a 0 background (uint8 [H, W, 1])."""
+    # Paper §4 is silent (no Omniglot): inverted so the zero padding of convs matches background.
+    return 255 - image
+
+
+def _load_tfds(name, data_dir):
+    spec = _SPECS[name]
+    builder = tfds.builder(spec.tfds_name, data_dir=data_dir)
+    _ensure_prepared(builder, name, spec)
+    label_feature = builder.info.features[spec.label_key]
+    class_names = getattr(label_feature, "names", None)
+    if spec.own_splits:
+        train = _read_split(builder, "train", spec, keep=lambda labels: labels < spec.boundary)
+        test = _read_split(builder, "test", spec, keep=lambda labels: labels >= spec.boundary)
+    else:
+        parts = [_read_split(builder, split, spec) for split in ("train", "test")]
+        with tf.device("/cpu:0"):
+            images = tf.concat([p[0] for p in parts], axis=0)
+        labels = np.concatenate([p[1] for p in parts])
+        is_train = labels < spec.boundary
+        with tf.device("/cpu:0"):
+            train = (tf.boolean_mask(images, is_train), labels[is_train])
+            test = (tf.boolean_mask(images, ~is_train), labels[~is_train])
+    # Omniglot's RGB PNGs hold gray strokes: the decoder converts them to one channel (cheaper
+    # than converting decoded pixels).
+    channels = 1 if name == "omniglot" else 3
+    catalogs = {
+        split: ImageCatalog(labels, sources=images, num_channels=channels,
+                            class_names=class_names, name=split)
+        for split, (images, labels) in (("train", train), ("test", test))}
+    return DatasetSplits(name=name, train=catalogs["train"], test=catalogs["test"])
+
+
+def _read_split(builder, split, spec, keep=None):
+    """The encoded images (string tensor [N]) and labels (np.int64 [N]) of one TFDS split."""
+    # Only the image bytes and the label are parsed: no pixel decoding, no bbox/mask features.
+    decoders = tfds.decode.PartialDecoding({"image": True, spec.label_key: True},
+                                           decoders={"image": tfds.decode.SkipDecoding()})
+    dataset = builder.as_dataset(split=split, decoders=decoders, shuffle_files=False)
+    images, labels = [], []
+    for batch in dataset.batch(4096):
+        images.append(batch["image"])
+        labels.append(batch[spec.label_key].numpy())
+    with tf.init_scope(), tf.device("/cpu:0"):
+        images = tf.concat(images, axis=0) if images else host_tensor(np.zeros([0], object))
+    labels = np.concatenate(labels).astype(np.int64) if labels else np.zeros([0], np.int64)
+    if keep is not None:
+        mask = keep(labels)
+        if not mask.all():
+            # Never happens with the real data; with mock data (random labels) it does.
+            logging.warning("%s: dropped %d of %d images of TFDS split %r whose labels belong to "
+                            "the other side of the zero-shot class split (label boundary %d).",
+                            spec.tfds_name, int(np.sum(~mask)), len(mask), split, spec.boundary)
+            with tf.device("/cpu:0"):
+                images = tf.boolean_mask(images, mask)
+            labels = labels[mask]
+    return images, labels
+
+
+def tfds_is_mocked():
+    """Whether `tfds.testing.mock_data` (or another patch) replaced `download_and_prepare`.
+
+    Returns:
+        bool.
+    """
+    method = tfds.core.DatasetBuilder.download_and_prepare
+    return getattr(method, "__module__", None) != "tensorflow_datasets.core.dataset_builder"
+
+
+def download_host_reachable(host, port, timeout=NETWORK_TIMEOUT_SECONDS):
+    """Whether a TCP connection to `host:port` can be opened within `timeout` seconds in total.
+
+    The DNS lookup runs in a daemon thread because `getaddrinfo` has no timeout of its own (an
+    unreachable resolver makes it retry for tens of seconds).
+
+    Args:
+        host: host name.
+        port: int port.
+        timeout: seconds for the lookup and the connection together.
+
+    Returns:
+        bool.
+    """
+    deadline = time.monotonic() + timeout
+    found = []
+
+    def resolve():
+        with contextlib.suppress(OSError):
+            found.extend(socket.getaddrinfo(host, port, type=socket.SOCK_STREAM))
+
+    thread = threading.Thread(target=resolve, daemon=True, name=f"resolve-{host}")
+    thread.start()
+    thread.join(timeout)
+    for family, kind, proto, _, address in list(found):
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return False
+        try:
+            with socket.socket(family, kind, proto) as sock:
+                sock.settimeout(remaining)
+                sock.connect(address)
+                return True
+        except OSError:
+            continue
+    return False
+
+
+def _ensure_prepared(builder, name, spec):
+    """Prepares the TFDS dataset, or fails within seconds when that would need a network."""
+    if builder.is_prepared():
+        return
+    if tfds_is_mocked():
+        builder.download_and_prepare()  # A no-op under mock_data.
+        return
+    host, port = spec.download_host
+    advice = (f"Point TFDS at a prepared copy (a directory containing "
+              f"{spec.tfds_name}/{builder.version}/): set the TFDS_DATA_DIR environment variable "
+              "before starting Python, or pass data_dir= (--data_dir=).")
+    if name == "cars196":
+        advice += " " + _CARS196_HINT
+    started = time.monotonic()
+    if not download_host_reachable(host, port):
+        raise FileNotFoundError(
+            f"TFDS dataset {spec.tfds_name!r} {builder.version} is not prepared in "
+            f"{builder.data_dir} and its download host {host}:{port} cannot be reached "
+            f"(checked for {time.monotonic() - started:.1f} s; offline?). {advice}")
+    logging.info("Downloading and preparing TFDS %s into %s.", spec.tfds_name, builder.data_dir)
+    try:
+        builder.download_and_prepare()
+    except Exception as error:
+        if name == "cars196":
+            raise FileNotFoundError(f"TFDS could not download cars196 ({error}). "
+                                    f"{_CARS196_HINT}") from error
+        raise

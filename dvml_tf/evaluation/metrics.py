@@ -1,0 +1,350 @@
+"""Retrieval and clustering metrics of the DVML evaluation protocol, on numpy embeddings.
+
+* Recall@K (DVML §4.1): a query counts as a hit if at least one of its K nearest *other*
+  samples (the query itself excluded by index) has its class.
+* MAP@R (Musgrave et al., "A Metric Learning Reality Check", ECCV 2020): for a query with
+  R = number of other samples of its class, AP@R = (1/R) * sum_{i<=R} rel(i) * P@i, where
+  rel(i) = 1 if the i-th neighbour has the query's class and P@i is the precision of the first
+  i neighbours; MAP@R is the mean over queries.
+* NMI (DVML §4.1, Song et al. 2016): 2 I(clusters; classes) / (H(clusters) + H(classes)),
+  identical to scikit-learn's ``normalized_mutual_info_score`` (arithmetic normalisation).
+* F1 (Song et al. 2016): harmonic mean of the pairwise precision and recall of a clustering:
+  a pair of samples is a true positive when it shares both its cluster and its class.
+
+Queries whose class has no other sample (R = 0) can never be hit. For Recall@K they count as
+misses, as in the literature (the denominator is the number of queries). For MAP@R they are
+left out of the mean, because AP@R with R = 0 is 0/0 (Musgrave et al. only define it for
+R >= 1). tensorflow-similarity instead averages them in as 0; see `tfsim_check`.
+
+All functions take numpy arrays and return plain Python floats (fractions in [0, 1]).
+"""
+
+import math
+
+import numpy as np
+
+from dvml_tf.evaluation import knn
+
+DEFAULT_RECALL_KS = (1, 2, 4, 8)
+
+
+def _check_labels_1d(labels, name="labels"):
+    array = np.asarray(labels)
+    if array.ndim != 1:
+        raise ValueError(f"{name} must be a 1-D array; got shape {array.shape}.")
+    if array.shape[0] == 0:
+        raise ValueError(f"{name} is empty.")
+    return array
+
+
+def _encode(labels):
+    """Maps arbitrary (int or str) labels to codes 0..C-1; returns (codes, counts per class)."""
+    _, codes, counts = np.unique(labels, return_inverse=True, return_counts=True)
+    return codes.reshape(-1).astype(np.int64), counts.astype(np.int64)
+
+
+def _check_k(k, name="k"):
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
+        raise ValueError(f"{name} must be an int >= 1; got {k!r}.")
+    if k < 1:
+        raise ValueError(f"{name} must be >= 1; got {k}.")
+    return int(k)
+
+
+def _check_neighbor_labels(query_labels, neighbor_labels):
+    query_labels = _check_labels_1d(query_labels, "query_labels")
+    neighbor_labels = np.asarray(neighbor_labels)
+    if neighbor_labels.ndim != 2 or neighbor_labels.shape[0] != query_labels.shape[0]:
+        raise ValueError(
+            "neighbor_labels must have shape [num_queries, num_neighbors] with num_queries = "
+            f"len(query_labels) = {query_labels.shape[0]}; got shape {neighbor_labels.shape}."
+        )
+    return query_labels, neighbor_labels
+
+
+def _first_hit_rank(matches):
+    """0-based rank of each query's first same-class neighbour; num_neighbors if none."""
+    return np.where(matches.any(axis=1), matches.argmax(axis=1), matches.shape[1])
+
+
+def _average_precision_at_r(matches, num_relevant):
+    """AP@R of each query; matches [Q, M] bool with M >= max(num_relevant) (R > 0 rows only)."""
+    width = int(num_relevant.max())
+    rel = matches[:, :width] & (np.arange(width) < num_relevant[:, None])
+    # P@i at relevant positions only: (number of hits among the first i) / i.
+    precision = np.cumsum(rel, axis=1) / np.arange(1, width + 1)
+    return (precision * rel).sum(axis=1) / num_relevant
+
+
+def recall_at_k(query_labels, neighbor_labels, k):
+    """Recall@K from the labels of each query's neighbours.
+
+    Args:
+        query_labels: [Q] labels of the queries.
+        neighbor_labels: [Q, M] labels of each query's neighbours sorted by distance, the query
+            itself already excluded; M >= k.
+        k: int >= 1.
+
+    Returns:
+        float: share of queries with at least one same-class label among the first k
+        neighbours.
+
+    Raises:
+        ValueError: on mismatched shapes or an invalid k.
+    """
+    query_labels, neighbor_labels = _check_neighbor_labels(query_labels, neighbor_labels)
+    k = _check_k(k)
+    if k > neighbor_labels.shape[1]:
+        raise ValueError(
+            f"k={k} exceeds the number of neighbours given ({neighbor_labels.shape[1]})."
+        )
+    matches = neighbor_labels[:, :k] == query_labels[:, None]
+    return float(matches.any(axis=1).mean())
+
+
+def relevant_counts(query_labels, gallery_labels=None):
+    """R of each query: the number of gallery samples of its class.
+
+    Args:
+        query_labels: [Q] labels.
+        gallery_labels: [G] labels, or None when the queries are their own gallery (each query
+            then does not count itself).
+
+    Returns:
+        int64 array [Q].
+    """
+    query_labels = _check_labels_1d(query_labels, "query_labels")
+    if gallery_labels is None:
+        codes, counts = _encode(query_labels)
+        return counts[codes] - 1
+    gallery_labels = _check_labels_1d(gallery_labels, "gallery_labels")
+    classes, counts = np.unique(gallery_labels, return_counts=True)
+    pos = np.clip(np.searchsorted(classes, query_labels), 0, classes.size - 1)
+    return np.where(classes[pos] == query_labels, counts[pos], 0).astype(np.int64)
+
+
+def map_at_r(query_labels, neighbor_labels, num_relevant):
+    """MAP@R (Musgrave et al. 2020) from the labels of each query's neighbours.
+
+    Args:
+        query_labels: [Q] labels of the queries.
+        neighbor_labels: [Q, M] labels of each query's neighbours sorted by distance (query
+            excluded); M >= max(num_relevant).
+        num_relevant: [Q] ints, R of each query (see `relevant_counts`).
+
+    Returns:
+        float: mean AP@R over the queries with R >= 1 (queries with R = 0 are excluded, since
+        AP@R is 0/0 for them); NaN if no query has R >= 1.
+
+    Raises:
+        ValueError: on mismatched shapes, negative R, or too few neighbours.
+    """
+    query_labels, neighbor_labels = _check_neighbor_labels(query_labels, neighbor_labels)
+    num_relevant = np.asarray(num_relevant, dtype=np.int64)
+    if num_relevant.shape != query_labels.shape:
+        raise ValueError(
+            f"num_relevant must have shape {query_labels.shape}; got {num_relevant.shape}."
+        )
+    if (num_relevant < 0).any():
+        raise ValueError("num_relevant must be >= 0.")
+    valid = num_relevant > 0
+    if not valid.any():
+        return math.nan
+    if num_relevant.max() > neighbor_labels.shape[1]:
+        raise ValueError(
+            f"MAP@R needs max(num_relevant) = {num_relevant.max()} neighbours per query; got "
+            f"{neighbor_labels.shape[1]}."
+        )
+    matches = neighbor_labels[valid] == query_labels[valid, None]
+    return float(_average_precision_at_r(matches, num_relevant[valid]).mean())
+
+
+def _contingency(cluster_ids, labels):
+    """Cluster sizes, class sizes and non-zero cell counts of the contingency table (int64)."""
+    cluster_ids = _check_labels_1d(cluster_ids, "cluster_ids")
+    labels = _check_labels_1d(labels)
+    if cluster_ids.shape[0] != labels.shape[0]:
+        raise ValueError(
+            f"cluster_ids and labels must have the same length; got {cluster_ids.shape[0]} and "
+            f"{labels.shape[0]}."
+        )
+    clusters, cluster_sizes = _encode(cluster_ids)
+    classes, class_sizes = _encode(labels)
+    _, cells = np.unique(clusters * class_sizes.size + classes, return_counts=True)
+    return cluster_sizes, class_sizes, cells.astype(np.int64)
+
+
+def _entropy(counts, total):
+    p = counts / total
+    return float(-(p * np.log(p)).sum())
+
+
+def nmi(cluster_ids, labels):
+    """Normalised mutual information 2 I / (H(clusters) + H(classes)).
+
+    Args:
+        cluster_ids: [N] cluster assignment.
+        labels: [N] class labels.
+
+    Returns:
+        float in [0, 1]; 1.0 when both partitions are a single block (as scikit-learn).
+
+    Raises:
+        ValueError: on empty or mismatched inputs.
+    """
+    cluster_sizes, class_sizes, cells = _contingency(cluster_ids, labels)
+    total = float(class_sizes.sum())
+    if cluster_sizes.size == class_sizes.size == 1:
+        return 1.0
+    # Sum over the non-zero cells of (n_ij / N) log(N n_ij / (a_i b_j)), written as entropies so
+    # that the cluster/class pairing of each cell is not needed: I = H(Ω) + H(C) - H(Ω, C).
+    h_clusters = _entropy(cluster_sizes, total)
+    h_classes = _entropy(class_sizes, total)
+    mutual_information = max(h_clusters + h_classes - _entropy(cells, total), 0.0)
+    denominator = h_clusters + h_classes
+    if denominator <= 0.0:
+        return 1.0
+    return float(min(2.0 * mutual_information / denominator, 1.0))
+
+
+def pairwise_f1(cluster_ids, labels):
+    """Pairwise F1 of a clustering (Song et al. 2016).
+
+    Args:
+        cluster_ids: [N] cluster assignment.
+        labels: [N] class labels.
+
+    Returns:
+        float: 2 P R / (P + R) with P = TP / (TP + FP) and R = TP / (TP + FN) over all pairs of
+        samples; a pair is predicted positive if it shares a cluster and is truly positive if it
+        shares a class. 0.0 when P + R = 0 (e.g. only singleton clusters).
+
+    Raises:
+        ValueError: on empty or mismatched inputs.
+    """
+    cluster_sizes, class_sizes, cells = _contingency(cluster_ids, labels)
+
+    def pairs(counts):
+        return float((counts * (counts - 1) // 2).sum())
+
+    true_pos = pairs(cells)
+    predicted_pos = pairs(cluster_sizes)
+    actual_pos = pairs(class_sizes)
+    precision = true_pos / predicted_pos if predicted_pos else 0.0
+    recall = true_pos / actual_pos if actual_pos else 0.0
+    if precision + recall == 0.0:
+        return 0.0
+    return float(2.0 * precision * recall / (precision + recall))
+
+
+def _check_recall_ks(recall_ks):
+    if isinstance(recall_ks, (int, np.integer)):
+        recall_ks = (recall_ks,)
+    recall_ks = tuple(recall_ks)
+    if not recall_ks:
+        raise ValueError("recall_ks is empty; give at least one K, e.g. (1, 2, 4, 8).")
+    return tuple(sorted({_check_k(k, "recall_ks entries") for k in recall_ks}))
+
+
+def evaluate_embeddings(
+    embeddings,
+    labels,
+    recall_ks=DEFAULT_RECALL_KS,
+    metric="euclidean",
+    compute_clustering=True,
+    kmeans_seed=0,
+    compute_map=True,
+    memory_budget_bytes=knn.DEFAULT_MEMORY_BUDGET_BYTES,
+    kmeans_kwargs=None,
+):
+    """All test metrics of one embedding set: NMI, F1, Recall@K and MAP@R.
+
+    The queries are the test set itself, each query excluded from its own neighbours by index.
+    The neighbour search streams over chunks of queries (`knn.iter_nearest_neighbors`), so only
+    O(chunk x N) scratch memory is used and the [N, K] neighbour table is never stored.
+
+    Args:
+        embeddings: float array [N, D].
+        labels: [N] class labels (ints or strings).
+        recall_ks: ints >= 1. A K >= N - 1 is searched with the N - 1 available neighbours.
+        metric: "euclidean" (raw embeddings) or "cosine" (L2-normalised embeddings); k-means for
+            NMI/F1 runs on the same vectors (normalised for "cosine").
+        compute_clustering: compute "nmi" and "f1" (k-means with K = number of classes).
+        kmeans_seed: seed of k-means.
+        compute_map: compute "map@r".
+        memory_budget_bytes: scratch memory per kNN chunk.
+        kmeans_kwargs: dict of overrides for `clustering.kmeans_cluster`.
+
+    Returns:
+        dict of plain floats with keys, in this order: "nmi", "f1" (if compute_clustering),
+        "recall@K" for each K in ascending order, "map@r" (if compute_map).
+
+    Raises:
+        ValueError: for NaN/Inf embeddings, non-2-D or empty embeddings, labels of another
+            length, fewer than two classes, invalid K or metric.
+    """
+    embeddings = knn.check_embeddings(embeddings)
+    labels = _check_labels_1d(labels)
+    if labels.shape[0] != embeddings.shape[0]:
+        raise ValueError(
+            f"labels and embeddings must have the same length; got {labels.shape[0]} labels "
+            f"and {embeddings.shape[0]} embeddings."
+        )
+    codes, class_sizes = _encode(labels)
+    if class_sizes.size < 2:
+        raise ValueError(
+            f"need at least 2 classes to evaluate; labels hold a single class ({labels[0]!r})."
+        )
+    recall_ks = _check_recall_ks(recall_ks)
+    if metric not in knn.METRICS:
+        raise ValueError(f"metric must be one of {knn.METRICS}; got {metric!r}.")
+
+    results = {}
+    # Paper §4.1 is ambiguous: "Euclidean distance" on z_I; "cosine" is offered for embeddings
+    # trained on the unit sphere, where it ranks exactly like Euclidean on normalised vectors.
+    if compute_clustering:
+        # Imported here: clustering pulls in scikit-learn, which a pure retrieval run avoids.
+        from dvml_tf.evaluation import clustering
+
+        vectors = knn.l2_normalize(embeddings) if metric == "cosine" else embeddings
+        cluster_ids = clustering.kmeans_cluster(
+            vectors, class_sizes.size, seed=kmeans_seed, **(kmeans_kwargs or {})
+        )
+        results["nmi"] = nmi(cluster_ids, codes)
+        results["f1"] = pairwise_f1(cluster_ids, codes)
+    results.update(
+        _retrieval_metrics(
+            embeddings, codes, class_sizes, recall_ks, metric, compute_map, memory_budget_bytes
+        )
+    )
+    return results
+
+
+def _retrieval_metrics(embeddings, codes, class_sizes, recall_ks, metric, compute_map, budget):
+    """Recall@K and MAP@R, accumulated chunk by chunk over the exact kNN search."""
+    num = codes.shape[0]
+    # Paper §4.1 is silent: a query whose class has no other test sample counts as a Recall@K
+    # miss (denominator = all queries) and is left out of MAP@R (R = 0).
+    num_relevant = class_sizes[codes] - 1
+    needed = max(recall_ks[-1], int(num_relevant.max()) if compute_map else 1)
+    k = min(needed, num - 1)
+    hits = np.zeros(len(recall_ks), dtype=np.int64)
+    ap_sum, ap_count = 0.0, 0
+    ks = np.minimum(np.asarray(recall_ks), k)
+    for start, ids, _ in knn.iter_nearest_neighbors(
+        embeddings, k, metric=metric, memory_budget_bytes=budget
+    ):
+        query = codes[start : start + ids.shape[0]]
+        matches = codes[ids] == query[:, None]
+        first = _first_hit_rank(matches)
+        hits += np.count_nonzero(first[:, None] < ks[None, :], axis=0)
+        if compute_map:
+            relevant = num_relevant[start : start + ids.shape[0]]
+            valid = relevant > 0
+            if valid.any():
+                ap_sum += float(_average_precision_at_r(matches[valid], relevant[valid]).sum())
+                ap_count += int(valid.sum())
+    results = {f"recall@{kk}": float(h / num) for kk, h in zip(recall_ks, hits, strict=True)}
+    if compute_map:
+        results["map@r"] = ap_sum / ap_count if ap_count else math.nan
+    return results

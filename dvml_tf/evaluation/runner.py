@@ -1,0 +1,96 @@
+"""Evaluating a model on a split: embed every image once, then compute the retrieval and
+clustering metrics on the embeddings (dvml_tf.evaluation.metrics)."""
+
+import numpy as np
+import tensorflow as tf
+
+from dvml_tf import data as data_lib
+from dvml_tf.evaluation import metrics as metrics_lib
+
+
+def compute_embeddings(embed_fn, dataset):
+    """Runs `embed_fn` over a dataset of `(images, labels)` batches.
+
+    Args:
+        embed_fn: callable mapping a batch of images to embeddings `[B, D]` (a Keras model, a
+            SavedModel signature wrapper, ...).
+        dataset: `tf.data.Dataset` of `(images, labels)`.
+
+    Returns:
+        `(embeddings float32 [N, D], labels int64 [N])` in dataset order.
+    """
+    embeddings, labels = [], []
+    for images, batch_labels in dataset:
+        embeddings.append(np.asarray(embed_fn(images), dtype=np.float32))
+        labels.append(batch_labels.numpy())
+    if not embeddings:
+        raise ValueError("The evaluation split is empty.")
+    return np.concatenate(embeddings), np.concatenate(labels).astype(np.int64)
+
+
+def model_embed_fn(model):
+    """A compiled inference function of a Keras model (z_I, in inference mode)."""
+    return tf.function(lambda images: model(images, training=False), reduce_retracing=True)
+
+
+def evaluate_model(
+    model,
+    catalog,
+    preprocess,
+    batch_size=256,
+    recall_ks=(1, 2, 4, 8),
+    compute_clustering=True,
+    kmeans_seed=0,
+):
+    """Embeds a split with `model` and computes its metrics.
+
+    Distances are cosine when the model's embeddings are L2-normalized (the loss trained on the
+    unit sphere), Euclidean otherwise.
+
+    Args:
+        model: a `DVMLModel` (or any model whose `call` returns the embedding).
+        catalog: the `data.ImageCatalog` of the split.
+        preprocess: the `data.PreprocessConfig` of the run (test-time transform).
+        batch_size: int.
+        recall_ks: the K of Recall@K.
+        compute_clustering: also run k-means for NMI and F1.
+        kmeans_seed: int.
+
+    Returns:
+        dict of floats: `recall@K`, `map@r`, and (with clustering) `nmi`, `f1`.
+    """
+    dataset = data_lib.make_eval_dataset(catalog, preprocess, batch_size)
+    embeddings, labels = compute_embeddings(model_embed_fn(model), dataset)
+    metric = "cosine" if getattr(model, "normalize_embeddings", False) else "euclidean"
+    return metrics_lib.evaluate_embeddings(
+        embeddings,
+        labels,
+        recall_ks=tuple(recall_ks),
+        metric=metric,
+        compute_clustering=compute_clustering,
+        kmeans_seed=kmeans_seed,
+    )
+
+
+def _ordered(metrics):
+    recall = sorted((k for k in metrics if k.startswith("recall@")), key=lambda k: int(k[7:]))
+    return (
+        [k for k in ("nmi", "f1") if k in metrics]
+        + recall
+        + [k for k in metrics if k not in recall and k not in ("nmi", "f1")]
+    )
+
+
+def format_metrics(metrics):
+    """One line: `nmi=0.871 f1=0.402 recall@1=0.803 ...`."""
+    return " ".join(f"{key}={metrics[key]:.4f}" for key in _ordered(metrics))
+
+
+def metrics_table(metrics, title="metrics"):
+    """A Markdown table of the metrics in percent, in the paper's column order."""
+    keys = _ordered(metrics)
+    header = " | ".join(
+        key.upper() if key in ("nmi", "f1") else key.replace("recall", "R") for key in keys
+    )
+    values = " | ".join(f"{100 * metrics[key]:.1f}" for key in keys)
+    return f"{title}\n| {header} |\n|{'---|' * len(keys)}\n| {values} |"

@@ -1,0 +1,369 @@
+"""The training loop behind `train.py`: one code path for one device, MirroredStrategy and
+MultiWorkerMirroredStrategy.
+
+Keras 3's `fit` fails under MultiWorkerMirroredStrategy (keras-team/keras#20585), so the loop is
+our own: it runs `DVMLModel.train_step` (the same step `fit` runs) through `strategy.run` on
+per-replica batches that each hold whole classes of the global P x K batch. The state that a
+resumed run needs (weights, optimizer, the step that drives the DVML phase, and through it the
+sampler's position, since batches are a pure function of (seed, step)) is one `tf.train.Checkpoint`.
+"""
+
+import json
+import math
+import os
+import sys
+import time
+
+import keras
+import tensorflow as tf
+from absl import logging
+
+from dvml_tf import data as data_lib
+from dvml_tf import losses as losses_lib
+from dvml_tf import models
+from dvml_tf.evaluation import runner
+from dvml_tf.training import distribution
+from dvml_tf.training.config import TrainConfig
+from dvml_tf.utils import atomic
+
+CONFIG_FILE = "config.json"
+METRICS_FILE = "metrics.json"
+MODEL_FILE = "model.keras"
+CHECKPOINT_DIR = "checkpoints"
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or Inf; the last good checkpoint is left untouched."""
+
+
+def build_model(config):
+    """Builds the (uncompiled) DVMLModel a configuration describes."""
+    backbone = models.build_backbone(
+        config.backbone,
+        input_shape=(config.image_size, config.image_size, 3),
+        pretrained=config.pretrained,
+        weights_path=config.backbone_weights,
+        sync_batch_norm=config.sync_batch_norm,
+    )
+    metric_loss = losses_lib.get_metric_loss(config.loss, **config.loss_options)
+    return models.DVMLModel(
+        backbone,
+        metric_loss,
+        embedding_dim=config.embedding_dim,
+        use_dvml=config.dvml,
+        num_samples=config.num_samples,
+        phase1_steps=config.phase1_steps,
+        phase1_weights=config.phase1_weights,
+        phase2_weights=config.phase2_weights,
+        seed=config.seed,
+        name="dvml" if config.dvml else "baseline",
+    )
+
+
+def build_optimizer(config):
+    # Paper §4.1: Adam, one learning rate for every parameter, no weight decay stated.
+    if config.weight_decay > 0:
+        return keras.optimizers.AdamW(config.learning_rate, weight_decay=config.weight_decay)
+    return keras.optimizers.Adam(config.learning_rate)
+
+
+def preprocess_config(config, splits):
+    # Mirrored strokes are other characters: no flips for Omniglot-like (grayscale) data.
+    return data_lib.PreprocessConfig(
+        resize_size=config.resize_size,
+        crop_size=config.image_size,
+        random_flip=not splits.grayscale,
+    )
+
+
+def _check_model_dir(config, model_dir):
+    """Refuses to mix two different runs in one model_dir; returns True when resuming."""
+    path = os.path.join(model_dir, CONFIG_FILE)
+    if not os.path.exists(path):
+        return False
+    with open(path) as f:
+        saved = TrainConfig.from_dict(json.load(f))
+    differences = config.differences(saved)
+    if differences:
+        lines = "\n".join(
+            f"  {k}: {old!r} in {path} vs {new!r} now"
+            for k, (old, new) in sorted(differences.items())
+        )
+        raise ValueError(
+            f"model_dir {model_dir} holds a run with a different configuration:\n{lines}\n"
+            "Rerun with the same flags to resume it, or choose another --model_dir."
+        )
+    return True
+
+
+def make_distributed_step(strategy, model, jit_compile=False):
+    """A `tf.function(iterator) -> logs` running one `model.train_step` on every replica.
+
+    The structure is Keras's own (`fit`): the per-replica step is a `tf.function` called through
+    `strategy.run` inside an outer `tf.function`; the logs are averaged over the replicas.
+
+    Args:
+        strategy: a `tf.distribute.Strategy`.
+        model: a compiled `DVMLModel` built in `strategy.scope()`.
+        jit_compile: compile the per-replica step with XLA.
+
+    Returns:
+        The step function; it takes an iterator over (distributed) `(images, labels)` batches.
+    """
+    replica_step = tf.function(model.train_step, jit_compile=jit_compile)
+
+    @tf.function
+    def step(iterator):
+        logs = strategy.run(replica_step, args=(next(iterator),))
+        return {
+            key: strategy.reduce(tf.distribute.ReduceOp.MEAN, value, axis=None)
+            for key, value in logs.items()
+        }
+
+    return step
+
+
+class Trainer:
+    """Trains, checkpoints, resumes and evaluates one `TrainConfig`.
+
+    Args:
+        config: a `TrainConfig` (validated here).
+        splits: optional `data.DatasetSplits`; loaded from the config when omitted (tests pass
+            generated data).
+        strategy: optional `tf.distribute.Strategy`; made from `config.strategy` when omitted.
+        verbose: show the progress bar and the final table.
+    """
+
+    def __init__(self, config, splits=None, strategy=None, verbose=True):
+        self.config = config.validate()
+        if not config.model_dir:
+            raise ValueError("model_dir must be set (train.py derives one from the flags).")
+        self.strategy = strategy or distribution.make_strategy(config.strategy)
+        self.is_chief = distribution.is_chief(self.strategy)
+        self.verbose = verbose and self.is_chief
+        self.write_dir = distribution.worker_directory(config.model_dir, self.strategy)
+        os.makedirs(self.write_dir, exist_ok=True)
+        self.resuming = _check_model_dir(config, config.model_dir)
+        if self.is_chief and not self.resuming:
+            atomic.write_text(os.path.join(self.write_dir, CONFIG_FILE), config.to_json())
+
+        self.splits = splits or data_lib.load_dataset(
+            config.dataset,
+            data_dir=config.data_dir,
+            image_size=config.resize_size,
+            validation_classes=config.validation_classes,
+            seed=config.seed,
+        )
+        self.preprocess = preprocess_config(config, self.splits)
+        self.num_replicas = self.strategy.num_replicas_in_sync
+        if config.classes_per_batch % self.num_replicas:
+            raise ValueError(
+                f"classes_per_batch ({config.classes_per_batch}) must be divisible by the "
+                f"number of replicas ({self.num_replicas}) so that every replica gets whole "
+                "classes."
+            )
+        self.sampler = data_lib.ClassBalancedSampler(
+            self.splits.train.labels,
+            config.classes_per_batch,
+            config.images_per_class,
+            seed=config.seed,
+        )
+
+        if config.mixed_precision:
+            keras.mixed_precision.set_global_policy("mixed_float16")
+        with self.strategy.scope():
+            keras.utils.set_random_seed(config.seed)
+            self.model = build_model(config)
+            self.model.compile(optimizer=build_optimizer(config))
+            # Under mixed precision compile() wraps the optimizer in a LossScaleOptimizer: build
+            # (and checkpoint) the wrapper, so no variable is created inside the replicated step.
+            self.optimizer = self.model.optimizer
+            self.optimizer.build(self.model.trainable_variables)
+        self.checkpoint = tf.train.Checkpoint(model=self.model, optimizer=self.optimizer)
+        self.manager = tf.train.CheckpointManager(
+            self.checkpoint, os.path.join(self.write_dir, CHECKPOINT_DIR), max_to_keep=3
+        )
+        self._restore()
+
+    # ------------------------------------------------------------------------- state and data
+
+    def _restore(self):
+        # Every worker reads the chief's checkpoints: only the chief's are kept.
+        chief_manager = tf.train.CheckpointManager(
+            self.checkpoint, os.path.join(self.config.model_dir, CHECKPOINT_DIR), max_to_keep=3
+        )
+        latest = chief_manager.latest_checkpoint
+        if latest:
+            self.checkpoint.restore(latest).assert_existing_objects_matched()
+            logging.info(
+                "Resumed from %s at step %d (phase %d).", latest, self.step, self.model.phase
+            )
+
+    @property
+    def step(self):
+        return int(self.model.step_counter.numpy())
+
+    def _replica_dataset(self, input_context):
+        """Per-replica batches for this worker: replica r's slice (whole classes) of each global
+        batch, in replica order, as `distribute_datasets_from_function` expects."""
+        replicas_here = input_context.num_replicas_in_sync // input_context.num_input_pipelines
+        first_replica = input_context.input_pipeline_id * replicas_here
+        per_replica = [
+            data_lib.make_train_dataset(
+                self.splits.train,
+                self.sampler,
+                self.preprocess,
+                start_step=self.step,
+                replica_id=replica_id,
+                num_replicas=self.num_replicas,
+            )
+            for replica_id in range(first_replica, first_replica + replicas_here)
+        ]
+        if len(per_replica) == 1:
+            return per_replica[0]
+        # Round robin: the local replicas take consecutive elements, in replica order.
+        order = tf.data.Dataset.range(replicas_here).repeat()
+        return tf.data.Dataset.choose_from_datasets(per_replica, order)
+
+    # --------------------------------------------------------------------------------- train
+
+    def _save_checkpoint(self):
+        if self.manager.latest_checkpoint and self.manager.latest_checkpoint.endswith(
+            f"-{self.step}"
+        ):
+            return
+        # A step's loss is computed before its update: check the weights themselves, so that a
+        # checkpoint is only ever replaced by a good one.
+        if not all(
+            bool(tf.reduce_all(tf.math.is_finite(v)))
+            for v in self.model.variables
+            if "float" in str(v.dtype)
+        ):
+            raise NonFiniteLossError(
+                f"The weights became non-finite by step {self.step}. Training stopped; the last "
+                f"good checkpoint ({self.manager.latest_checkpoint or 'none yet'}) is intact. "
+                "Lower --learning_rate or check the data."
+            )
+        self.manager.save(checkpoint_number=self.step)
+
+    def train(self, stop_at=None):
+        """Runs the remaining steps (or up to step `stop_at`). Returns the last step's logs."""
+        config = self.config
+        last_step = config.steps if stop_at is None else min(stop_at, config.steps)
+        if self.step >= last_step:
+            logging.info("Training already finished at step %d.", self.step)
+            return {}
+        dataset = self.strategy.distribute_datasets_from_function(self._replica_dataset)
+        iterator = iter(dataset)
+        step_fn = make_distributed_step(self.strategy, self.model, config.jit_compile)
+        writer = (
+            tf.summary.create_file_writer(os.path.join(self.write_dir, "logs", "train"))
+            if self.is_chief
+            else tf.summary.create_noop_writer()
+        )
+        # A live bar on a terminal; in a log file, one line per logging interval instead.
+        interactive = self.verbose and sys.stdout.isatty()
+        progbar = keras.utils.Progbar(
+            config.steps, stateful_metrics=models.LOG_KEYS, verbose=1 if interactive else 0
+        )
+        progbar.update(self.step)
+        logs, started = {}, time.time()
+        try:
+            while self.step < last_step:
+                logs = {k: float(v) for k, v in step_fn(iterator).items()}
+                step = self.step
+                if not all(math.isfinite(v) for v in logs.values()):
+                    raise NonFiniteLossError(
+                        f"Non-finite loss at step {step}: {logs}. Training stopped; the last "
+                        f"good checkpoint ({self.manager.latest_checkpoint or 'none yet'}) is "
+                        "intact. Lower --learning_rate or check the data."
+                    )
+                progbar.update(step, values=list(logs.items()))
+                if step % config.log_every == 0 or step == config.steps:
+                    if self.verbose and not interactive:
+                        logging.info(
+                            "step %d/%d %s",
+                            step,
+                            config.steps,
+                            " ".join(f"{k}={v:.4g}" for k, v in logs.items()),
+                        )
+                    with writer.as_default(step=step):
+                        for key, value in logs.items():
+                            tf.summary.scalar(f"train/{key}", value)
+                        tf.summary.scalar(
+                            "train/steps_per_second",
+                            config.log_every / max(time.time() - started, 1e-9),
+                        )
+                    started = time.time()
+                    for tracker in self.model.metrics:
+                        tracker.reset_state()
+                if config.eval_every and step % config.eval_every == 0:
+                    self._evaluate_validation(step)
+                if step % config.checkpoint_every == 0:
+                    self._save_checkpoint()
+        except KeyboardInterrupt:
+            self._save_checkpoint()  # the interrupted step either finished or did not start
+            logging.warning(
+                "Interrupted at step %d; checkpoint saved. Rerun the same command to resume.",
+                self.step,
+            )
+            raise
+        self._save_checkpoint()
+        writer.flush()
+        return logs
+
+    # ------------------------------------------------------------------------------ evaluate
+
+    def _evaluate_validation(self, step):
+        if not self.is_chief or self.splits.validation is None:
+            return None
+        metrics = runner.evaluate_model(
+            self.model,
+            self.splits.validation,
+            self.preprocess,
+            batch_size=self.config.eval_batch_size,
+            recall_ks=self.config.recall_ks,
+            compute_clustering=False,
+        )
+        writer = tf.summary.create_file_writer(os.path.join(self.write_dir, "logs", "validation"))
+        with writer.as_default(step=step):
+            for key, value in metrics.items():
+                tf.summary.scalar(f"validation/{key}", value)
+        writer.flush()
+        logging.info("step %d validation: %s", step, runner.format_metrics(metrics))
+        return metrics
+
+    def evaluate_test(self):
+        """Evaluates z_I on the test classes; writes metrics.json and TensorBoard scalars."""
+        metrics = runner.evaluate_model(
+            self.model,
+            self.splits.test,
+            self.preprocess,
+            batch_size=self.config.eval_batch_size,
+            recall_ks=self.config.recall_ks,
+        )
+        if self.is_chief:
+            atomic.write_text(
+                os.path.join(self.write_dir, METRICS_FILE),
+                json.dumps(metrics, indent=2, sort_keys=True),
+            )
+            writer = tf.summary.create_file_writer(os.path.join(self.write_dir, "logs", "test"))
+            with writer.as_default(step=self.step):
+                for key, value in metrics.items():
+                    tf.summary.scalar(f"test/{key}", value)
+            writer.flush()
+        return metrics
+
+    def save_model(self):
+        """Writes `<model_dir>/model.keras` (atomically) on the chief."""
+        if self.is_chief:
+            atomic.save_keras_model(self.model, os.path.join(self.write_dir, MODEL_FILE))
+
+    def run(self):
+        """Trains (or resumes), saves the model and evaluates on the test classes."""
+        self.train()
+        self.save_model()
+        metrics = self.evaluate_test()
+        if self.verbose:
+            print(runner.metrics_table(metrics, title=f"Test classes ({self.config.dataset})"))
+        return metrics

@@ -1,0 +1,83 @@
+"""Writes that never leave a half-written file or folder in place of a good one.
+
+Everything is first written to a temporary sibling (same filesystem, so the final rename is
+atomic) and then moved over the destination.
+"""
+
+import os
+import shutil
+import tempfile
+
+
+def write_text(path, text):
+    """Atomically writes `text` to `path`."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def save_keras_model(model, path):
+    """Atomically saves `model` as a `.keras` archive at `path`."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".model.", suffix=".keras")
+    os.close(fd)
+    try:
+        model.save(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+class AtomicDirectory:
+    """Context manager yielding a temporary folder that replaces `path` only on success.
+
+    An existing `path` is kept until the new folder is complete; on an exception the temporary
+    folder is removed and `path` is untouched.
+
+    Args:
+        path: the destination folder.
+        overwrite: bool. Replace an existing `path`; when False, an existing `path` raises
+            FileExistsError before anything is written.
+    """
+
+    def __init__(self, path, overwrite=False):
+        self.path = os.path.abspath(path)
+        self.overwrite = overwrite
+        self.tmp = None
+
+    def __enter__(self):
+        if os.path.exists(self.path) and not self.overwrite:
+            raise FileExistsError(f"{self.path} already exists; pass overwrite to replace it.")
+        parent = os.path.dirname(self.path)
+        os.makedirs(parent, exist_ok=True)
+        self.tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(self.path)}.")
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, traceback):
+        if exc_type is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return False
+        if os.path.exists(self.path):
+            # Move the old folder aside first so that a crash between the two renames leaves
+            # either the old or the new folder under a recognisable name, never a mix.
+            old = self.path + ".old"
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(self.path, old)
+            os.replace(self.tmp, self.path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(self.tmp, self.path)
+        return False

@@ -1,0 +1,163 @@
+"""TFDS loaders under `tfds.testing.mock_data`, and the offline fast failure (no network used)."""
+
+import socket
+import time
+from unittest import mock
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from dvml_tf.data import datasets
+from dvml_tf.data import load_dataset
+from dvml_tf.data.catalog import ImageCatalog
+from dvml_tf.data.catalog import materialize
+
+# name -> (label boundary, number of label ids) of the zero-shot split, from the paper's §4.
+SPLITS = {"omniglot": (964, 1623), "cub200": (100, 200), "cars196": (98, 196),
+          "sop": (11318, 22634)}
+# Mock labels are uniform over all label ids: enough examples per split that a few training
+# classes get two images (birthday paradox), which the training-class check requires.
+MOCK_EXAMPLES = {"omniglot": 300, "cub200": 60, "cars196": 60, "sop": 1500}
+
+
+@pytest.fixture
+def no_network():
+    """Fails the test if the loader tries to check (let alone use) the network."""
+    with mock.patch.object(datasets, "download_host_reachable",
+                           side_effect=AssertionError("network checked")) as check:
+        yield check
+
+
+@pytest.mark.parametrize("name", list(SPLITS))
+def test_mock_splits_are_class_disjoint_and_on_the_right_side(name, no_network, tmp_path):
+    boundary, num_labels = SPLITS[name]
+    num_examples = MOCK_EXAMPLES[name]
+    with tfds.testing.mock_data(num_examples=num_examples):
+        splits = load_dataset(name, data_dir=str(tmp_path / "never_created"))
+    train, test = splits.train, splits.test
+    assert train.num_images > 0 and test.num_images > 0
+    assert train.labels.max() < boundary <= test.labels.min()
+    assert test.labels.max() < num_labels
+    assert not set(train.classes.tolist()) & set(test.classes.tolist())
+    assert train.num_classes == len(np.unique(train.labels))
+    assert len(train.class_names) == num_labels
+    if name in ("cub200", "cars196"):
+        # Merged and re-split: every mock example lands in exactly one split.
+        assert train.num_images + test.num_images == 2 * num_examples
+    image = test.image(0)
+    assert image.dtype == np.uint8 and image.ndim == 3
+    if name == "omniglot":
+        assert splits.grayscale and splits.num_channels == 1
+        assert train.storage == "decoded" and train.images.shape[1:] == (32, 32, 1)
+    else:
+        assert not splits.grayscale and splits.num_channels == 3
+        assert train.storage == "encoded" and image.shape[-1] == 3
+    no_network.assert_not_called()
+
+
+def test_logs_classes_and_images_per_split(caplog, no_network):
+    with caplog.at_level("INFO"), tfds.testing.mock_data(num_examples=30):
+        splits = load_dataset("cub200")
+    for split, catalog in splits.splits().items():
+        assert (f"cub200 {split}: {catalog.num_classes} classes, {catalog.num_images} images"
+                in caplog.text)
+
+
+def test_validation_classes_are_carved_from_training_classes(no_network):
+    with tfds.testing.mock_data(num_examples=200):
+        plain = load_dataset("cub200")
+        splits = load_dataset("cub200", validation_classes=5, seed=7)
+        same = load_dataset("cub200", validation_classes=5, seed=7)
+        other = load_dataset("cub200", validation_classes=5, seed=8)
+    val = set(splits.validation.classes.tolist())
+    assert len(val) == 5 and val <= set(plain.train.classes.tolist())
+    assert not val & set(splits.train.classes.tolist())
+    assert set(splits.train.classes.tolist()) | val == set(plain.train.classes.tolist())
+    np.testing.assert_array_equal(splits.test.labels, plain.test.labels)
+    assert set(same.validation.classes.tolist()) == val
+    assert set(other.validation.classes.tolist()) != val
+    with pytest.raises(ValueError, match="validation_classes=500"), \
+            tfds.testing.mock_data(num_examples=50):
+        load_dataset("cub200", validation_classes=500)
+
+
+def test_image_size_holds_other_datasets_decoded(no_network):
+    with tfds.testing.mock_data(num_examples=MOCK_EXAMPLES["cars196"]):
+        splits = load_dataset("cars196", image_size=24)
+    with tfds.testing.mock_data(num_examples=MOCK_EXAMPLES["omniglot"]):
+        omniglot = load_dataset("omniglot", image_size=105)
+    assert splits.train.storage == "decoded" and splits.train.images.shape[1:] == (24, 24, 3)
+    assert omniglot.train.images.shape[1:] == (105, 105, 1)
+
+
+def test_image_size_keeps_large_datasets_encoded(no_network, caplog):
+    with mock.patch.object(datasets, "MAX_DECODED_BYTES", 1000), caplog.at_level("WARNING"), \
+            tfds.testing.mock_data(num_examples=MOCK_EXAMPLES["cars196"]):
+        splits = load_dataset("cars196", image_size=24)
+    assert splits.train.storage == "encoded"
+    assert "keeping them encoded" in caplog.text
+
+
+def test_omniglot_ink_becomes_bright_on_black():
+    # Black strokes on white, like the real Omniglot PNGs (105 x 105 x 3).
+    image = np.full((105, 105, 3), 255, np.uint8)
+    image[20:80, 45:55] = 0
+    buffer = tf.io.encode_png(image).numpy()
+    catalog = ImageCatalog(np.array([0]), sources=[buffer], num_channels=1)
+    out = materialize(catalog, 105, datasets._omniglot_ink, num_channels=1).images[0, ..., 0]
+    assert out[50, 52] == 255 and out[5, 5] == 0 and out[50, 10] == 0
+    small = materialize(catalog, 32, datasets._omniglot_ink, num_channels=1).images[0, ..., 0]
+    assert small.max() > 200 and small[:5].max() == 0
+
+
+def test_unknown_name_lists_the_valid_ones():
+    with pytest.raises(ValueError, match="omniglot, cub200, cars196, sop, folder"):
+        load_dataset("mnist")
+    with pytest.raises(ValueError, match="image_size"):
+        load_dataset("omniglot", image_size=0)
+
+
+def test_mock_data_is_detected():
+    assert not datasets.tfds_is_mocked()
+    with tfds.testing.mock_data(num_examples=1):
+        assert datasets.tfds_is_mocked()
+
+
+@pytest.mark.parametrize("name", ["omniglot", "sop", "cars196"])
+def test_unprepared_dataset_offline_fails_fast(name, tmp_path):
+    started = time.monotonic()
+    with mock.patch.object(datasets, "download_host_reachable", return_value=False) as check, \
+            pytest.raises(FileNotFoundError) as error:
+        load_dataset(name, data_dir=str(tmp_path / "nonexistent"))
+    assert time.monotonic() - started < 5
+    check.assert_called_once()
+    message = str(error.value)
+    assert "TFDS_DATA_DIR" in message and "data_dir" in message
+    assert "not prepared" in message and "cannot be reached" in message
+    if name == "cars196":
+        assert "broken upstream" in message and "folder" in message
+
+
+def test_cars196_download_failure_points_to_the_folder_layout(tmp_path):
+    with mock.patch.object(datasets, "download_host_reachable", return_value=True), \
+            mock.patch.object(tfds.core.DatasetBuilder, "download_and_prepare",
+                              side_effect=OSError("404 Not Found")), \
+            mock.patch.object(datasets, "tfds_is_mocked", return_value=False), \
+            pytest.raises(FileNotFoundError, match=r"404 Not Found.*folder"):
+        load_dataset("cars196", data_dir=str(tmp_path))
+
+
+def test_host_check_is_bounded_and_correct():
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(1)
+        port = server.getsockname()[1]
+        assert datasets.download_host_reachable("127.0.0.1", port, timeout=2)
+    # The port is closed now: refused at once.
+    assert not datasets.download_host_reachable("127.0.0.1", port, timeout=2)
+    started = time.monotonic()
+    # ".invalid" never resolves (RFC 6761); a hanging resolver is cut off by the timeout.
+    assert not datasets.download_host_reachable("dvml-tf-test.invalid", 443, timeout=1.0)
+    assert time.monotonic() - started < 2.5

@@ -1,0 +1,144 @@
+"""One DVML training step in two set-ups that must agree, for every base loss and both phases.
+
+Run as a script (the logical devices must exist before TensorFlow initializes):
+
+    python -m tests.training.replica_equivalence                    # 2 replicas vs 1 device
+    python -m tests.training.replica_equivalence --mixed_precision  # the same in mixed_float16
+    python -m tests.training.replica_equivalence --jit_compile      # XLA vs no XLA, 1 device
+
+XLA cannot place one computation over two logical CPU devices, so the XLA check compares a
+compiled with an uncompiled step on one device; and XLA implements TF's stateless random ops with
+other streams, so for that check both steps draw from `hashed_random_ops` instead, an integer-hash
+generator that gives the same numbers compiled or not. Prints a JSON object
+{"<loss>/phase<n>": {"weights": max |diff|, "updates": max |diff|, "update_scale": ..., ...}}.
+"""
+
+import json
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import tensorflow as tf
+
+tf.config.set_logical_device_configuration(
+    tf.config.list_physical_devices("CPU")[0],
+    [tf.config.LogicalDeviceConfiguration(), tf.config.LogicalDeviceConfiguration()],
+)
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+
+from dvml_tf import losses  # noqa: E402
+from dvml_tf import models  # noqa: E402
+from dvml_tf.training import trainer  # noqa: E402
+
+NUM_CLASSES, IMAGES_PER_CLASS, SIZE = 8, 2, 6
+
+
+def backbone():
+    # No batch norm: per-replica batch statistics would legitimately differ from one device's.
+    inputs = keras.Input((SIZE, SIZE, 3))
+    x = keras.layers.Flatten()(keras.layers.Rescaling(1 / 255)(inputs))
+    return keras.Model(inputs, keras.layers.Dense(24, activation="tanh")(x))
+
+
+def global_batch(images_per_class):
+    rng = np.random.default_rng(0)
+    images = rng.uniform(0, 255, (NUM_CLASSES * images_per_class, SIZE, SIZE, 3))
+    labels = np.repeat(np.arange(NUM_CLASSES), images_per_class)
+    return images.astype(np.float32), labels.astype(np.int64)
+
+
+def one_step(strategy, loss_name, phase1_steps, images, labels, jit_compile=False):
+    with strategy.scope():
+        keras.utils.set_random_seed(0)
+        model = models.DVMLModel(
+            backbone(),
+            losses.get_metric_loss(loss_name),
+            embedding_dim=8,
+            num_samples=3,
+            phase1_steps=phase1_steps,
+            seed=1,
+        )
+        model.compile(optimizer=keras.optimizers.SGD(0.5))
+        model.optimizer.build(model.trainable_variables)
+    replicas = strategy.num_replicas_in_sync
+    local = len(labels) // replicas
+
+    def dataset_fn(context):
+        del context
+        parts = [
+            (images[r * local : (r + 1) * local], labels[r * local : (r + 1) * local])
+            for r in range(replicas)
+        ]
+        return tf.data.Dataset.from_tensor_slices(
+            (np.stack([p[0] for p in parts]), np.stack([p[1] for p in parts]))
+        )
+
+    iterator = iter(strategy.distribute_datasets_from_function(dataset_fn))
+    before = [v.numpy() for v in model.trainable_variables]
+    step = trainer.make_distributed_step(strategy, model, jit_compile)
+    loss = step(iterator)["loss"]
+    after = [v.numpy() for v in model.trainable_variables]
+    updates = [(b - a) for a, b in zip(after, before, strict=True)]
+    return after, updates, float(loss), int(model.step_counter.numpy())
+
+
+def hashed_random_ops():
+    """Replaces tf.random.stateless_normal / stateless_categorical by integer-hash versions."""
+
+    def uniform(count, seed):
+        x = tf.range(count, dtype=tf.int64) * 2654435761 + tf.reduce_sum(
+            tf.cast(seed, tf.int64) * tf.constant([40503, 2246822519], tf.int64)
+        )
+        for shift in (13, 17, 5):
+            x = tf.bitwise.bitwise_xor(x, tf.bitwise.right_shift(x, shift)) * 2246822519
+        return (tf.cast(tf.math.floormod(x, 2**24), tf.float32) + 0.5) / 2**24
+
+    def normal(shape, seed, alg=None, **kwargs):
+        count = tf.reduce_prod(shape)
+        return tf.reshape(tf.math.erfinv(2.0 * uniform(count, seed) - 1.0) * 2.0**0.5, shape)
+
+    def categorical(logits, num_samples, seed, dtype=tf.int64, **kwargs):
+        rows, classes = tf.shape(logits)[0], tf.shape(logits)[1]
+        gumbel = -tf.math.log(-tf.math.log(uniform(rows * num_samples * classes, seed)))
+        gumbel = tf.reshape(gumbel, [rows, num_samples, classes])
+        return tf.cast(tf.argmax(logits[:, None, :] + tf.cast(gumbel, logits.dtype), -1), dtype)
+
+    tf.random.stateless_normal = normal
+    tf.random.stateless_categorical = categorical
+
+
+def main():
+    if "--mixed_precision" in sys.argv:
+        keras.mixed_precision.set_global_policy("mixed_float16")
+    single = tf.distribute.OneDeviceStrategy("/cpu:0")
+    if "--jit_compile" in sys.argv:
+        hashed_random_ops()
+        other, other_jit = single, True
+    else:
+        other, other_jit = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]), False
+    results = {}
+    for loss_name in losses.METRIC_LOSSES:
+        k = 2 if loss_name == "npair" else 4
+        images, labels = global_batch(k)
+        for phase1_steps, phase in ((5, 1), (0, 2)):
+            one = one_step(single, loss_name, phase1_steps, images, labels)
+            two = one_step(other, loss_name, phase1_steps, images, labels, jit_compile=other_jit)
+            results[f"{loss_name}/phase{phase}"] = {
+                "weights": max(
+                    float(np.abs(a - b).max()) for a, b in zip(one[0], two[0], strict=True)
+                ),
+                "updates": max(
+                    float(np.abs(a - b).max()) for a, b in zip(one[1], two[1], strict=True)
+                ),
+                "update_scale": max(float(np.abs(a).max()) for a in one[1]),
+                "loss": abs(one[2] - two[2]),
+                "steps": [one[3], two[3]],
+            }
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()

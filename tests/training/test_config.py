@@ -1,0 +1,60 @@
+import json
+
+import pytest
+
+from dvml_tf import configs
+from dvml_tf.training.config import TrainConfig
+
+
+def test_every_preset_is_valid_and_round_trips_through_json():
+    for name in configs.PRESETS:
+        config = configs.get_preset(name)
+        if config.dataset == "folder":
+            config = config.replace(data_dir="/some/catalogue")
+        config.validate()
+        assert TrainConfig.from_dict(json.loads(config.to_json())) == config
+
+
+def test_unknown_preset_lists_the_valid_ones():
+    with pytest.raises(ValueError, match="valid configs: omniglot, cub200, cars196, sop"):
+        configs.get_preset("imagenet")
+
+
+@pytest.mark.parametrize(
+    "changes, match",
+    [
+        ({"dataset": "mnist"}, "Unknown dataset 'mnist'; valid values: omniglot"),
+        ({"loss": "arcface"}, "Unknown loss 'arcface'; valid values: triplet, npair"),
+        ({"backbone": "vgg"}, "Unknown backbone"),
+        ({"strategy": "tpu"}, "Unknown strategy"),
+        ({"steps": 0}, "steps must be >= 1"),
+        ({"image_size": 40}, "cannot exceed resize_size"),
+        ({"classes_per_batch": 1}, "classes_per_batch must be >= 2"),
+        ({"images_per_class": 1}, "images_per_class must be >= 2"),
+        ({"loss": "npair", "images_per_class": 4}, "needs images_per_class=2"),
+        ({"phase1_fraction": 1.5}, r"phase1_fraction must be in \[0, 1\]"),
+        ({"learning_rate": 0.0}, "learning_rate must be > 0"),
+        ({"phase2_weights": (1, 1)}, "phase2_weights must be 4"),
+        ({"recall_ks": (0, 1)}, "recall_ks"),
+        ({"dataset": "folder", "data_dir": None}, "needs --data_dir"),
+    ],
+)
+def test_invalid_values_name_the_field(changes, match):
+    with pytest.raises(ValueError, match=match):
+        TrainConfig().replace(**changes).validate()
+
+
+def test_phase1_steps_follow_the_fraction():
+    assert TrainConfig(steps=1000, phase1_fraction=0.25).phase1_steps == 250
+    assert TrainConfig(steps=10, phase1_fraction=0.0).phase1_steps == 0
+
+
+def test_differences_ignore_where_and_how_often_but_not_what():
+    base = TrainConfig()
+    assert base.differences(base.replace(model_dir="x", steps=10, eval_every=5)) == {}
+    assert base.differences(base.replace(loss="triplet")) == {"loss": ("triplet", "npair")}
+
+
+def test_from_dict_rejects_unknown_fields():
+    with pytest.raises(ValueError, match="Unknown configuration fields: colour"):
+        TrainConfig.from_dict({"colour": "red"})

@@ -1,0 +1,137 @@
+import json
+import os
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from dvml_tf.training import trainer
+from dvml_tf.training.config import TrainConfig
+from tests.training import synthetic
+
+
+def tiny_config(tmp_path, **changes):
+    values = dict(
+        dataset="omniglot",
+        image_size=12,
+        resize_size=12,
+        embedding_dim=16,
+        num_samples=2,
+        classes_per_batch=8,
+        images_per_class=2,
+        steps=40,
+        learning_rate=3e-3,
+        log_every=10,
+        checkpoint_every=20,
+        eval_batch_size=32,
+        model_dir=str(tmp_path / "run"),
+    )
+    values.update(changes)
+    return TrainConfig(**values)
+
+
+def test_trains_saves_and_evaluates(tmp_path):
+    config = tiny_config(tmp_path, validation_classes=4, eval_every=20)
+    splits = synthetic.splits(validation_classes=4)
+    metrics = trainer.Trainer(config, splits=splits, verbose=False).run()
+    run = tmp_path / "run"
+    saved = json.loads((run / "metrics.json").read_text())
+    assert saved == pytest.approx(metrics)
+    assert set(saved) >= {"nmi", "f1", "recall@1", "recall@2", "recall@4", "recall@8", "map@r"}
+    assert all(0.0 <= v <= 1.0 for v in saved.values())
+    assert (run / "model.keras").exists()
+    assert json.loads((run / "config.json").read_text())["steps"] == 40
+    assert tf.train.latest_checkpoint(str(run / "checkpoints")).endswith("ckpt-40")
+    event_dirs = {d for d in os.listdir(run / "logs")}
+    assert event_dirs == {"train", "validation", "test"}
+    # Learnable data: the embedding beats chance (1 / 8 test classes) by far.
+    assert saved["recall@1"] > 0.5
+
+
+def test_resume_continues_at_the_saved_step_and_phase(tmp_path):
+    splits = synthetic.splits()
+    config = tiny_config(tmp_path, steps=20, phase1_fraction=0.5, checkpoint_every=10)
+    first = trainer.Trainer(config, splits=splits, verbose=False)
+    first.train()
+    assert first.step == 20 and first.model.phase == 2
+    weights = [v.numpy() for v in first.model.trainable_variables]
+
+    # The same command with more steps: resumes at 20, in phase 2, with the same weights.
+    longer = config.replace(steps=30)
+    resumed = trainer.Trainer(longer, splits=splits, verbose=False)
+    assert resumed.step == 20 and resumed.model.phase == 2
+    for a, b in zip(weights, resumed.model.trainable_variables, strict=True):
+        np.testing.assert_array_equal(a, b.numpy())
+    resumed.train()
+    assert resumed.step == 30
+
+
+def test_interrupted_run_matches_an_uninterrupted_one(tmp_path):
+    splits = synthetic.splits()
+    straight = trainer.Trainer(
+        tiny_config(tmp_path / "a", steps=12, checkpoint_every=6), splits=splits, verbose=False
+    )
+    straight.train()
+    # Stop after 6 steps (the checkpoint), then rerun the same configuration.
+    part = trainer.Trainer(
+        tiny_config(tmp_path / "b", steps=12, checkpoint_every=6), splits=splits, verbose=False
+    )
+    part.train(stop_at=6)
+    rest = trainer.Trainer(
+        tiny_config(tmp_path / "b", steps=12, checkpoint_every=6), splits=splits, verbose=False
+    )
+    assert rest.step == 6
+    rest.train()
+    for a, b in zip(
+        straight.model.trainable_variables, rest.model.trainable_variables, strict=True
+    ):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_refuses_to_mix_two_configurations_in_one_model_dir(tmp_path):
+    splits = synthetic.splits()
+    trainer.Trainer(tiny_config(tmp_path, steps=2), splits=splits, verbose=False).train()
+    with pytest.raises(ValueError, match="different configuration:\n  loss: 'npair'"):
+        trainer.Trainer(tiny_config(tmp_path, loss="triplet"), splits=splits, verbose=False)
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    splits = synthetic.splits()
+    config = tiny_config(tmp_path, steps=10, checkpoint_every=5)
+    run = trainer.Trainer(config, splits=splits, verbose=False)
+    run.train(stop_at=5)
+    good = run.manager.latest_checkpoint
+    run.optimizer.learning_rate.assign(float("nan"))
+    with pytest.raises(trainer.NonFiniteLossError, match="last good checkpoint"):
+        run.train()
+    assert run.manager.latest_checkpoint == good
+    reader = tf.train.load_checkpoint(good)
+    assert all(
+        np.all(np.isfinite(reader.get_tensor(name)))
+        for name, _ in tf.train.list_variables(good)
+        if "model" in name
+    )
+
+
+def test_non_finite_weights_are_never_checkpointed(tmp_path):
+    splits = synthetic.splits()
+    run = trainer.Trainer(
+        tiny_config(tmp_path, steps=10, checkpoint_every=5), splits=splits, verbose=False
+    )
+    run.train(stop_at=4)  # like an interruption: checkpoints step 4
+    good = run.manager.latest_checkpoint
+    assert good.endswith("ckpt-4")
+    run.optimizer.learning_rate.assign(float("nan"))
+    # Step 5's loss is still finite (computed before the update), but its weights are not, and
+    # step 5 is a checkpoint step.
+    with pytest.raises(trainer.NonFiniteLossError, match="weights became non-finite"):
+        run.train(stop_at=5)
+    assert run.manager.latest_checkpoint == good
+    assert not os.path.exists(good.replace("ckpt-4", "ckpt-5") + ".index")
+
+
+def test_batch_larger_than_the_classes_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="classes"):
+        trainer.Trainer(
+            tiny_config(tmp_path, classes_per_batch=64), splits=synthetic.splits(), verbose=False
+        )
