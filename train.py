@@ -60,6 +60,11 @@ flags.DEFINE_float("phase1_fraction", None, "Fraction of the steps in phase 1.")
 flags.DEFINE_list("phase1_weights", None, "Phase-1 weights: KL,recon,synthesized,invariant.")
 flags.DEFINE_list("phase2_weights", None, "Phase-2 weights: KL,recon,synthesized,invariant.")
 flags.DEFINE_integer("num_samples", None, "T: z_V draws per image.")
+flags.DEFINE_float("variance_scale", None, "s in z_V = s * (mu + sigma * eps); paper: 1.")
+flags.DEFINE_boolean("normalize_before_sum", None,
+                     "Synthesize normalize(z_I) + z_V instead of the paper's z_I + z_V.")
+flags.DEFINE_enum("synthesis_gradient", None, ["full", "stop", "reverse"],
+                  "What the synthesized-sample loss does to the variance heads; paper: full.")
 flags.DEFINE_float("learning_rate", None, "Adam learning rate.")
 flags.DEFINE_float("weight_decay", None, "Decoupled weight decay (AdamW) if > 0.")
 flags.DEFINE_integer("seed", None, "Random seed (weights, batches, augmentation, noise).")
@@ -68,6 +73,8 @@ flags.DEFINE_integer("log_every", None, "TensorBoard logging interval in steps."
 flags.DEFINE_integer("checkpoint_every", None, "Checkpoint interval in steps.")
 flags.DEFINE_integer("eval_batch_size", None, "Batch size for embedding the test images.")
 flags.DEFINE_list("recall_ks", None, "K of Recall@K, e.g. 1,10,100,1000.")
+flags.DEFINE_enum("evaluation_split", None, config_lib.EVALUATION_SPLITS,
+                  "Split evaluated at the end; 'validation' for model selection.")
 flags.DEFINE_enum(
     "strategy",
     None,

@@ -25,7 +25,9 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from dvml_tf.data import preprocessing
+from dvml_tf.data import conversion as conversion_lib
+from dvml_tf.data.conversion import NO_CONVERSION
+from dvml_tf.data.conversion import StoredForm
 
 
 def decode_image(contents, channels):
@@ -251,29 +253,30 @@ class ImageCatalog:
         return self.fetch_fn()(tf.constant(index, tf.int64)).numpy()
 
 
-def materialize(catalog, size, transform=None, num_channels=None, batch_size=256):
-    """Decodes every image once, resizes it to `size` x `size` and keeps the pixels in memory.
+def materialize(catalog, size, conversion=NO_CONVERSION, batch_size=256):
+    """Decodes every image once, converts it and keeps the pixels in memory.
+
+    Each image becomes `conversion.convert_raw(image, conversion, size)`: the conversion, then a
+    resize to `size` x `size` (aspect ratio ignored, as in the paper's 256x256) rounded to uint8.
 
     Args:
-        catalog: `ImageCatalog`.
-        size: int, output side in pixels (aspect ratio is ignored, as in the paper's 256x256).
-        transform: optional `uint8 [H, W, C] -> [H', W', C']` (uint8 or float in [0, 255])
-            applied before resizing.
-        num_channels: channels after `transform` (default: the catalog's).
+        catalog: `ImageCatalog` (3 channels for the "omniglot_ink" conversion).
+        size: int, output side in pixels.
+        conversion: one of `conversion.CONVERSIONS`.
         batch_size: decoding batch size.
 
     Returns:
-        A decoded `ImageCatalog` with images uint8 [N, size, size, num_channels].
+        A decoded `ImageCatalog` with images uint8 [N, size, size, C],
+        C = `conversion.converted_channels(conversion, catalog.num_channels)`.
     """
-    num_channels = num_channels or catalog.num_channels
+    num_channels = conversion_lib.converted_channels(conversion, catalog.num_channels)
+    if conversion != NO_CONVERSION and catalog.num_channels != 3:
+        raise ValueError(f"conversion={conversion!r} needs raw RGB images; {catalog!r} has "
+                         f"{catalog.num_channels} channel(s).")
     fetch = catalog.fetch_fn()
 
     def load(index):
-        image = fetch(index)
-        if transform is not None:
-            image = transform(image)
-        image = preprocessing.resize_square(image, size)
-        return tf.cast(tf.round(image), tf.uint8)
+        return conversion_lib.convert_raw(fetch(index), conversion, size)
 
     images = np.zeros([catalog.num_images, size, size, num_channels], np.uint8)
     dataset = (tf.data.Dataset.range(catalog.num_images)
@@ -296,9 +299,15 @@ class DatasetSplits:
         train: `ImageCatalog` of the training classes.
         test: `ImageCatalog` of the test classes (class-disjoint from train and validation).
         validation: optional `ImageCatalog` of classes carved out of the training classes.
-        num_channels: channels of the images the catalogs yield (1 for Omniglot, else 3).
-        grayscale: True for Omniglot-like data (grayscale strokes, ink bright on black): such
-            images use the small-image recipe (resize 32, crop 28, no flip).
+        num_channels: channels of the images the catalogs yield (1 for stored Omniglot, 3 for
+            photos and for every raw split).
+        grayscale: True for Omniglot-like data (grayscale strokes; stored ink bright on black):
+            such images use the small-image recipe (resize 32, crop 28, no flip).
+        raw: True when the catalogs yield the raw images (`load_dataset(..., raw=True)`):
+            decoded RGB at the original size, to be mapped to the stored images with
+            `stored_form.convert`.
+        stored_form: `conversion.StoredForm`, how the loader stores (or, for raw splits, would
+            store) the images: conversion kind, load-time resize, fixed raw size.
     """
 
     name: str
@@ -307,6 +316,8 @@ class DatasetSplits:
     validation: ImageCatalog | None = None
     num_channels: int = 3
     grayscale: bool = False
+    raw: bool = False
+    stored_form: StoredForm = dataclasses.field(default_factory=StoredForm)
 
     def splits(self):
         """Returns: dict split name -> `ImageCatalog` (validation only when present)."""
@@ -322,15 +333,19 @@ class DatasetSplits:
                          for split, c in self.splits().items())
 
 
-def carve_validation(splits, validation_classes, seed=0):
-    """Moves `validation_classes` randomly chosen training classes into a validation split.
+def carve_validation(splits, validation_classes, seed=0, last=False):
+    """Moves `validation_classes` training classes into a validation split.
 
     The test classes are never touched, so the zero-shot test protocol stays the paper's.
 
     Args:
         splits: `DatasetSplits` without a validation split.
         validation_classes: int >= 0; 0 returns `splits` unchanged.
-        seed: int; the same seed picks the same classes.
+        seed: int; the same seed picks the same classes (random choice).
+        last: bool. Take the classes with the highest ids instead of a random choice. Omniglot
+            numbers its classes alphabet by alphabet, so this holds out whole alphabets, as its
+            test split does (161 classes = background alphabets 25-29); a random choice would
+            validate on alphabets seen in training, a much easier task than the test.
 
     Returns:
         `DatasetSplits`.
@@ -348,7 +363,10 @@ def carve_validation(splits, validation_classes, seed=0):
                          f"{len(classes)} training classes of {splits.name!r} for training.")
     # Paper §4 is silent (no validation split): a seeded random choice among training classes.
     rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, 0x7A1])
-    chosen = np.sort(rng.choice(classes, size=validation_classes, replace=False))
+    if last:
+        chosen = np.sort(classes)[-validation_classes:]
+    else:
+        chosen = np.sort(rng.choice(classes, size=validation_classes, replace=False))
     train_classes = np.setdiff1d(classes, chosen)
     return dataclasses.replace(
         splits,

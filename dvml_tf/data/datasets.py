@@ -39,6 +39,9 @@ from dvml_tf.data.catalog import carve_validation
 from dvml_tf.data.catalog import check_training_classes
 from dvml_tf.data.catalog import host_tensor
 from dvml_tf.data.catalog import materialize
+from dvml_tf.data.conversion import NO_CONVERSION
+from dvml_tf.data.conversion import OMNIGLOT_INK
+from dvml_tf.data.conversion import StoredForm
 
 DATASETS = ("omniglot", "cub200", "cars196", "sop", "folder")
 # Default side of the in-memory Omniglot images: the training recipe random-crops 28 from 32.
@@ -60,14 +63,21 @@ class _TfdsSpec:
     own_splits: bool
     # Where the TFDS builder (4.9.10) downloads from: (host, port).
     download_host: tuple
+    # Train + test images of the real dataset (the table above): the memory rule of
+    # `stored_form` when the dataset itself is not loaded.
+    num_images: int
+    # (height, width) of every raw image when the dataset fixes it, else None.
+    raw_size: tuple | None = None
 
 
 _SPECS = {
-    "omniglot": _TfdsSpec("omniglot", "label", 964, True, ("github.com", 443)),
-    "cub200": _TfdsSpec("caltech_birds2011", "label", 100, False, ("data.caltech.edu", 443)),
-    "cars196": _TfdsSpec("cars196", "label", 98, False, ("ai.stanford.edu", 80)),
+    "omniglot": _TfdsSpec("omniglot", "label", 964, True, ("github.com", 443), 32460,
+                          raw_size=(105, 105)),
+    "cub200": _TfdsSpec("caltech_birds2011", "label", 100, False, ("data.caltech.edu", 443),
+                        11788),
+    "cars196": _TfdsSpec("cars196", "label", 98, False, ("ai.stanford.edu", 80), 16185),
     "sop": _TfdsSpec("stanford_online_products", "class_id", 11318, True,
-                     ("cs.stanford.edu", 21)),
+                     ("cs.stanford.edu", 21), 120053),
 }
 
 _CARS196_HINT = (
@@ -78,7 +88,8 @@ _CARS196_HINT = (
     "per car model; the first 98 sorted class folders are the training classes.")
 
 
-def load_dataset(name, data_dir=None, image_size=None, validation_classes=0, seed=0):
+def load_dataset(name, data_dir=None, image_size=None, validation_classes=0, seed=0,
+                 raw=False):
     """Loads a dataset as zero-shot (class-disjoint) train / [validation] / test catalogs.
 
     Args:
@@ -89,13 +100,18 @@ def load_dataset(name, data_dir=None, image_size=None, validation_classes=0, see
             105 is the original). Other datasets are kept encoded and decoded on the fly, unless
             `image_size` is given and the decoded copy fits in `MAX_DECODED_BYTES`: then they
             are decoded once and held in memory at image_size x image_size (faster epochs;
-            with a warning and no effect when it does not fit).
+            with a warning and no effect when it does not fit). See `stored_form`.
         validation_classes: int; carve this many training classes out as a validation split
             (never test classes).
         seed: int, picks the validation classes.
+        raw: bool. True returns the same splits (same records in the same order, same
+            validation classes) holding the raw images instead: the encoded bytes or file paths,
+            decoded as RGB at the original size, with neither conversion nor resize (nothing is
+            decoded at load time). `stored_form` still says what the loader stores with these
+            arguments, and `stored_form.convert` maps raw images to it.
 
     Returns:
-        `DatasetSplits`.
+        `DatasetSplits` (`raw` and `stored_form` set).
 
     Raises:
         ValueError: for an unknown name or bad arguments.
@@ -110,36 +126,67 @@ def load_dataset(name, data_dir=None, image_size=None, validation_classes=0, see
         splits = folder.load_folder(data_dir)
     else:
         splits = _load_tfds(name, data_dir)
-    if name == "omniglot":
-        size = image_size or OMNIGLOT_IMAGE_SIZE
+    num_images = splits.train.num_images + splits.test.num_images
+    form = stored_form(name, image_size, num_images)
+    if image_size is not None and not form.resized and not raw:
+        decoded_bytes = num_images * image_size * image_size * splits.num_channels
+        logging.warning("%s: %d images at %d px would take %.1f GB decoded (limit %.1f GB): "
+                        "keeping them encoded and decoding on the fly.", name, num_images,
+                        image_size, decoded_bytes / 1e9, MAX_DECODED_BYTES / 1e9)
+    splits = dataclasses.replace(splits, grayscale=name == "omniglot", raw=bool(raw),
+                                 stored_form=form)
+    if form.resized and not raw:
         splits = dataclasses.replace(
-            splits, train=materialize(splits.train, size, _omniglot_ink, num_channels=1),
-            test=materialize(splits.test, size, _omniglot_ink, num_channels=1),
-            num_channels=1, grayscale=True)
-    elif image_size is not None:
-        images = splits.train.num_images + splits.test.num_images
-        decoded_bytes = images * image_size * image_size * splits.num_channels
-        if decoded_bytes > MAX_DECODED_BYTES:
-            logging.warning("%s: %d images at %d px would take %.1f GB decoded (limit %.1f GB): "
-                            "keeping them encoded and decoding on the fly.", name, images,
-                            image_size, decoded_bytes / 1e9, MAX_DECODED_BYTES / 1e9)
-        else:
-            splits = dataclasses.replace(splits, train=materialize(splits.train, image_size),
-                                         test=materialize(splits.test, image_size))
-    splits = carve_validation(splits, validation_classes, seed)
+            splits, train=materialize(splits.train, form.size, form.conversion),
+            test=materialize(splits.test, form.size, form.conversion),
+            num_channels=form.num_channels)
+    # Omniglot validates on whole held-out alphabets, like its test split (see carve_validation).
+    splits = carve_validation(splits, validation_classes, seed, last=name == "omniglot")
     # Paper §4 is silent on single-image classes: left out of training batches (they have no
     # positive), kept in the evaluation splits (their images are gallery distractors).
     check_training_classes(splits.train, name)
     for split, catalog in splits.splits().items():
-        logging.info("%s %s: %d classes, %d images (%s).", name, split, catalog.num_classes,
-                     catalog.num_images, catalog.storage)
+        logging.info("%s %s%s: %d classes, %d images (%s).", name, "raw " if raw else "", split,
+                     catalog.num_classes, catalog.num_images, catalog.storage)
     return splits
 
 
-def _omniglot_ink(image):
-    """Grayscale strokes, black on white -> ink bright on a 0 background (uint8 [H, W, 1])."""
-    # Paper §4 is silent (no Omniglot): inverted so the zero padding of convs matches background.
-    return 255 - image
+def stored_form(name, image_size=None, num_images=None):
+    """How `load_dataset(name, image_size=image_size)` stores the images (the memory rule).
+
+    Omniglot is converted to inverted gray ("omniglot_ink") and always held decoded at
+    `image_size` (default `OMNIGLOT_IMAGE_SIZE`). The other datasets keep RGB; they are held
+    decoded at `image_size` when it is given and `num_images` RGB images of that size fit in
+    `MAX_DECODED_BYTES`, else kept encoded at their original size.
+
+    Args:
+        name: one of `DATASETS`.
+        image_size: optional int, as passed to `load_dataset`.
+        num_images: train + test images; default: the real TFDS dataset's count (required for
+            "folder").
+
+    Returns:
+        `conversion.StoredForm`.
+
+    Raises:
+        ValueError: an unknown name, or "folder" without `num_images`.
+    """
+    if name not in DATASETS:
+        raise ValueError(f"Unknown dataset {name!r}; valid datasets: {', '.join(DATASETS)}.")
+    spec = _SPECS.get(name)
+    raw_size = spec.raw_size if spec else None
+    if name == "omniglot":
+        return StoredForm(OMNIGLOT_INK, image_size or OMNIGLOT_IMAGE_SIZE, raw_size)
+    if image_size is None:
+        return StoredForm(NO_CONVERSION, None, raw_size)
+    if num_images is None:
+        if spec is None:
+            raise ValueError(f"num_images is needed to know how the loader holds {name!r} "
+                             "(decoded or encoded).")
+        num_images = spec.num_images
+    decoded_bytes = num_images * image_size * image_size * 3
+    size = image_size if decoded_bytes <= MAX_DECODED_BYTES else None
+    return StoredForm(NO_CONVERSION, size, raw_size)
 
 
 def _load_tfds(name, data_dir):
@@ -160,11 +207,10 @@ def _load_tfds(name, data_dir):
         with tf.device("/cpu:0"):
             train = (tf.boolean_mask(images, is_train), labels[is_train])
             test = (tf.boolean_mask(images, ~is_train), labels[~is_train])
-    # Omniglot's RGB PNGs hold gray strokes: the decoder converts them to one channel (cheaper
-    # than converting decoded pixels).
-    channels = 1 if name == "omniglot" else 3
+    # The raw form: every dataset is decoded as RGB; load_dataset converts Omniglot's gray
+    # strokes itself (`conversion.convert_raw`), so that exported graphs can do the same.
     catalogs = {
-        split: ImageCatalog(labels, sources=images, num_channels=channels,
+        split: ImageCatalog(labels, sources=images, num_channels=3,
                             class_names=class_names, name=split)
         for split, (images, labels) in (("train", train), ("test", test))}
     return DatasetSplits(name=name, train=catalogs["train"], test=catalogs["test"])

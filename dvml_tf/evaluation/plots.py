@@ -22,8 +22,8 @@ import numpy as np
 
 from dvml_tf.evaluation import knn
 from dvml_tf.evaluation.projector import _check_images
-from dvml_tf.evaluation.projector import atomic_write_bytes
 from dvml_tf.evaluation.projector import square_thumbnails
+from dvml_tf.utils import atomic
 
 GREEN = (0, 170, 0)
 RED = (220, 0, 0)
@@ -50,7 +50,7 @@ def _save_figure(fig, path):
     canvas_cls(fig)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=_DPI)
-    atomic_write_bytes(path, buf.getvalue())
+    atomic.write_bytes(path, buf.getvalue())
     return path
 
 

@@ -21,6 +21,8 @@ import os
 
 import numpy as np
 
+from dvml_tf.utils import atomic
+
 MAX_THUMBNAIL_SIZE = 64
 MAX_SPRITE_SIZE = 8192
 VECTORS_FILE = "vectors.tsv"
@@ -29,27 +31,6 @@ SPRITE_FILE = "sprite.png"
 CONFIG_FILE = "projector_config.pbtxt"
 
 _LOG = logging.getLogger(__name__)
-
-
-def atomic_write_bytes(path, data):
-    """Writes bytes to `path` through a temporary sibling and `os.replace`.
-
-    Args:
-        path: destination file.
-        data: bytes.
-
-    Returns:
-        The destination path.
-    """
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
 
 
 def _check_images(images, num):
@@ -203,7 +184,7 @@ def write_projector(
     files = []
     buf = io.StringIO()
     np.savetxt(buf, embeddings[indices], delimiter="\t", fmt="%.7g")
-    files.append(atomic_write_bytes(os.path.join(path, VECTORS_FILE), buf.getvalue().encode()))
+    files.append(atomic.write_bytes(os.path.join(path, VECTORS_FILE), buf.getvalue().encode()))
 
     rows = ["label\tclass_name"]
     rows += [
@@ -211,7 +192,7 @@ def write_projector(
         for lab, nm in zip(labels[indices], names[indices], strict=True)
     ]
     files.append(
-        atomic_write_bytes(os.path.join(path, METADATA_FILE), ("\n".join(rows) + "\n").encode())
+        atomic.write_bytes(os.path.join(path, METADATA_FILE), ("\n".join(rows) + "\n").encode())
     )
 
     config = [
@@ -226,7 +207,7 @@ def write_projector(
         sprite = make_sprite(images[indices], thumbnail_size)
         png = io.BytesIO()
         Image.fromarray(sprite).save(png, format="PNG")
-        files.append(atomic_write_bytes(os.path.join(path, SPRITE_FILE), png.getvalue()))
+        files.append(atomic.write_bytes(os.path.join(path, SPRITE_FILE), png.getvalue()))
         config += [
             "  sprite {",
             f'    image_path: "{SPRITE_FILE}"',
@@ -236,7 +217,7 @@ def write_projector(
         ]
     config.append("}")
     files.append(
-        atomic_write_bytes(os.path.join(path, CONFIG_FILE), ("\n".join(config) + "\n").encode())
+        atomic.write_bytes(os.path.join(path, CONFIG_FILE), ("\n".join(config) + "\n").encode())
     )
     return {"path": path, "files": files, "num_points": int(indices.size), "indices": indices}
 

@@ -94,3 +94,54 @@ def metrics_table(metrics, title="metrics"):
     )
     values = " | ".join(f"{100 * metrics[key]:.1f}" for key in keys)
     return f"{title}\n| {header} |\n|{'---|' * len(keys)}\n| {values} |"
+
+
+def backbone_embed_fn(model):
+    """The pooled backbone feature f(x) of a DVMLModel, in inference mode (for the figures)."""
+    return tf.function(lambda images: model.backbone(images, training=False),
+                       reduce_retracing=True)
+
+
+def encoded_images(catalog, indices):
+    """The encoded files (bytes) of some catalog entries: what a serving client would send.
+
+    Args:
+        catalog: an `ImageCatalog` holding encoded bytes or file paths (not decoded pixels).
+        indices: sequence of ints.
+
+    Returns:
+        list of bytes.
+    """
+    if catalog.sources is None:
+        raise ValueError(f"{catalog.name!r} holds decoded pixels, not encoded image files.")
+    sources = catalog.sources.numpy()
+    encoded = []
+    for i in indices:
+        if catalog.source_is_path[i]:
+            with open(sources[i], "rb") as f:
+                encoded.append(f.read())
+        else:
+            encoded.append(bytes(sources[i]))
+    return encoded
+
+
+def saved_model_embeddings(embed_bytes, catalog, batch_size=256):
+    """Embeds a catalog of encoded images through a SavedModel's `embed_bytes` signature.
+
+    Args:
+        embed_bytes: the concrete signature function (`loaded.signatures["embed_bytes"]`).
+        catalog: `ImageCatalog` of encoded images (e.g. from `export.raw_data.load_raw_splits`).
+        batch_size: int.
+
+    Returns:
+        `(embeddings float32 [N, D], labels int64 [N])`.
+    """
+    (input_name,) = embed_bytes.structured_input_signature[1]
+    parts = []
+    for start in range(0, catalog.num_images, batch_size):
+        batch = encoded_images(catalog, range(start, min(start + batch_size, catalog.num_images)))
+        outputs = embed_bytes(**{input_name: tf.constant(batch)})
+        parts.append(outputs["embedding"].numpy())
+    if not parts:
+        raise ValueError("The evaluation split is empty.")
+    return np.concatenate(parts).astype(np.float32), catalog.labels.copy()

@@ -41,6 +41,12 @@ LOG_KEYS = (
     "sigma",
 )
 
+# How the synthesized-sample loss L_syn reaches the variance heads (mu, log sigma^2):
+#   "full"    the paper: L_syn trains them like every other term;
+#   "stop"    L_syn does not reach them: q(z_V|x) is shaped by KL and reconstruction only;
+#   "reverse" its gradient is reversed: the heads make synthesized samples harder (adversarial).
+SYNTHESIS_GRADIENTS = ("full", "stop", "reverse")
+
 # Sub-seeds for the independent random draws of one step.
 _NOISE, _SAMPLING_INV, _SAMPLING_SYN = 1, 2, 3
 
@@ -77,6 +83,11 @@ class DVMLModel(keras.Model):
         phase1_weights: 4 floats (KL, recon, synthesized metric, invariant metric) in phase 1.
         phase2_weights: the same in phase 2.
         decoder_hidden_dim: int, width of the decoder's tanh layer (512 in the paper).
+        variance_scale: float s; z_V = s * (mu + sigma * eps), i.e. a N(0, s^2 I) prior on z_V
+            (paper: 1). Below 1 it keeps the synthesized samples near their class centre.
+        normalize_before_sum: bool. Synthesize z = normalize(z_I) + z_V instead of the paper's
+            z_I + z_V, so that the ratio of variance to centre does not depend on ||z_I||.
+        synthesis_gradient: one of `SYNTHESIS_GRADIENTS` (paper: "full").
         seed: int, seeds the z_V noise and the loss's sampling together with the step counter.
         **kwargs: forwarded to `keras.Model` (e.g. `name`).
 
@@ -102,6 +113,9 @@ class DVMLModel(keras.Model):
         phase1_weights=PAPER_PHASE1_WEIGHTS,
         phase2_weights=PAPER_PHASE2_WEIGHTS,
         decoder_hidden_dim=512,
+        variance_scale=1.0,
+        normalize_before_sum=False,
+        synthesis_gradient="full",
         seed=0,
         **kwargs,
     ):
@@ -128,6 +142,13 @@ class DVMLModel(keras.Model):
         ):
             if int(value) < 1:
                 raise ValueError(f"{label} must be >= 1; got {value}.")
+        if synthesis_gradient not in SYNTHESIS_GRADIENTS:
+            raise ValueError(
+                f"Unknown synthesis_gradient {synthesis_gradient!r}; valid: "
+                f"{', '.join(SYNTHESIS_GRADIENTS)}."
+            )
+        if float(variance_scale) <= 0:
+            raise ValueError(f"variance_scale must be > 0; got {variance_scale}.")
         if int(phase1_steps) < 0:
             raise ValueError(f"phase1_steps must be >= 0; got {phase1_steps}.")
         for label, weights in (
@@ -148,6 +169,9 @@ class DVMLModel(keras.Model):
         self.phase1_weights = tuple(float(w) for w in phase1_weights)
         self.phase2_weights = tuple(float(w) for w in phase2_weights)
         self.decoder_hidden_dim = int(decoder_hidden_dim)
+        self.variance_scale = float(variance_scale)
+        self.normalize_before_sum = bool(normalize_before_sum)
+        self.synthesis_gradient = synthesis_gradient
         self.seed = int(seed)
         self.feature_dim = int(backbone.outputs[0].shape[-1])
 
@@ -290,8 +314,22 @@ class DVMLModel(keras.Model):
             alg="philox",
         )
         noise = noise[:, replica_id * local_batch : (replica_id + 1) * local_batch]
-        z_var = mean + sigma * noise  # [T, B, J], reparameterized
-        z_syn = z_inv + z_var
+        z_var = self.variance_scale * (mean + sigma * noise)  # [T, B, J], reparameterized
+        centre = tf.math.l2_normalize(z_inv, axis=-1) if self.normalize_before_sum else z_inv
+        z_syn = centre + z_var
+        if self.synthesis_gradient == "stop":
+            z_syn_metric = centre + tf.stop_gradient(z_var)
+        elif self.synthesis_gradient == "reverse":
+            # Only the two heads play the adversary: recompute them on a frozen feature (same
+            # value), then pass z_V forward unchanged and its gradient backward negated.
+            frozen_features = tf.stop_gradient(features)
+            adversary = self.variance_scale * (
+                self.mean_head(frozen_features)
+                + tf.exp(0.5 * self.log_variance_head(frozen_features)) * noise
+            )
+            z_syn_metric = centre + tf.stop_gradient(2.0 * adversary) - adversary
+        else:
+            z_syn_metric = z_syn
 
         in_phase1 = self.step_counter < self.phase_switch_step
         # Phase 1 cuts the gradient from the decoder at its input (paper §3.5). The gate keeps
@@ -308,7 +346,7 @@ class DVMLModel(keras.Model):
         )
         kl_per_sample = losses_lib.kl_divergence(mean, log_variance)
         metric_syn = self.metric_loss(
-            gather(z_syn, axis=1), all_labels, seed=self._step_seed(_SAMPLING_SYN)
+            gather(z_syn_metric, axis=1), all_labels, seed=self._step_seed(_SAMPLING_SYN)
         )
 
         weights = tf.where(
@@ -385,6 +423,9 @@ class DVMLModel(keras.Model):
                 "phase1_weights": self.phase1_weights,
                 "phase2_weights": self.phase2_weights,
                 "decoder_hidden_dim": self.decoder_hidden_dim,
+                "variance_scale": self.variance_scale,
+                "normalize_before_sum": self.normalize_before_sum,
+                "synthesis_gradient": self.synthesis_gradient,
                 "seed": self.seed,
             }
         )

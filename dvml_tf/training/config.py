@@ -13,6 +13,7 @@ from dvml_tf.losses import METRIC_LOSSES
 from dvml_tf.models import BACKBONES
 from dvml_tf.models import PAPER_PHASE1_WEIGHTS
 from dvml_tf.models import PAPER_PHASE2_WEIGHTS
+from dvml_tf.models.dvml_model import SYNTHESIS_GRADIENTS
 
 DATASETS = ("omniglot", "cub200", "cars196", "sop", "folder")
 STRATEGIES = ("default", "mirrored", "multi_worker")
@@ -31,8 +32,10 @@ RESUMABLE_FIELDS = frozenset(
         "strategy",
         "jit_compile",
         "config",
+        "evaluation_split",
     }
 )
+EVALUATION_SPLITS = ("test", "validation")
 
 
 @dataclasses.dataclass
@@ -58,6 +61,10 @@ class TrainConfig:
         num_samples: T, z_V draws per image.
         phase1_fraction: fraction of `steps` spent in phase 1.
         phase1_weights, phase2_weights: (KL, recon, synthesized metric, invariant metric).
+        variance_scale: s in z_V = s * (mu + sigma * eps) (paper: 1).
+        normalize_before_sum: synthesize normalize(z_I) + z_V (paper: z_I + z_V).
+        synthesis_gradient: "full" (paper), "stop" or "reverse": what L_syn does to the
+            variance heads (see `models.dvml_model.SYNTHESIS_GRADIENTS`).
         classes_per_batch: P, distinct classes per batch.
         images_per_class: K, images per class (N-pair: 2).
         steps: total training steps.
@@ -70,6 +77,9 @@ class TrainConfig:
         checkpoint_every: save a checkpoint every this many steps (and on interruption).
         eval_batch_size: batch size for computing embeddings.
         recall_ks: the K of Recall@K reported at the end (SOP: 1, 10, 100, 1000).
+        evaluation_split: the split evaluated at the end: "test" (metrics.json) or
+            "validation" (metrics_validation.json; for model selection, which must never look
+            at the test classes).
         strategy: one of `STRATEGIES`.
         sync_batch_norm: all-reduce batch-norm statistics across replicas (the update then
             equals one device's on the global batch).
@@ -94,6 +104,9 @@ class TrainConfig:
     phase1_fraction: float = 0.25
     phase1_weights: tuple = PAPER_PHASE1_WEIGHTS
     phase2_weights: tuple = PAPER_PHASE2_WEIGHTS
+    variance_scale: float = 1.0
+    normalize_before_sum: bool = False
+    synthesis_gradient: str = "full"
     classes_per_batch: int = 64
     images_per_class: int = 2
     steps: int = 3000
@@ -106,6 +119,7 @@ class TrainConfig:
     checkpoint_every: int = 500
     eval_batch_size: int = 256
     recall_ks: tuple = (1, 2, 4, 8)
+    evaluation_split: str = "test"
     strategy: str = "default"
     sync_batch_norm: bool = False
     mixed_precision: bool = False
@@ -134,6 +148,12 @@ class TrainConfig:
         choice("backbone", BACKBONES)
         choice("loss", tuple(METRIC_LOSSES))
         choice("strategy", STRATEGIES)
+        choice("synthesis_gradient", SYNTHESIS_GRADIENTS)
+        choice("evaluation_split", EVALUATION_SPLITS)
+        if self.evaluation_split == "validation" and self.validation_classes == 0:
+            raise ValueError("evaluation_split=validation needs validation_classes > 0.")
+        if self.variance_scale <= 0:
+            raise ValueError(f"variance_scale must be > 0; got {self.variance_scale}.")
         for field in (
             "image_size",
             "resize_size",

@@ -55,6 +55,9 @@ def build_model(config):
         phase1_steps=config.phase1_steps,
         phase1_weights=config.phase1_weights,
         phase2_weights=config.phase2_weights,
+        variance_scale=config.variance_scale,
+        normalize_before_sum=config.normalize_before_sum,
+        synthesis_gradient=config.synthesis_gradient,
         seed=config.seed,
         name="dvml" if config.dvml else "baseline",
     )
@@ -77,10 +80,15 @@ def preprocess_config(config, splits):
 
 
 def _check_model_dir(config, model_dir):
-    """Refuses to mix two different runs in one model_dir; returns True when resuming."""
+    """Refuses to resume a run that was trained with a configuration that changes the result.
+
+    A folder without a checkpoint has trained nothing yet (e.g. an earlier attempt failed while
+    loading the data): any configuration may start there.
+    """
     path = os.path.join(model_dir, CONFIG_FILE)
-    if not os.path.exists(path):
-        return False
+    checkpoints = os.path.join(model_dir, CHECKPOINT_DIR)
+    if not os.path.exists(path) or tf.train.latest_checkpoint(checkpoints) is None:
+        return
     with open(path) as f:
         saved = TrainConfig.from_dict(json.load(f))
     differences = config.differences(saved)
@@ -93,7 +101,6 @@ def _check_model_dir(config, model_dir):
             f"model_dir {model_dir} holds a run with a different configuration:\n{lines}\n"
             "Rerun with the same flags to resume it, or choose another --model_dir."
         )
-    return True
 
 
 def make_distributed_step(strategy, model, jit_compile=False):
@@ -143,9 +150,7 @@ class Trainer:
         self.verbose = verbose and self.is_chief
         self.write_dir = distribution.worker_directory(config.model_dir, self.strategy)
         os.makedirs(self.write_dir, exist_ok=True)
-        self.resuming = _check_model_dir(config, config.model_dir)
-        if self.is_chief and not self.resuming:
-            atomic.write_text(os.path.join(self.write_dir, CONFIG_FILE), config.to_json())
+        _check_model_dir(config, config.model_dir)
 
         self.splits = splits or data_lib.load_dataset(
             config.dataset,
@@ -184,6 +189,9 @@ class Trainer:
             self.checkpoint, os.path.join(self.write_dir, CHECKPOINT_DIR), max_to_keep=3
         )
         self._restore()
+        if self.is_chief:
+            # Written once everything loaded and built: the configuration this run continues with.
+            atomic.write_text(os.path.join(self.write_dir, CONFIG_FILE), config.to_json())
 
     # ------------------------------------------------------------------------- state and data
 
@@ -333,24 +341,26 @@ class Trainer:
         logging.info("step %d validation: %s", step, runner.format_metrics(metrics))
         return metrics
 
-    def evaluate_test(self):
-        """Evaluates z_I on the test classes; writes metrics.json and TensorBoard scalars."""
+    def evaluate_final(self):
+        """Evaluates z_I on `config.evaluation_split` (the test classes unless doing model
+        selection); writes the metrics JSON and TensorBoard scalars."""
+        split = self.config.evaluation_split
         metrics = runner.evaluate_model(
             self.model,
-            self.splits.test,
+            getattr(self.splits, split),
             self.preprocess,
             batch_size=self.config.eval_batch_size,
             recall_ks=self.config.recall_ks,
         )
         if self.is_chief:
+            name = METRICS_FILE if split == "test" else f"metrics_{split}.json"
             atomic.write_text(
-                os.path.join(self.write_dir, METRICS_FILE),
-                json.dumps(metrics, indent=2, sort_keys=True),
+                os.path.join(self.write_dir, name), json.dumps(metrics, indent=2, sort_keys=True)
             )
-            writer = tf.summary.create_file_writer(os.path.join(self.write_dir, "logs", "test"))
+            writer = tf.summary.create_file_writer(os.path.join(self.write_dir, "logs", split))
             with writer.as_default(step=self.step):
                 for key, value in metrics.items():
-                    tf.summary.scalar(f"test/{key}", value)
+                    tf.summary.scalar(f"{split}/{key}", value)
             writer.flush()
         return metrics
 
@@ -363,7 +373,8 @@ class Trainer:
         """Trains (or resumes), saves the model and evaluates on the test classes."""
         self.train()
         self.save_model()
-        metrics = self.evaluate_test()
+        metrics = self.evaluate_final()
         if self.verbose:
-            print(runner.metrics_table(metrics, title=f"Test classes ({self.config.dataset})"))
+            title = f"{self.config.evaluation_split.capitalize()} classes ({self.config.dataset})"
+            print(runner.metrics_table(metrics, title=title))
         return metrics

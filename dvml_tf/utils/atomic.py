@@ -9,21 +9,40 @@ import shutil
 import tempfile
 
 
-def write_text(path, text):
-    """Atomically writes `text` to `path`."""
+def _umask():
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
+def _ordinary_permissions(path, directory=False):
+    """mkstemp/mkdtemp create private 0600/0700 entries; give them what open/mkdir would, so that
+    e.g. a model server running as another user can read an export."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
+
+
+def write_bytes(path, data):
+    """Atomically writes `data` (bytes) to `path`; returns `path`."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        _ordinary_permissions(tmp)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+    return path
+
+
+def write_text(path, text):
+    """Atomically writes `text` (UTF-8) to `path`; returns `path`."""
+    return write_bytes(path, text.encode("utf-8"))
 
 
 def save_keras_model(model, path):
@@ -34,6 +53,7 @@ def save_keras_model(model, path):
     os.close(fd)
     try:
         model.save(tmp)
+        _ordinary_permissions(tmp)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -64,6 +84,7 @@ class AtomicDirectory:
         parent = os.path.dirname(self.path)
         os.makedirs(parent, exist_ok=True)
         self.tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(self.path)}.")
+        _ordinary_permissions(self.tmp, directory=True)
         return self.tmp
 
     def __exit__(self, exc_type, exc, traceback):

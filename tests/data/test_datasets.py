@@ -11,8 +11,12 @@ import tensorflow_datasets as tfds
 
 from dvml_tf.data import datasets
 from dvml_tf.data import load_dataset
+from dvml_tf.data import stored_form
 from dvml_tf.data.catalog import ImageCatalog
 from dvml_tf.data.catalog import materialize
+from dvml_tf.data.conversion import NO_CONVERSION
+from dvml_tf.data.conversion import OMNIGLOT_INK
+from dvml_tf.data.conversion import StoredForm
 
 # name -> (label boundary, number of label ids) of the zero-shot split, from the paper's §4.
 SPLITS = {"omniglot": (964, 1623), "cub200": (100, 200), "cars196": (98, 196),
@@ -90,6 +94,8 @@ def test_image_size_holds_other_datasets_decoded(no_network):
         omniglot = load_dataset("omniglot", image_size=105)
     assert splits.train.storage == "decoded" and splits.train.images.shape[1:] == (24, 24, 3)
     assert omniglot.train.images.shape[1:] == (105, 105, 1)
+    assert splits.stored_form == StoredForm(NO_CONVERSION, 24)
+    assert omniglot.stored_form == StoredForm(OMNIGLOT_INK, 105, (105, 105))
 
 
 def test_image_size_keeps_large_datasets_encoded(no_network, caplog):
@@ -98,6 +104,7 @@ def test_image_size_keeps_large_datasets_encoded(no_network, caplog):
         splits = load_dataset("cars196", image_size=24)
     assert splits.train.storage == "encoded"
     assert "keeping them encoded" in caplog.text
+    assert splits.stored_form == StoredForm() and not splits.stored_form.resized
 
 
 def test_omniglot_ink_becomes_bright_on_black():
@@ -105,10 +112,10 @@ def test_omniglot_ink_becomes_bright_on_black():
     image = np.full((105, 105, 3), 255, np.uint8)
     image[20:80, 45:55] = 0
     buffer = tf.io.encode_png(image).numpy()
-    catalog = ImageCatalog(np.array([0]), sources=[buffer], num_channels=1)
-    out = materialize(catalog, 105, datasets._omniglot_ink, num_channels=1).images[0, ..., 0]
+    catalog = ImageCatalog(np.array([0]), sources=[buffer], num_channels=3)
+    out = materialize(catalog, 105, OMNIGLOT_INK).images[0, ..., 0]
     assert out[50, 52] == 255 and out[5, 5] == 0 and out[50, 10] == 0
-    small = materialize(catalog, 32, datasets._omniglot_ink, num_channels=1).images[0, ..., 0]
+    small = materialize(catalog, 32, OMNIGLOT_INK).images[0, ..., 0]
     assert small.max() > 200 and small[:5].max() == 0
 
 
@@ -161,3 +168,108 @@ def test_host_check_is_bounded_and_correct():
     # ".invalid" never resolves (RFC 6761); a hanging resolver is cut off by the timeout.
     assert not datasets.download_host_reachable("dvml-tf-test.invalid", 443, timeout=1.0)
     assert time.monotonic() - started < 2.5
+
+
+def test_omniglot_validation_holds_out_the_last_classes_whole_alphabets():
+    from dvml_tf.data import catalog as catalog_lib
+
+    labels = np.repeat(np.arange(10), 3)
+    train = catalog_lib.ImageCatalog(labels, images=np.zeros((30, 4, 4, 1), np.uint8),
+                                     num_channels=1, name="train")
+    test = catalog_lib.ImageCatalog(labels + 100, images=np.zeros((30, 4, 4, 1), np.uint8),
+                                    num_channels=1, name="test")
+    splits = catalog_lib.DatasetSplits("omniglot", train, test, num_channels=1, grayscale=True)
+    carved = catalog_lib.carve_validation(splits, 3, seed=5, last=True)
+    assert list(carved.validation.classes) == [7, 8, 9]
+    assert list(carved.train.classes) == list(range(7))
+    random_pick = catalog_lib.carve_validation(splits, 3, seed=5)
+    assert set(random_pick.validation.classes) | set(random_pick.train.classes) == set(range(10))
+
+
+def test_stored_form_is_the_loaders_memory_rule():
+    assert stored_form("omniglot", 32).resized
+    assert stored_form("cub200", 256).resized
+    assert not stored_form("sop", 256).resized
+    with pytest.raises(ValueError, match="num_images"):
+        stored_form("folder", 256)
+    assert stored_form("omniglot") == StoredForm(OMNIGLOT_INK, 32, (105, 105))
+    assert stored_form("cars196") == StoredForm()
+    assert stored_form("folder", 32, num_images=10) == StoredForm(NO_CONVERSION, 32)
+    # SOP's 120,053 images: 256 px is 23.6 GB, 64 px 1.5 GB.
+    assert stored_form("sop", 64).size == 64
+    with pytest.raises(ValueError, match="valid datasets"):
+        stored_form("mnist")
+
+
+def _tfds_records(tfds_name, split, label_key="label"):
+    """The encoded images and labels of a (mocked) TFDS split, read independently of the loader."""
+    builder = tfds.builder(tfds_name)
+    # The loader's feature selection: mock_data draws different examples for other selections.
+    decoders = tfds.decode.PartialDecoding({"image": True, label_key: True},
+                                           decoders={"image": tfds.decode.SkipDecoding()})
+    records = builder.as_dataset(split=split, decoders=decoders, shuffle_files=False)
+    images, labels = [], []
+    for record in records.as_numpy_iterator():
+        images.append(record["image"])
+        labels.append(record[label_key])
+    return images, np.asarray(labels)
+
+
+@pytest.mark.parametrize("image_size", [105, 32])
+def test_omniglot_stored_pixels_are_the_one_channel_decode(no_network, image_size):
+    """The loader decodes RGB and converts (`convert_raw`); it used to decode the PNG with one
+    channel (libpng's gray) and invert: the stored pixels must not change. Mock Omniglot images
+    are random RGB noise, so every weight of the gray conversion matters."""
+    with tfds.testing.mock_data(num_examples=MOCK_EXAMPLES["omniglot"]):
+        splits = load_dataset("omniglot", image_size=image_size)
+        encoded, labels = _tfds_records("omniglot", "test")
+    keep = labels >= SPLITS["omniglot"][0]
+    encoded = [e for e, k in zip(encoded, keep, strict=True) if k]
+    np.testing.assert_array_equal(splits.test.labels, labels[keep])
+    decoded = np.stack([tf.io.decode_png(e, channels=1).numpy() for e in encoded])
+    inverted = 255 - decoded
+    assert len(np.unique(inverted)) > 200  # noise: gray levels all over the range
+    if image_size == 105:
+        expected = inverted
+    else:
+        resized = tf.image.resize(inverted.astype(np.float32), [image_size, image_size],
+                                  antialias=True).numpy()
+        expected = np.round(np.clip(resized, 0, 255)).astype(np.uint8)
+    assert splits.test.images.shape == (len(encoded), image_size, image_size, 1)
+    np.testing.assert_array_equal(splits.test.images, expected)
+
+
+# name -> (load_dataset kwargs, mock examples); sop keeps its own splits, cub/cars are merged.
+RAW_CASES = {
+    "omniglot": (dict(validation_classes=3), 300),
+    "cub200": (dict(validation_classes=4, seed=3), 60),
+    "cars196": (dict(image_size=24), 60),
+    "sop": (dict(image_size=32, validation_classes=5), 1500),
+}
+
+
+@pytest.mark.parametrize("name", list(RAW_CASES))
+def test_raw_splits_align_row_by_row_with_the_converted_splits(name, no_network):
+    kwargs, examples = RAW_CASES[name]
+    with tfds.testing.mock_data(num_examples=examples):
+        converted = load_dataset(name, **kwargs)
+        raw = load_dataset(name, raw=True, **kwargs)
+    assert raw.raw and not converted.raw
+    assert raw.stored_form == converted.stored_form
+    assert raw.num_channels == 3 and raw.grayscale == converted.grayscale == (name == "omniglot")
+    assert raw.splits().keys() == converted.splits().keys()
+    if "validation_classes" in kwargs:
+        assert raw.validation.num_classes == kwargs["validation_classes"]
+    for split, raw_catalog in raw.splits().items():
+        catalog = converted.splits()[split]
+        np.testing.assert_array_equal(raw_catalog.labels, catalog.labels)
+        assert raw_catalog.class_names == catalog.class_names
+        assert raw_catalog.storage == "encoded" and raw_catalog.num_channels == 3
+        rows = np.unique(np.linspace(0, catalog.num_images - 1, 12).astype(int))
+        for i in rows:
+            image = raw_catalog.image(i)
+            assert image.dtype == np.uint8 and image.shape[-1] == 3
+            if name == "omniglot":
+                assert image.shape == (105, 105, 3)
+            stored = raw.stored_form.convert(image).numpy()
+            np.testing.assert_array_equal(stored, catalog.image(i), err_msg=f"{split} row {i}")

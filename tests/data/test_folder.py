@@ -259,3 +259,28 @@ def test_check_uses_the_pipeline_decoder(tmp_path):
             lambda i, fetch=fetch: tf.shape(fetch(i)))
         assert len(list(dataset)) == catalog.num_images
     assert len(bad) == 5
+
+
+@pytest.mark.parametrize("image_size", [None, 16])
+def test_raw_folder_splits_align_row_by_row_with_the_converted_splits(mixed_folder, image_size):
+    root, expected, _ = mixed_folder
+    converted = load_dataset("folder", data_dir=root, image_size=image_size)
+    raw = load_dataset("folder", data_dir=root, image_size=image_size, raw=True)
+    assert raw.raw and raw.stored_form == converted.stored_form
+    assert raw.stored_form.resized == (image_size is not None)
+    assert raw.stored_form.conversion == "none" and raw.stored_form.raw_size is None
+    assert raw.train.storage == "files" and raw.test.storage == "mixed"
+    rows = []
+    for split in ("train", "test"):
+        raw_catalog, catalog = raw.splits()[split], converted.splits()[split]
+        np.testing.assert_array_equal(raw_catalog.labels, catalog.labels)
+        for i in range(raw_catalog.num_images):
+            image = raw_catalog.image(i)
+            rows.append(image)
+            stored = raw.stored_form.convert(image).numpy()
+            np.testing.assert_array_equal(stored, catalog.image(i), err_msg=f"{split} row {i}")
+    # Raw: the decoded files at their original size, in catalog order.
+    assert len(rows) == len(expected)
+    for image, (cls, name, reference, tol) in zip(rows, expected, strict=True):
+        assert image.shape == reference.shape, (cls, name)
+        assert np.abs(image.astype(int) - reference.astype(int)).max() <= tol, (cls, name)

@@ -8,7 +8,7 @@ from dvml_tf import models
 @pytest.mark.parametrize(
     "name, size, feature_dim",
     [
-        ("convnet_small", 28, 256),
+        ("convnet_small", 28, 128),
         ("googlenet", 64, 1024),
         ("resnet50", 32, 2048),
         ("inception_v3", 75, 2048),

@@ -95,6 +95,15 @@ def test_refuses_to_mix_two_configurations_in_one_model_dir(tmp_path):
         trainer.Trainer(tiny_config(tmp_path, loss="triplet"), splits=splits, verbose=False)
 
 
+def test_a_run_that_never_trained_may_start_again_with_other_flags(tmp_path):
+    splits = synthetic.splits()
+    first = trainer.Trainer(tiny_config(tmp_path, steps=2), splits=splits, verbose=False)
+    del first  # built, never trained: no checkpoint
+    other = trainer.Trainer(tiny_config(tmp_path, loss="triplet"), splits=splits, verbose=False)
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["loss"] == "triplet"
+    assert other.step == 0
+
+
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     splits = synthetic.splits()
     config = tiny_config(tmp_path, steps=10, checkpoint_every=5)

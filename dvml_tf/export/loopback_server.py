@@ -1,0 +1,414 @@
+"""An in-process stand-in for TF Serving, backed by `tf.saved_model.load`, for tests and local
+trials where no `tensorflow_model_server` can be installed.
+
+It serves the SavedModel versions under a base path (TF Serving's layout, `<base>/<version>/`)
+through the same two front ends as the real server, on 127.0.0.1:
+
+* gRPC `PredictionService.Predict` (`serve_grpc`), with the `tensorflow-serving-api` protos;
+* the REST predict API subset the clients use (`serve_rest`): row ("instances") and columnar
+  ("inputs") requests, `{"b64": ...}` strings, `{"predictions"|"outputs": ...}` answers,
+  `{"error": ...}` with HTTP 400/404 on failure, and `GET /v1/models/<name>` (version status).
+
+Bad requests (unknown model, version or signature, wrong input names or dtypes, and whatever the
+graph rejects: wrong shapes, undecodable bytes) become INVALID_ARGUMENT / NOT_FOUND answers, never
+a crashed server. This is not TF Serving: no batching, no model reloading, no metadata API.
+"""
+
+import base64
+import concurrent.futures
+import http.server
+import json
+import os
+import re
+import threading
+
+import numpy as np
+import tensorflow as tf
+
+from dvml_tf.export import serving_client
+
+INVALID_ARGUMENT = "INVALID_ARGUMENT"
+NOT_FOUND = "NOT_FOUND"
+INTERNAL = "INTERNAL"
+_HTTP_STATUS = {INVALID_ARGUMENT: 400, NOT_FOUND: 404, INTERNAL: 500}
+
+
+class PredictError(Exception):
+    """A request the backend refuses.
+
+    Args:
+        code: INVALID_ARGUMENT, NOT_FOUND or INTERNAL.
+        message: what is wrong.
+    """
+
+    def __init__(self, code, message):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def _tf_error_message(error):
+    """The useful part of a TF runtime error (drops TF's "Graph execution error" framing)."""
+    lines = [line.strip() for line in str(error.message).splitlines()]
+    lines = [
+        line for line in lines
+        if line and not line.startswith(("Graph execution error", "Detected at node", "[[",
+                                          "<stack traces"))
+    ]
+    message = " ".join(lines) or str(error)
+    if "DecodeImage" in str(error) and "could not decode" not in message:
+        # TF Serving returns the decoder's message as is; say which step failed.
+        message = f"could not decode image: {message}"
+    return message
+
+
+def _shape_text(shape):
+    return "[" + ", ".join("None" if d is None else str(d) for d in shape.as_list()) + "]"
+
+
+class SavedModelBackend:
+    """Runs signatures of the SavedModel versions under a base path.
+
+    Args:
+        base_path: folder of numeric version folders (`E/saved_model`), or one SavedModel
+            folder (served as version 1).
+        model_name: the name clients address.
+    """
+
+    def __init__(self, base_path, model_name="dvml"):
+        base_path = os.fspath(base_path)
+        if os.path.exists(os.path.join(base_path, "saved_model.pb")):
+            paths = {1: base_path}
+        else:
+            paths = {
+                int(name): os.path.join(base_path, name)
+                for name in (os.listdir(base_path) if os.path.isdir(base_path) else [])
+                if name.isdigit() and os.path.exists(os.path.join(base_path, name,
+                                                                  "saved_model.pb"))
+            }
+        if not paths:
+            raise FileNotFoundError(
+                f"No SavedModel under {base_path!r} (expected <version>/saved_model.pb)."
+            )
+        self.model_name = model_name
+        self.models = {version: tf.saved_model.load(path) for version, path in paths.items()}
+        self.latest = max(self.models)
+
+    def signature(self, model_name, version, signature_name):
+        """Looks up a signature; raises `PredictError` NOT_FOUND / INVALID_ARGUMENT."""
+        if model_name != self.model_name:
+            raise PredictError(NOT_FOUND, f"Servable not found for request: {model_name!r} "
+                                          f"(this server serves {self.model_name!r}).")
+        version = self.latest if version is None else int(version)
+        if version not in self.models:
+            raise PredictError(NOT_FOUND, f"Model {model_name!r} has no version {version} "
+                                          f"(versions: {sorted(self.models)}).")
+        signatures = self.models[version].signatures
+        name = signature_name or serving_client.SERVING_DEFAULT
+        if name not in signatures:
+            raise PredictError(INVALID_ARGUMENT, f"Serving signature name {name!r} not found; "
+                                                 f"signatures: {sorted(signatures)}.")
+        return signatures[name]
+
+    @staticmethod
+    def input_specs(signature):
+        """dict input name -> `tf.TensorSpec` of a signature."""
+        return dict(signature.structured_input_signature[1])
+
+    def predict(self, model_name, version, signature_name, inputs):
+        """Runs one request.
+
+        Args:
+            model_name: str.
+            version: int or None (latest).
+            signature_name: str or "" (serving_default).
+            inputs: dict name -> numpy array (strings as object arrays of bytes).
+
+        Returns:
+            dict output name -> numpy array.
+
+        Raises:
+            PredictError.
+        """
+        signature = self.signature(model_name, version, signature_name)
+        specs = self.input_specs(signature)
+        if set(inputs) != set(specs):
+            raise PredictError(
+                INVALID_ARGUMENT,
+                f"Signature expects inputs {sorted(specs)}; the request has {sorted(inputs)}.",
+            )
+        tensors = {}
+        for name, value in inputs.items():
+            spec = specs[name]
+            value = np.asarray(value)
+            if spec.dtype == tf.string:
+                if value.dtype.kind not in ("O", "S"):
+                    raise PredictError(
+                        INVALID_ARGUMENT, f"Input {name!r} must be strings; got {value.dtype}."
+                    )
+            elif value.dtype != spec.dtype.as_numpy_dtype:
+                raise PredictError(
+                    INVALID_ARGUMENT,
+                    f"Expects input {name!r} to be {spec.dtype.name} but {value.dtype} is "
+                    "provided.",
+                )
+            if not spec.shape.is_compatible_with(value.shape):
+                # TF would fold the declared rank into the graph and fail obscurely later.
+                raise PredictError(
+                    INVALID_ARGUMENT,
+                    f"Input {name!r} must have shape {_shape_text(spec.shape)}; got "
+                    f"{list(value.shape)}.",
+                )
+            tensors[name] = tf.constant(value, dtype=spec.dtype)
+        try:
+            outputs = signature(**tensors)
+        except tf.errors.InvalidArgumentError as error:
+            raise PredictError(INVALID_ARGUMENT, _tf_error_message(error)) from None
+        except (TypeError, ValueError) as error:
+            raise PredictError(INVALID_ARGUMENT, str(error).splitlines()[0]) from None
+        except tf.errors.OpError as error:
+            raise PredictError(INTERNAL, _tf_error_message(error)) from None
+        return {name: tensor.numpy() for name, tensor in outputs.items()}
+
+
+class LoopbackServer:
+    """A running server; `stop()` it (or use it as a context manager).
+
+    Args:
+        address: "127.0.0.1:<port>" (gRPC target) or "http://127.0.0.1:<port>" (REST root).
+        port: int.
+        stop_fn: callable stopping the server.
+    """
+
+    def __init__(self, address, port, stop_fn):
+        self.address = address
+        self.port = port
+        self._stop = stop_fn
+
+    def stop(self):
+        """Stops the server (idempotent)."""
+        if self._stop is not None:
+            self._stop()
+            self._stop = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
+        return False
+
+
+def _make_servicer(backend):
+    grpc, _, stubs = serving_client.serving_apis()
+    from tensorflow_serving.apis import predict_pb2
+
+    class PredictionServicer(stubs.PredictionServiceServicer):
+        """`PredictionService.Predict` over a `SavedModelBackend`."""
+
+        def Predict(self, request, context):
+            spec = request.model_spec
+            version = spec.version.value if spec.HasField("version") else None
+            try:
+                inputs = {name: tf.make_ndarray(proto) for name, proto in request.inputs.items()}
+                outputs = backend.predict(spec.name, version, spec.signature_name, inputs)
+            except PredictError as error:
+                context.abort(getattr(grpc.StatusCode, error.code), error.message)
+            except Exception as error:  # a bug here must not kill the server thread pool
+                context.abort(grpc.StatusCode.INTERNAL, f"{type(error).__name__}: {error}")
+            response = predict_pb2.PredictResponse()
+            response.model_spec.name = spec.name
+            response.model_spec.signature_name = spec.signature_name or "serving_default"
+            for name, value in outputs.items():
+                response.outputs[name].CopyFrom(tf.make_tensor_proto(value))
+            return response
+
+    return grpc, stubs, PredictionServicer()
+
+
+def serve_grpc(base_path, model_name="dvml", host="127.0.0.1", port=0,
+               max_message_bytes=serving_client.DEFAULT_MAX_MESSAGE_BYTES, backend=None):
+    """Starts a gRPC `PredictionService` on `host:port` (0: a free port).
+
+    Args:
+        base_path: SavedModel base path (see `SavedModelBackend`).
+        model_name: served model name.
+        host: interface to listen on.
+        port: int, 0 picks a free port.
+        max_message_bytes: gRPC message size limit.
+        backend: optional existing `SavedModelBackend` (shares the loaded models).
+
+    Returns:
+        `LoopbackServer` whose `address` is the gRPC target.
+    """
+    backend = backend or SavedModelBackend(base_path, model_name)
+    grpc, stubs, servicer = _make_servicer(backend)
+    server = grpc.server(
+        concurrent.futures.ThreadPoolExecutor(max_workers=4),
+        options=[
+            ("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.max_receive_message_length", max_message_bytes),
+        ],
+    )
+    stubs.add_PredictionServiceServicer_to_server(servicer, server)
+    port = server.add_insecure_port(f"{host}:{port}")
+    server.start()
+    return LoopbackServer(f"{host}:{port}", port, lambda: server.stop(grace=None))
+
+
+_PREDICT_PATH = re.compile(r"^/v1/models/([^/:]+)(?:/versions/(\d+))?:predict$")
+_STATUS_PATH = re.compile(r"^/v1/models/([^/:]+)(?:/versions/(\d+))?$")
+
+
+def _decode_json_value(value, spec, name):
+    """A JSON value of one input -> numpy array of the signature's dtype (b64 for strings)."""
+
+    def unwrap(item):
+        if isinstance(item, dict):
+            if set(item) != {"b64"}:
+                raise PredictError(INVALID_ARGUMENT, f"Input {name!r}: objects must be "
+                                                     '{"b64": "<base64>"}.')
+            try:
+                return base64.b64decode(item["b64"], validate=True)
+            except (ValueError, TypeError) as error:
+                raise PredictError(INVALID_ARGUMENT,
+                                   f"Input {name!r}: invalid base64 ({error}).") from None
+        if isinstance(item, list):
+            return [unwrap(x) for x in item]
+        return item
+
+    value = unwrap(value)
+    if spec.dtype == tf.string:
+        array = np.array(value, dtype=object)
+        flat = array.reshape(-1)
+        for i, item in enumerate(flat):
+            if isinstance(item, str):
+                flat[i] = item.encode()
+            elif not isinstance(item, bytes):
+                raise PredictError(INVALID_ARGUMENT, f"Input {name!r} holds strings; got "
+                                                     f"{type(item).__name__}.")
+        return array
+    array = np.asarray(value)
+    dtype = np.dtype(spec.dtype.as_numpy_dtype)
+    if array.dtype == object or array.dtype.kind not in "iufb":
+        raise PredictError(INVALID_ARGUMENT, f"Input {name!r}: not a numeric array of "
+                                             "consistent shape.")
+    if dtype.kind in "iu":
+        info = np.iinfo(dtype)
+        if array.dtype.kind == "f" or (array.size and (array.min() < info.min
+                                                       or array.max() > info.max)):
+            raise PredictError(INVALID_ARGUMENT, f"Input {name!r} must hold {dtype.name} values "
+                                                 f"(integers in [{info.min}, {info.max}]).")
+    return array.astype(dtype)
+
+
+def _handle_rest_predict(backend, model_name, version, body):
+    """A REST predict request body -> (HTTP status, answer dict)."""
+    try:
+        try:
+            request = json.loads(body or b"{}")
+        except ValueError as error:
+            raise PredictError(INVALID_ARGUMENT, f"Request body is not JSON: {error}") from None
+        if not isinstance(request, dict) or ("instances" in request) == ("inputs" in request):
+            raise PredictError(INVALID_ARGUMENT, 'The request needs exactly one of "instances" '
+                                                 '(row format) or "inputs" (columnar format).')
+        signature = backend.signature(model_name, version, request.get("signature_name"))
+        specs = backend.input_specs(signature)
+        if "instances" in request:
+            instances = request["instances"]
+            if not isinstance(instances, list):
+                raise PredictError(INVALID_ARGUMENT, '"instances" must be a list.')
+            if len(specs) == 1:
+                (name,) = specs
+                inputs = {name: _decode_json_value(instances, specs[name], name)}
+            else:
+                inputs = {
+                    name: _decode_json_value([row[name] for row in instances], spec, name)
+                    for name, spec in specs.items()
+                }
+        else:
+            columns = request["inputs"]
+            if len(specs) == 1 and not isinstance(columns, dict):
+                columns = {next(iter(specs)): columns}
+            inputs = {
+                name: _decode_json_value(value, specs.get(name, tf.TensorSpec(None)), name)
+                for name, value in columns.items()
+            }
+        outputs = backend.predict(model_name, version, request.get("signature_name"), inputs)
+    except PredictError as error:
+        return _HTTP_STATUS[error.code], {"error": error.message}
+    if "instances" in request:
+        if len(outputs) == 1:
+            return 200, {"predictions": next(iter(outputs.values())).tolist()}
+        rows = len(next(iter(outputs.values())))
+        return 200, {"predictions": [{k: v[i].tolist() for k, v in outputs.items()}
+                                     for i in range(rows)]}
+    if len(outputs) == 1:
+        return 200, {"outputs": next(iter(outputs.values())).tolist()}
+    return 200, {"outputs": {k: v.tolist() for k, v in outputs.items()}}
+
+
+def serve_rest(base_path, model_name="dvml", host="127.0.0.1", port=0, backend=None):
+    """Starts the REST predict API on `host:port` (0: a free port), in a daemon thread.
+
+    Args:
+        base_path: SavedModel base path (see `SavedModelBackend`).
+        model_name: served model name.
+        host: interface.
+        port: int, 0 picks a free port.
+        backend: optional existing `SavedModelBackend`.
+
+    Returns:
+        `LoopbackServer` whose `address` is the REST root URL.
+    """
+    backend = backend or SavedModelBackend(base_path, model_name)
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def _send(self, status, answer):
+            data = json.dumps(answer).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_POST(self):
+            match = _PREDICT_PATH.match(self.path)
+            if not match:
+                self._send(404, {"error": f"Unknown path {self.path!r}."})
+                return
+            length = int(self.headers.get("Content-Length") or 0)
+            body = self.rfile.read(length)
+            try:
+                status, answer = _handle_rest_predict(backend, match[1], match[2], body)
+            except Exception as error:  # keep serving whatever happens
+                status, answer = 500, {"error": f"{type(error).__name__}: {error}"}
+            self._send(status, answer)
+
+        def do_GET(self):
+            match = _STATUS_PATH.match(self.path)
+            if not match or match[1] != backend.model_name:
+                self._send(404, {"error": f"Servable not found: {self.path!r}."})
+                return
+            versions = [int(match[2])] if match[2] else sorted(backend.models)
+            if any(v not in backend.models for v in versions):
+                self._send(404, {"error": f"Version {match[2]} not found."})
+                return
+            self._send(200, {"model_version_status": [
+                {"version": str(v), "state": "AVAILABLE",
+                 "status": {"error_code": "OK", "error_message": ""}} for v in versions]})
+
+        def log_message(self, *args):  # quiet
+            pass
+
+    server = http.server.ThreadingHTTPServer((host, port), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True, name="dvml-rest")
+    thread.start()
+
+    def stop():
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
+
+    port = server.server_address[1]
+    return LoopbackServer(f"http://{host}:{port}", port, stop)

@@ -1,0 +1,104 @@
+"""On-device retrieval with LiteRT only: no TensorFlow, just numpy, Pillow and ai-edge-litert.
+
+    python examples/litert_retrieval.py --export_dir=E --image=query.png            # top-k
+    python examples/litert_retrieval.py --export_dir=E --image=query.png --embed    # embedding
+    python examples/litert_retrieval.py --export_dir=E --image=q.png --embed \
+        --model=model_int8.tflite
+
+`E` is a folder written by export.py. The query image is read with Pillow as RGB in the dataset's
+raw form (Omniglot: dark strokes on white, 105 x 105); an image of another size is resized with
+Pillow's bilinear filter first (close to, but not exactly, the loader's resize). A `.npy` file
+holding a uint8 [H, W, 3] array is used as is.
+
+Query mode runs `retrieval.tflite` (gallery embeddings inside) and prints the top results with the
+labels and class names of `retrieval_gallery.json`; embed mode runs an embedding model and prints
+the vector's size, norm and first values.
+"""
+
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+from ai_edge_litert.interpreter import Interpreter
+from PIL import Image
+
+SIGNATURE = "serving_default"
+
+
+def load_image(path, height, width):
+    """A uint8 [1, height, width, 3] RGB array from an image file or a .npy array."""
+    if path.endswith(".npy"):
+        image = np.load(path)
+    else:
+        with Image.open(path) as file:
+            picture = file.convert("RGB")
+            if picture.size != (width, height):
+                print(f"note: resizing {picture.size[0]}x{picture.size[1]} to {width}x{height}")
+                picture = picture.resize((width, height), Image.BILINEAR)
+            image = np.asarray(picture)
+    if image.dtype != np.uint8 or image.shape != (height, width, 3):
+        raise SystemExit(f"{path}: need a uint8 [{height}, {width}, 3] image; got {image.dtype} "
+                         f"{image.shape}.")
+    return image[np.newaxis]
+
+
+def run(model_path, image_path):
+    """Runs a LiteRT model's serving_default signature on one image; returns its outputs."""
+    interpreter = Interpreter(model_path=model_path)
+    runner = interpreter.get_signature_runner(SIGNATURE)
+    _, height, width, _ = runner.get_input_details()["images"]["shape"]
+    return runner(images=load_image(image_path, int(height), int(width)))
+
+
+def query(export_dir, image_path, top):
+    outputs = run(os.path.join(export_dir, "retrieval.tflite"), image_path)
+    with open(os.path.join(export_dir, "retrieval_gallery.json")) as f:
+        gallery = json.load(f)
+    names = gallery.get("class_names", {})
+    indices, scores = outputs["indices"][0], outputs["scores"][0]
+    print(f"Top {min(top, len(indices))} of {gallery['num_images']} {gallery['dataset']} "
+          f"{gallery['split']} images ({gallery['score']}):")
+    print(f"{'rank':>4}  {'row':>6}  {'label':>6}  {'score':>10}  class")
+    for rank, (row, score) in enumerate(zip(indices[:top], scores[:top], strict=True), start=1):
+        label = gallery["labels"][int(row)]
+        print(f"{rank:>4}  {int(row):>6}  {label:>6}  {float(score):>10.4f}  "
+              f"{names.get(str(label), label)}")
+    return indices, scores
+
+
+def embed(export_dir, image_path, model_name):
+    path = os.path.join(export_dir, model_name)
+    embedding = run(path, image_path)["embedding"][0].astype(np.float64)
+    report_path = os.path.join(export_dir, "export_report.json")
+    normalized = False
+    if os.path.exists(report_path):
+        with open(report_path) as f:
+            normalized = json.load(f)["model"]["normalized"]
+    if normalized and "int8" in model_name:
+        # The full-integer model stops before the L2 normalization (see export_report.json).
+        embedding = embedding / max(np.linalg.norm(embedding), 1e-12)
+    print(f"{model_name}: embedding of size {embedding.size}, L2 norm "
+          f"{np.linalg.norm(embedding):.4f}")
+    print("first values:", np.array2string(embedding[:8], precision=4))
+    return embedding
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--export_dir", required=True, help="folder written by export.py")
+    parser.add_argument("--image", required=True, help="query image (PNG/JPEG/... or .npy)")
+    parser.add_argument("--embed", action="store_true", help="print the embedding instead")
+    parser.add_argument("--model", default="model.tflite", help="embedding model (--embed)")
+    parser.add_argument("--top", type=int, default=5, help="results to print")
+    args = parser.parse_args(argv)
+    if args.embed:
+        embed(args.export_dir, args.image, args.model)
+    else:
+        query(args.export_dir, args.image, args.top)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,95 @@
+"""examples/litert_retrieval.py: top results with labels, embeddings, and no TensorFlow import."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+from PIL import Image
+
+from dvml_tf.export import litert
+from dvml_tf.export import raw_data
+from dvml_tf.export import raw_input
+from dvml_tf.export import retrieval
+from dvml_tf.export import saved_model
+from dvml_tf.training import trainer
+from dvml_tf.training.config import TrainConfig
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+DEMO = os.path.join(ROOT, "examples", "litert_retrieval.py")
+
+
+@pytest.fixture(scope="module")
+def export_dir(tmp_path_factory):
+    """The LiteRT part of an export (the files the demo reads)."""
+    folder = tmp_path_factory.mktemp("E")
+    config = TrainConfig(embedding_dim=16, loss="triplet")
+    keras.utils.set_random_seed(0)
+    model = trainer.build_model(config)
+    spec = raw_input.raw_input_spec(config)
+    splits = raw_data.synthetic_raw_splits(spec, train_classes=2, test_classes=5,
+                                           images_per_class=3)
+    test = splits.test
+    test.class_names = tuple(f"glyph_{i}" for i in range(int(test.labels.max()) + 1))
+    gallery, labels = raw_data.embed_catalog(saved_model.EmbeddingModel(model), test, spec)
+    (folder / "retrieval.tflite").write_bytes(
+        retrieval.convert_retrieval_model(model, spec, gallery, top_k=4))
+    retrieval.write_gallery_json(folder / "retrieval_gallery.json", labels, catalog=test,
+                                 dataset="omniglot", top_k=4, normalized=True)
+    (folder / "model.tflite").write_bytes(litert.convert_embedding_model(model, spec))
+    (folder / "export_report.json").write_text(json.dumps({"model": {"normalized": True}}))
+    return folder, test, gallery
+
+
+def _run_demo(args):
+    """Runs the demo in a fresh interpreter; returns its output and whether TF got imported."""
+    script = (
+        "import runpy, sys\n"
+        f"sys.argv = ['litert_retrieval.py', *{args!r}]\n"
+        "try:\n"
+        f"    runpy.run_path({DEMO!r}, run_name='__main__')\n"
+        "except SystemExit as e:\n"
+        "    assert not e.code, e.code\n"
+        "print('TENSORFLOW_IMPORTED', 'tensorflow' in sys.modules)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().endswith("TENSORFLOW_IMPORTED False"), done.stdout
+    return done.stdout
+
+
+def test_query_prints_the_top_results_with_labels(export_dir, tmp_path):
+    folder, test, _ = export_dir
+    row = 7
+    Image.fromarray(test.images[row]).save(tmp_path / "query.png")
+    out = _run_demo(["--export_dir", str(folder), "--image", str(tmp_path / "query.png"),
+                     "--top", "3"])
+    lines = [line.split() for line in out.splitlines() if re.match(r"^\s+\d+\s+\d+", line)]
+    assert len(lines) == 3
+    rank, gallery_row, label, score, name = lines[0]
+    assert (int(rank), int(gallery_row), int(label)) == (1, row, test.labels[row])
+    assert float(score) == pytest.approx(1.0, abs=1e-3)
+    assert name == f"glyph_{test.labels[row]}"
+    assert "(cosine)" in out
+
+
+def test_embed_prints_the_model_tflite_embedding(export_dir, tmp_path):
+    folder, test, gallery = export_dir
+    np.save(tmp_path / "query.npy", test.images[2])
+    out = _run_demo(["--export_dir", str(folder), "--image", str(tmp_path / "query.npy"),
+                     "--embed"])
+    assert "model.tflite: embedding of size 16, L2 norm 1.0000" in out
+    values = re.search(r"first values: \[(.*)\]", out, re.S)[1].split()
+    np.testing.assert_allclose([float(v) for v in values], gallery[2, :8], atol=2e-4)
+
+
+def test_other_sizes_are_resized_with_a_note(export_dir, tmp_path):
+    folder, test, _ = export_dir
+    Image.fromarray(test.images[0]).resize((210, 210)).save(tmp_path / "big.png")
+    out = _run_demo(["--export_dir", str(folder), "--image", str(tmp_path / "big.png")])
+    assert "note: resizing 210x210 to 105x105" in out

@@ -1,0 +1,92 @@
+"""retrieval.tflite: top-k gallery rows and scores equal a numpy brute force over the gallery."""
+
+import json
+
+import keras
+import numpy as np
+import pytest
+
+from dvml_tf.export import raw_data
+from dvml_tf.export import raw_input
+from dvml_tf.export import retrieval
+from dvml_tf.export import saved_model
+from dvml_tf.training import trainer
+from dvml_tf.training.config import TrainConfig
+
+TOP_K = 5
+
+
+@pytest.fixture(scope="module", params=["npair", "triplet"])
+def retriever(request):
+    config = TrainConfig(embedding_dim=16, loss=request.param)
+    keras.utils.set_random_seed(0)
+    model = trainer.build_model(config)
+    spec = raw_input.raw_input_spec(config)
+    splits = raw_data.synthetic_raw_splits(spec, train_classes=2, test_classes=6,
+                                           images_per_class=3)
+    gallery, labels = raw_data.embed_catalog(saved_model.EmbeddingModel(model), splits.test, spec)
+    content = retrieval.convert_retrieval_model(model, spec, gallery, TOP_K)
+    return model, spec, splits, gallery, labels, retrieval.Retriever(content)
+
+
+def _brute_force(query, gallery, normalized):
+    """Best-first gallery rows by cosine or by squared Euclidean distance (float64)."""
+    query, gallery = query.astype(np.float64), gallery.astype(np.float64)
+    if normalized:
+        scores = gallery @ query / (np.linalg.norm(gallery, axis=1) * np.linalg.norm(query))
+    else:
+        scores = -np.sum((gallery - query) ** 2, axis=1)
+    order = np.argsort(-scores, kind="stable")
+    return order, scores
+
+
+def test_top_k_equals_a_brute_force_search(retriever):
+    model, spec, splits, gallery, _, runner = retriever
+    normalized = model.normalize_embeddings
+    queries = raw_data.synthetic_raw_images(spec, 3, seed=7)
+    queries = np.concatenate([queries, splits.test.images[[0, 7]]])
+    embedder = saved_model.EmbeddingModel(model)
+    for image in queries:
+        query = embedder(raw_input.to_model_input(image[np.newaxis], spec)).numpy()[0]
+        order, scores = _brute_force(query, gallery, normalized)
+        indices, got = runner.query(image)
+        assert indices.dtype == np.int32 and indices.shape == (TOP_K,)
+        np.testing.assert_allclose(got, scores[indices], rtol=1e-4, atol=1e-4)
+        # Same rows, up to ties within float noise.
+        np.testing.assert_allclose(np.sort(scores[indices]), np.sort(scores[order[:TOP_K]]),
+                                   rtol=1e-4, atol=1e-4)
+        assert np.all(np.diff(got) <= 1e-6)  # best first
+
+
+def test_a_gallery_image_finds_itself_first(retriever):
+    model, _, splits, _, labels, runner = retriever
+    for row in (0, 5, 11):
+        indices, scores = runner.query(splits.test.images[row])
+        assert indices[0] == row
+        if model.normalize_embeddings:
+            assert scores[0] == pytest.approx(1.0, abs=1e-5)
+        else:
+            assert scores[0] == pytest.approx(0.0, abs=1e-3)
+        assert labels[indices[0]] == splits.test.labels[row]
+
+
+def test_gallery_json_describes_every_row(retriever, tmp_path):
+    model, _, splits, _, labels, _ = retriever
+    path = tmp_path / retrieval.GALLERY_FILE
+    retrieval.write_gallery_json(path, labels, catalog=splits.test, dataset="omniglot",
+                                 top_k=TOP_K, normalized=model.normalize_embeddings)
+    content = json.loads(path.read_text())
+    assert content["labels"] == splits.test.labels.tolist()
+    assert content["num_images"] == len(labels) and content["top_k"] == TOP_K
+    expected = "cosine" if model.normalize_embeddings else "negative_squared_euclidean"
+    assert content["score"] == expected
+
+
+def test_bad_gallery_or_k_is_a_clear_error(retriever):
+    model, spec, _, gallery, _, runner = retriever
+    with pytest.raises(ValueError, match=r"top_k must be in \[1, 18\]"):
+        retrieval.convert_retrieval_model(model, spec, gallery, 19)
+    with pytest.raises(ValueError, match=r"gallery_embeddings must be \[N >= 1, 16\]"):
+        retrieval.convert_retrieval_model(model, spec, gallery[:, :8], 3)
+    with pytest.raises(ValueError, match=r"uint8 \[1, 105, 105, 3\]"):
+        runner.query(np.zeros((28, 28, 3), np.uint8))

@@ -1,0 +1,176 @@
+"""The serving SavedModel: signatures, inference path only, parity with Keras, a fresh process,
+saved_model_cli, bad inputs."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from dvml_tf.export import measure
+from dvml_tf.export import raw_data
+from dvml_tf.export import raw_input
+from dvml_tf.export import saved_model
+from dvml_tf.training import trainer
+from dvml_tf.training.config import TrainConfig
+
+CONFIG = TrainConfig(embedding_dim=16, loss="triplet", images_per_class=2)
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    keras.utils.set_random_seed(0)
+    model = trainer.build_model(CONFIG)
+    spec = raw_input.raw_input_spec(CONFIG)
+    path = str(tmp_path_factory.mktemp("export") / "1")
+    saved_model.write_saved_model(model, spec, path)
+    images = raw_data.synthetic_raw_images(spec, 6, seed=0)
+    reference = model(raw_input.to_model_input(tf.constant(images), spec), training=False).numpy()
+    return model, spec, path, images, reference
+
+
+def test_signatures_take_raw_uint8_and_bytes(exported):
+    _, _, path, _, _ = exported
+    loaded = tf.saved_model.load(path)
+    assert set(loaded.signatures) == {"serving_default", "embed_bytes"}
+    serve = loaded.signatures["serving_default"]
+    (spec,) = serve.structured_input_signature[1].values()
+    assert spec.name == "images" and spec.dtype == tf.uint8
+    assert spec.shape.as_list() == [None, 105, 105, 3]
+    assert serve.structured_outputs["embedding"].shape.as_list() == [None, 16]
+    (spec,) = loaded.signatures["embed_bytes"].structured_input_signature[1].values()
+    assert spec.name == "image_bytes" and spec.dtype == tf.string
+    assert spec.shape.as_list() == [None]
+
+
+def test_holds_only_the_backbone_and_the_embedding_head(exported):
+    model, _, path, _, _ = exported
+    saved = tf.train.list_variables(os.path.join(path, "variables", "variables"))
+    weights = [(name, shape) for name, shape in saved if "/.ATTRIBUTES/VARIABLE_VALUE" in name]
+    expected = model.backbone.weights + model.embedding_head.weights
+    assert sorted(int(np.prod(s)) for _, s in weights) == sorted(
+        int(np.prod(w.shape)) for w in expected)
+    assert model.use_dvml  # the model has a decoder and variance heads; the export does not
+    assert not any("decoder" in n or "variance" in n for n, _ in weights)
+
+
+def test_both_signatures_match_keras(exported):
+    _, _, path, images, reference = exported
+    loaded = tf.saved_model.load(path)
+    served = loaded.signatures["serving_default"](images=tf.constant(images))["embedding"]
+    assert measure.cosine_rows(reference, served.numpy()).min() >= 0.99999
+    png = [tf.io.encode_png(image).numpy() for image in images]
+    from_png = loaded.signatures["embed_bytes"](image_bytes=tf.constant(png))["embedding"]
+    np.testing.assert_array_equal(from_png.numpy(), served.numpy())
+    # JPEG: the embedding of the decoded JPEG pixels.
+    jpeg = tf.io.encode_jpeg(images[0]).numpy()
+    decoded = tf.io.decode_jpeg(jpeg, channels=3)[tf.newaxis]
+    from_jpeg = loaded.signatures["embed_bytes"](image_bytes=tf.constant([jpeg]))["embedding"]
+    expected = loaded.signatures["serving_default"](images=decoded)["embedding"]
+    np.testing.assert_allclose(from_jpeg.numpy(), expected.numpy(), atol=1e-6)
+
+
+def test_empty_batch_gives_no_rows(exported):
+    _, _, path, _, _ = exported
+    loaded = tf.saved_model.load(path)
+    out = loaded.signatures["serving_default"](images=tf.zeros([0, 105, 105, 3], tf.uint8))
+    assert out["embedding"].shape == (0, 16)
+    out = loaded.signatures["embed_bytes"](image_bytes=tf.constant([], tf.string))
+    assert out["embedding"].shape == (0, 16)
+
+
+@pytest.mark.slow
+def test_both_signatures_in_a_fresh_process(exported, tmp_path):
+    _, _, path, images, reference = exported
+    np.save(tmp_path / "images.npy", images)
+    script = textwrap.dedent(f"""
+        import numpy as np, tensorflow as tf
+        images = np.load({str(tmp_path / "images.npy")!r})
+        loaded = tf.saved_model.load({path!r})
+        a = loaded.signatures["serving_default"](images=tf.constant(images))["embedding"]
+        png = [tf.io.encode_png(i).numpy() for i in images]
+        b = loaded.signatures["embed_bytes"](image_bytes=tf.constant(png))["embedding"]
+        np.save({str(tmp_path / "a.npy")!r}, a.numpy())
+        np.save({str(tmp_path / "b.npy")!r}, b.numpy())
+        import sys; print("dvml_tf" in sys.modules)
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            timeout=300, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().endswith("False")  # no dvml_tf code is needed to serve
+    for name in ("a.npy", "b.npy"):
+        assert measure.cosine_rows(reference, np.load(tmp_path / name)).min() >= 0.99999
+
+
+@pytest.mark.slow
+def test_saved_model_cli_shows_and_runs_the_signatures(exported, tmp_path):
+    _, _, path, images, reference = exported
+    cli = os.path.join(os.path.dirname(sys.executable), "saved_model_cli")
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    shown = subprocess.run([cli, "show", "--dir", path, "--all"], capture_output=True, text=True,
+                           timeout=300, env=env)
+    assert shown.returncode == 0, shown.stderr[-3000:]
+    text = shown.stdout
+    for expected in ("signature_def['serving_default']", "signature_def['embed_bytes']",
+                     "dtype: DT_UINT8", "shape: (-1, 105, 105, 3)", "dtype: DT_STRING",
+                     "outputs['embedding']"):
+        assert expected in text, expected
+    np.save(tmp_path / "x.npy", images)
+    ran = subprocess.run(
+        [cli, "run", "--dir", path, "--tag_set", "serve", "--signature_def", "serving_default",
+         "--inputs", f"images={tmp_path / 'x.npy'}", "--outdir", str(tmp_path / "out")],
+        capture_output=True, text=True, timeout=300, env=env)
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    out = np.load(tmp_path / "out" / "embedding.npy")
+    assert measure.cosine_rows(reference, out).min() >= 0.99999
+
+
+def test_wrong_dtype_or_shape_is_a_clear_error(exported):
+    _, _, path, images, _ = exported
+    serve = tf.saved_model.load(path).signatures["serving_default"]
+    with pytest.raises((tf.errors.InvalidArgumentError, TypeError), match="uint8"):
+        serve(images=tf.constant(images.astype(np.float32)))
+    for bad in (images[:, :28, :28], images[0], np.concatenate([images, images[..., :1]], -1)):
+        with pytest.raises(tf.errors.InvalidArgumentError,
+                           match=r"serving_default: `images` must be uint8 RGB images "
+                                 r"\[batch, 105, 105, 3\]"):
+            serve(images=tf.constant(bad))
+
+
+@pytest.mark.parametrize(
+    ("contents", "message"),
+    [
+        (b"", r"could not decode image: `image_bytes` at index\] \[1\]"),
+        (b"definitely not an image", r"could not decode image: `image_bytes` at index\] \[1\]"),
+        ("truncated_png", r"Invalid PNG data"),
+        ("truncated_jpeg", r"Invalid JPEG data"),
+    ],
+)
+def test_corrupt_or_empty_bytes_are_a_clear_error(exported, contents, message):
+    _, _, path, images, _ = exported
+    embed_bytes = tf.saved_model.load(path).signatures["embed_bytes"]
+    good = tf.io.encode_png(images[0]).numpy()
+    if contents == "truncated_png":
+        contents = good[:200]
+    elif contents == "truncated_jpeg":
+        contents = tf.io.encode_jpeg(images[0]).numpy()[:300]
+    with pytest.raises(tf.errors.InvalidArgumentError, match=message):
+        embed_bytes(image_bytes=tf.constant([good, contents]))
+
+
+def test_embedding_model_is_the_inference_path(exported):
+    model, spec, _, images, reference = exported
+    embedder = saved_model.EmbeddingModel(model)
+    assert embedder.normalize and embedder.image_size == 28 and embedder.embedding_dim == 16
+    out = embedder(raw_input.to_model_input(tf.constant(images), spec)).numpy()
+    np.testing.assert_allclose(out, reference, atol=1e-6)
+    raw = saved_model.EmbeddingModel(model, normalize=False)(
+        raw_input.to_model_input(tf.constant(images), spec)).numpy()
+    np.testing.assert_allclose(raw / np.linalg.norm(raw, axis=1, keepdims=True), reference,
+                               atol=1e-5)
+    assert json.dumps(spec.to_dict())  # serializable for the report

@@ -1,0 +1,71 @@
+"""evaluate.py end to end on a tiny trained run (a subprocess, as users run it)."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from dvml_tf.training import trainer
+from dvml_tf.training.config import TrainConfig
+from tests.test_train_cli import write_folder
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": ""}
+
+
+def evaluate(*flags):
+    return subprocess.run([sys.executable, "evaluate.py", *flags], cwd=ROOT, env=ENV,
+                          capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def trained_folder_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("evaluate")
+    images = write_folder(root / "images")
+    config = TrainConfig(
+        config="folder", dataset="folder", data_dir=str(images), model_dir=str(root / "run"),
+        image_size=16, resize_size=18, embedding_dim=8, num_samples=2, loss="triplet",
+        classes_per_batch=4, images_per_class=2, steps=6, checkpoint_every=3, log_every=3,
+        eval_batch_size=64,
+    )
+    trainer.Trainer(config, verbose=False).run()
+    return root / "run"
+
+
+def test_writes_metrics_figures_and_projector_and_agrees_with_tfsim(trained_folder_run, tmp_path):
+    pytest.importorskip("tensorflow_similarity")
+    output = tmp_path / "metrics.json"
+    result = evaluate(f"--model_dir={trained_folder_run}", f"--output_json={output}",
+                      f"--plots={tmp_path}/plots", f"--projector={tmp_path}/projector",
+                      "--plot_points=20", "--tfsim")
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads(output.read_text())
+    # The same keys and values as the run's own metrics.json (same model, same split).
+    assert metrics == pytest.approx(json.loads((trained_folder_run / "metrics.json").read_text()))
+    assert "| NMI | F1 | R@1 | R@2 | R@4 | R@8 | map@r |" in result.stdout
+    tfsim_rows = [line for line in result.stdout.splitlines()
+                  if line.startswith(("| recall@", "| map@r"))]
+    assert len(tfsim_rows) == 5 and all(float(r.split("|")[4]) <= 1e-6 for r in tfsim_rows)
+    for name in ("tsne.png", "central_latent_space.png", "retrieval.png"):
+        with Image.open(tmp_path / "plots" / name) as image:
+            image.verify()
+    names = {p.name for p in (tmp_path / "projector").iterdir()}
+    assert {"vectors.tsv", "metadata.tsv", "projector_config.pbtxt"} <= names
+    vectors = np.loadtxt(tmp_path / "projector" / "vectors.tsv", delimiter="\t")
+    assert vectors.shape == (20, 8)  # 4 test classes x 5 images, 8-d embeddings
+
+
+def test_bad_inputs_give_clear_errors(tmp_path):
+    (tmp_path / "not_a_run").mkdir()
+    result = evaluate(f"--model_dir={tmp_path}/not_a_run")
+    assert result.returncode != 0 and "not a training run folder" in result.stderr
+    result = evaluate(f"--saved_model={tmp_path}/not_a_run", "--dataset=omniglot")
+    assert result.returncode != 0 and "no saved_model.pb" in result.stderr
+    result = evaluate("--dataset=omniglot")
+    assert result.returncode != 0
+    assert "exactly one of --model_dir and --saved_model" in result.stderr
