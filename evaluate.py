@@ -126,9 +126,14 @@ def write_figures(directory, embeddings, labels, metric, catalog, features):
     from dvml_tf.evaluation import plots  # matplotlib only when figures are asked for
 
     os.makedirs(directory, exist_ok=True)
+    # Whole classes, so that the maps show clusters: random classes until --plot_points images.
     rng = np.random.default_rng(0)
-    chosen = np.sort(rng.choice(len(labels), size=min(FLAGS.plot_points * 4, len(labels)),
-                                replace=False))
+    chosen = []
+    for label in rng.permutation(np.unique(labels)):
+        if len(chosen) >= FLAGS.plot_points:
+            break
+        chosen.extend(np.flatnonzero(labels == label).tolist())
+    chosen = np.sort(np.asarray(chosen[: FLAGS.plot_points]))
     thumbnails = data_lib.load_thumbnails(catalog, chosen, size=48)
     written = [
         plots.plot_tsne(embeddings[chosen], labels[chosen], thumbnails,

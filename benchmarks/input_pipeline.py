@@ -17,8 +17,10 @@ Run from the repository root:
 
 It prints a Markdown table and writes benchmarks/results/input_pipeline.json.
 
-Hook for the model owner: `compare_with_train_step(results, train_step_images_per_second)` puts a
-training step's images/s next to each input-pipeline figure (flag --train_step=module:function).
+Next to each pipeline figure it reports the images/s of the DVML training step that consumes it
+(`dvml_train_step_images_per_second`: the preset's network on a prepared batch, no pipeline), so
+the table shows whether the pipeline could starve training; --train_step=module:function swaps
+in another measurement, --train_step=none skips it.
 """
 
 import importlib
@@ -28,23 +30,32 @@ import os
 import platform
 import resource
 import shutil
+import sys
 import tempfile
 import time
 
-import numpy as np
-import tensorflow as tf
-from absl import app
-from absl import flags
-from absl import logging
-from PIL import Image
+# Runnable as `python benchmarks/input_pipeline.py` from a checkout (no installation needed).
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
 
-from dvml_tf.data import ClassBalancedSampler
-from dvml_tf.data import ImageCatalog
-from dvml_tf.data import PreprocessConfig
-from dvml_tf.data import load_dataset
-from dvml_tf.data import make_eval_dataset
-from dvml_tf.data import make_train_dataset
-from dvml_tf.data.folder import check_image_files
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+from absl import app  # noqa: E402
+from absl import flags  # noqa: E402
+from absl import logging  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from dvml_tf import configs  # noqa: E402
+from dvml_tf.data import ClassBalancedSampler  # noqa: E402
+from dvml_tf.data import ImageCatalog  # noqa: E402
+from dvml_tf.data import PreprocessConfig  # noqa: E402
+from dvml_tf.data import load_dataset  # noqa: E402
+from dvml_tf.data import make_eval_dataset  # noqa: E402
+from dvml_tf.data import make_train_dataset  # noqa: E402
+from dvml_tf.data.folder import check_image_files  # noqa: E402
+from dvml_tf.training import trainer  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("cases", ["omniglot", "sop_synthetic", "folder_check"], "Cases to run.")
@@ -61,9 +72,11 @@ flags.DEFINE_integer("folder_files", 2000, "Files written for the folder_check c
 flags.DEFINE_integer("large_store_kb", 42, "Size of each string of the large_store case.")
 flags.DEFINE_string("output", os.path.join(os.path.dirname(__file__), "results",
                                            "input_pipeline.json"), "JSON results file.")
-flags.DEFINE_string("train_step", None,
-                    "Optional module:function, a `train_step_images_per_second` callable for "
+flags.DEFINE_string("train_step", "builtin",
+                    "'builtin' (a DVML + N-pair step of the run's preset network, measured here), "
+                    "'none', or module:function, a `train_step_images_per_second` callable for "
                     "compare_with_train_step (see its docstring).")
+flags.DEFINE_integer("train_step_steps", 10, "Timed training steps for the built-in measurement.")
 
 SOP_TRAIN_CLASSES = 11_318
 
@@ -236,6 +249,32 @@ def compare_with_train_step(results, train_step_images_per_second):
     return results
 
 
+def dvml_train_step_images_per_second(image_size, batch_size):
+    """Images/s of the DVML + N-pair training step of the preset that uses this image size.
+
+    28 px: the Omniglot preset (convnet_small, D = 128, T = 20); larger: the paper recipe
+    (InceptionV3 without its ImageNet weights, D = 512, T = 20). The step is the trainer's own
+    (`make_distributed_step`), fed one prepared batch repeatedly, so no input pipeline is timed.
+    """
+    preset = configs.get_preset("omniglot" if image_size <= 64 else "sop")
+    config = preset.replace(image_size=image_size, resize_size=max(image_size, preset.resize_size),
+                            pretrained=False, classes_per_batch=batch_size // 2,
+                            images_per_class=2)
+    keras.utils.set_random_seed(0)
+    model = trainer.build_model(config)
+    model.compile(optimizer=trainer.build_optimizer(config))
+    images = tf.random.uniform([batch_size, image_size, image_size, 3], 0, 255)
+    labels = tf.repeat(tf.range(batch_size // 2), 2)
+    iterator = iter(tf.data.Dataset.from_tensors((images, labels)).repeat())
+    step = trainer.make_distributed_step(tf.distribute.get_strategy(), model)
+    for _ in range(2):  # tracing and the first step
+        float(step(iterator)["loss"])
+    start = time.perf_counter()
+    for _ in range(FLAGS.train_step_steps):
+        float(step(iterator)["loss"])
+    return FLAGS.train_step_steps * batch_size / (time.perf_counter() - start)
+
+
 def markdown(results):
     columns = [("case", "case"), ("images", "images"), ("classes", "classes"),
                ("storage", "storage"), ("batch", "P x K"), ("image_size", "crop"),
@@ -267,7 +306,9 @@ def main(argv):
             results.append(cases[name]())
         except FileNotFoundError as error:  # e.g. no prepared Omniglot: report, keep going.
             results.append({"case": name, "notes": f"skipped: {error}"})
-    if FLAGS.train_step:
+    if FLAGS.train_step == "builtin":
+        compare_with_train_step(results, dvml_train_step_images_per_second)
+    elif FLAGS.train_step != "none":
         module, function = FLAGS.train_step.split(":")
         compare_with_train_step(results, getattr(importlib.import_module(module), function))
     table = markdown(results)

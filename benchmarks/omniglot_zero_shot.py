@@ -63,7 +63,7 @@ PAPER = "1,1,0.1,1", "0.8,1,0.2,0.8"
 # part of "dvml" each.
 VARIANTS = {
     "baseline": ["--nodvml"],
-    "dvml_paper": ["--dvml"],
+    "dvml_paper": ["--dvml", "--variance_scale=1"],
     "dvml": ["--dvml"],
     "dvml_no_syn": ["--dvml", "--phase1_weights=1,1,0,1", "--phase2_weights=0.8,1,0,0.8"],
     "dvml_no_recon": ["--dvml", "--phase1_weights=1,0,0.1,1", "--phase2_weights=0.8,0,0.2,0.8"],

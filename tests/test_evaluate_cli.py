@@ -60,6 +60,22 @@ def test_writes_metrics_figures_and_projector_and_agrees_with_tfsim(trained_fold
     assert vectors.shape == (20, 8)  # 4 test classes x 5 images, 8-d embeddings
 
 
+def test_the_exported_saved_model_scores_what_the_run_scored(trained_folder_run, tmp_path):
+    from dvml_tf.export import exporter
+
+    exporter.export_run(trained_folder_run, tmp_path / "export", litert_models=False,
+                        latency_runs=1)
+    config = json.loads((trained_folder_run / "config.json").read_text())
+    output = tmp_path / "served.json"
+    result = evaluate(f"--saved_model={tmp_path}/export/saved_model", "--dataset=folder",
+                      f"--data_dir={config['data_dir']}", f"--output_json={output}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    # Encoded files through embed_bytes (decode, conversion and preprocessing in the graph)
+    # give the same metrics as the loader + Keras path of train.py.
+    assert json.loads(output.read_text()) == pytest.approx(
+        json.loads((trained_folder_run / "metrics.json").read_text()), abs=1e-6)
+
+
 def test_bad_inputs_give_clear_errors(tmp_path):
     (tmp_path / "not_a_run").mkdir()
     result = evaluate(f"--model_dir={tmp_path}/not_a_run")

@@ -4,6 +4,7 @@ Everything is first written to a temporary sibling (same filesystem, so the fina
 atomic) and then moved over the destination.
 """
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -21,22 +22,36 @@ def _ordinary_permissions(path, directory=False):
     os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
 
 
-def write_bytes(path, data):
-    """Atomically writes `data` (bytes) to `path`; returns `path`."""
+@contextlib.contextmanager
+def replacing(path, suffix=".tmp"):
+    """Yields a temporary sibling of `path` to write; on success it replaces `path` atomically.
+
+    On an exception the temporary file is removed and `path` is untouched.
+
+    Args:
+        path: the destination file.
+        suffix: suffix of the temporary name (some writers check it, e.g. ".keras").
+    """
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=suffix)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        yield tmp
         _ordinary_permissions(tmp)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def write_bytes(path, data):
+    """Atomically writes `data` (bytes) to `path`; returns `path`."""
+    with replacing(path) as tmp, open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
     return path
 
 
@@ -47,18 +62,8 @@ def write_text(path, text):
 
 def save_keras_model(model, path):
     """Atomically saves `model` as a `.keras` archive at `path`."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".model.", suffix=".keras")
-    os.close(fd)
-    try:
+    with replacing(path, suffix=".keras") as tmp:
         model.save(tmp)
-        _ordinary_permissions(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 class AtomicDirectory:

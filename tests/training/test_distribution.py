@@ -264,3 +264,45 @@ def test_an_interrupted_checkpoint_write_never_replaces_the_last_good_one(tmp_pa
     assert tf.train.latest_checkpoint(str(tmp_path / "run" / "checkpoints")) == good
     resumed.train()
     assert resumed.step == 8
+
+
+def test_make_strategy_validates_tf_config(monkeypatch):
+    from dvml_tf.training import distribution
+
+    assert distribution.make_strategy("default") is tf.distribute.get_strategy()
+    monkeypatch.delenv("TF_CONFIG", raising=False)
+    with pytest.raises(ValueError, match="needs the TF_CONFIG environment variable"):
+        distribution.make_strategy("multi_worker")
+    monkeypatch.setenv("TF_CONFIG", '{"cluster": {}}')
+    with pytest.raises(ValueError, match="TF_CONFIG is not valid"):
+        distribution.make_strategy("multi_worker")
+    with pytest.raises(ValueError, match="valid: default, mirrored, multi_worker"):
+        distribution.make_strategy("tpu")
+
+
+@pytest.mark.parametrize(
+    "cluster, task_type, task_id, chief",
+    [
+        ({"worker": ["a:1", "b:1"]}, "worker", 0, True),
+        ({"worker": ["a:1", "b:1"]}, "worker", 1, False),
+        ({"chief": ["c:1"], "worker": ["a:1"]}, "worker", 0, False),
+        ({"chief": ["c:1"], "worker": ["a:1"]}, "chief", 0, True),
+    ],
+)
+def test_only_the_chief_writes(tmp_path, cluster, task_type, task_id, chief):
+    from dvml_tf.training import distribution
+
+    class Resolver:
+        def cluster_spec(self):
+            return tf.train.ClusterSpec(cluster)
+
+    resolver = Resolver()
+    resolver.task_type, resolver.task_id = task_type, task_id
+
+    class Strategy:
+        cluster_resolver = resolver
+
+    assert distribution.is_chief(Strategy()) is chief
+    directory = distribution.worker_directory(str(tmp_path / "run"), Strategy())
+    assert (directory == str(tmp_path / "run")) is chief
+    assert distribution.is_chief(tf.distribute.get_strategy())

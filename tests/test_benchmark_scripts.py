@@ -1,0 +1,149 @@
+"""Smoke tests of benchmarks/step_time.py and benchmarks/table4.py at tiny settings."""
+
+import importlib.util
+import json
+import os
+import pathlib
+import statistics
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _load_script(name):
+    spec = importlib.util.spec_from_file_location(f"benchmark_{name}",
+                                                  ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# ----------------------------------------------------------------------------- step_time.py
+
+def test_step_time_rejects_bad_flags(capsys):
+    step_time = _load_script("step_time")
+    for flags in (["--cases=vgg"], ["--convnet_batch=8x4"], ["--repeats=0"]):
+        with pytest.raises(SystemExit):
+            step_time.main(flags)
+    assert "Unknown --cases" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_step_time_small_convnet(tmp_path):
+    output = tmp_path / "step_time.json"
+    env = {k: v for k, v in os.environ.items() if k != "TFDS_DATA_DIR"}  # synthetic images
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "step_time.py"), "--cases=convnet_small",
+         "--steps=2", "--repeats=2", "--warmup=1", "--convnet_batch=4x2", "--profile=always",
+         "--profile_calls=1", f"--output={output}"],
+        capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    record = json.loads(output.read_text())
+    (result,) = record["results"]
+    assert result["data"] == "synthetic" and result["batch_size"] == 8
+    medians = {}
+    for variant in ("baseline", "dvml"):
+        side = result[variant]
+        assert len(side["step_ms"]) == 4 and len(side["repetition_median_ms"]) == 2
+        medians[variant] = statistics.median(side["step_ms"])
+        assert side["median_step_ms"] == pytest.approx(medians[variant], abs=0.01)
+        assert side["images_per_second"] == pytest.approx(8000 / medians[variant], rel=1e-3)
+        assert side["peak_rss_mb"] >= side["rss_ready_mb"] > side["rss_start_mb"] > 0
+    assert result["ratio"] == pytest.approx(medians["dvml"] / medians["baseline"], rel=1e-3)
+    # DVML has more trainable variables than the baseline (heads and decoder).
+    assert result["dvml"]["parameters"] > result["baseline"]["parameters"]
+    parts = result["profile"]["parts"]
+    assert len(parts) == 7 and all(part["ms"] > 0 for part in parts)
+    assert result["profile"]["extra_parts_ms"] == pytest.approx(
+        sum(p["ms"] for p in parts if p["extra"]), abs=0.02)
+    machine = record["machine"]
+    assert machine["cpu_count"] >= 1 and len(machine["load_average_1_5_15_before"]) == 3
+    assert "| convnet_small 28 px | synthetic | 4x2 |" in proc.stdout
+    assert "Where DVML's extra time goes" in proc.stdout
+
+
+# -------------------------------------------------------------------------------- table4.py
+
+def _write_folder_dataset(root, num_classes=10, per_class=5, size=16):
+    """Class prototypes plus noise as PNG files, one sub-folder per class."""
+    rng = np.random.default_rng(0)
+    for c in range(num_classes):
+        prototype = rng.uniform(0, 255, (size, size, 3))
+        directory = root / f"class_{c:02d}"
+        directory.mkdir(parents=True)
+        for i in range(per_class):
+            pixels = np.clip(prototype + rng.normal(0, 40, prototype.shape), 0, 255)
+            Image.fromarray(pixels.astype(np.uint8)).save(directory / f"{i}.png")
+
+
+@pytest.fixture(scope="module")
+def tiny_runs(tmp_path_factory):
+    from dvml_tf.training import trainer as trainer_lib
+    from dvml_tf.training.config import TrainConfig
+
+    root = tmp_path_factory.mktemp("table4")
+    folder = root / "images"
+    _write_folder_dataset(folder)
+    dirs = {}
+    for name, dvml in (("baseline", False), ("dvml", True)):
+        dirs[name] = root / name
+        config = TrainConfig(
+            config="table4_test", dataset="folder", data_dir=str(folder), image_size=12,
+            resize_size=16, embedding_dim=16, loss="triplet", dvml=dvml, num_samples=2,
+            classes_per_batch=4, images_per_class=2, steps=2, log_every=1, checkpoint_every=2,
+            eval_batch_size=16, model_dir=str(dirs[name]))
+        trainer_lib.Trainer(config, verbose=False).run()
+    return folder, dirs
+
+
+@pytest.mark.slow
+def test_table4_on_tiny_runs(tiny_runs, tmp_path, capsys):
+    from dvml_tf import data as data_lib
+    from dvml_tf.evaluation import runner
+    from dvml_tf.evaluation import variance_analysis as va
+    from dvml_tf.training import run_loader
+
+    folder, dirs = tiny_runs
+    output = tmp_path / "table4.json"
+    table4 = _load_script("table4")
+    record = table4.main([f"--baseline_dir={dirs['baseline']}", f"--dvml_dir={dirs['dvml']}",
+                          "--num_pairs=10", "--num_directions=4", f"--output={output}"])
+    assert json.loads(output.read_text())["markdown"] == record["markdown"]
+    printed = capsys.readouterr().out
+    assert "| Train | Triplet p-value |" in printed and "| 76.00 ± 1.25 |" in printed
+    assert "| Test | DVML+Triplet (rel. dev.) |" in printed and "| 57.08 |" in printed
+
+    # Reference: the test split of the DVML run and the train split of the baseline, embedded
+    # with the runner's own functions (model(images) for z_I, the backbone for f(x)) and the
+    # preprocessing written out here (resize 16, centre crop 12).
+    splits = data_lib.load_dataset("folder", data_dir=folder, image_size=16)
+    preprocess = data_lib.PreprocessConfig(resize_size=16, crop_size=12)
+    dvml_model = run_loader.load_run(dirs["dvml"]).model
+    z, labels = runner.compute_embeddings(runner.model_embed_fn(dvml_model),
+                                          data_lib.make_eval_dataset(splits.test, preprocess, 7))
+    assert record["results"]["test"]["dvml"]["embedding"]["relative_deviation"][
+        "relative_deviation_percent"] == pytest.approx(
+        va.relative_deviation(z, labels)["relative_deviation_percent"], rel=1e-4)
+    baseline_model = run_loader.load_run(dirs["baseline"]).model
+    f, labels = runner.compute_embeddings(runner.backbone_embed_fn(baseline_model),
+                                          data_lib.make_eval_dataset(splits.train, preprocess, 7))
+    expected = va.ks_class_pvalues(f, labels, num_pairs=10, num_directions=4,
+                                   null_reference=True)
+    ks = record["results"]["train"]["baseline"]["backbone"]["ks"]
+    assert ks["num_classes"] == 5 and ks["num_pairs"] == 10
+    for key in ("p_value_mean_percent", "p_value_std_percent", "null_p_value_mean_percent"):
+        assert ks[key] == pytest.approx(expected[key], abs=1e-6)
+
+
+@pytest.mark.slow
+def test_table4_rejects_swapped_runs(tiny_runs, tmp_path):
+    _, dirs = tiny_runs
+    table4 = _load_script("table4")
+    with pytest.raises(ValueError, match=r"--baseline_dir .* is a DVML run"):
+        table4.main([f"--baseline_dir={dirs['dvml']}", f"--dvml_dir={dirs['baseline']}",
+                     f"--output={tmp_path / 'out.json'}"])

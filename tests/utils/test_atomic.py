@@ -1,0 +1,65 @@
+import os
+import stat
+
+import pytest
+
+from dvml_tf.utils import atomic
+
+
+def mode(path):
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+def ordinary(directory=False):
+    umask = os.umask(0)
+    os.umask(umask)
+    return (0o777 if directory else 0o666) & ~umask
+
+
+def test_write_text_replaces_the_file_with_ordinary_permissions(tmp_path):
+    path = tmp_path / "sub" / "metrics.json"
+    atomic.write_text(path, "first")
+    atomic.write_text(path, "second")
+    assert path.read_text() == "second"
+    assert mode(path) == ordinary()  # not mkstemp's private 0600
+    assert os.listdir(path.parent) == ["metrics.json"]  # no temporary file left behind
+
+
+def test_a_failed_write_leaves_the_old_file_intact(tmp_path):
+    path = tmp_path / "config.json"
+    atomic.write_text(path, "good")
+    with pytest.raises(RuntimeError), atomic.replacing(path) as tmp:
+        with open(tmp, "w") as f:
+            f.write("half")
+        raise RuntimeError("crash while writing")
+    assert path.read_text() == "good"
+    assert os.listdir(tmp_path) == ["config.json"]
+
+
+def test_atomic_directory_replaces_only_a_complete_folder(tmp_path):
+    target = tmp_path / "export"
+    with atomic.AtomicDirectory(target) as tmp:
+        (tmp_path / os.path.basename(tmp) / "a.txt").write_text("v1")
+    assert (target / "a.txt").read_text() == "v1"
+    assert mode(target) == ordinary(directory=True)
+    with pytest.raises(FileExistsError):
+        atomic.AtomicDirectory(target).__enter__()
+    with pytest.raises(RuntimeError), atomic.AtomicDirectory(target, overwrite=True) as tmp:
+        (tmp_path / os.path.basename(tmp) / "a.txt").write_text("half")
+        raise RuntimeError("crash while exporting")
+    assert (target / "a.txt").read_text() == "v1"  # the old export is untouched
+    with atomic.AtomicDirectory(target, overwrite=True) as tmp:
+        (tmp_path / os.path.basename(tmp) / "b.txt").write_text("v2")
+    assert sorted(os.listdir(target)) == ["b.txt"]
+    assert sorted(os.listdir(tmp_path)) == ["export"]  # no temporary or .old folder left
+
+
+def test_save_keras_model_writes_a_loadable_archive(tmp_path):
+    import keras
+
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    path = tmp_path / "model.keras"
+    atomic.save_keras_model(model, path)
+    loaded = keras.saving.load_model(path)
+    assert loaded.count_params() == model.count_params()
+    assert mode(path) == ordinary()
