@@ -177,15 +177,21 @@ def test_multi_worker_training_equals_one_process_and_resumes_after_sigkill(tmp_
     assert "Resumed from" in log
     assert json.loads((multi_dir / "metrics.json").read_text()).keys() >= {"recall@1", "nmi"}
     assert sorted(os.listdir(multi_dir)) == sorted(os.listdir(single_dir))  # only the chief wrote
-    # Stated tolerance 1e-4: synchronized batch norm (E[x^2] - E[x]^2) and the collective's
-    # summation order round differently from one device, and Adam's 1/sqrt(v) amplifies the
-    # relative rounding of tiny gradients (measured: 1.5e-5 after 6 steps). The weights moved
-    # by far more than that, so the comparison is meaningful.
+    # Stated tolerance: the two runs differ by under 1% of how far training moved the weights
+    # (relative L2 over the whole model). Not an element-wise bound: synchronized batch norm
+    # (E[x^2] - E[x]^2) and the collective's summation order round differently from one device,
+    # and for a weight whose gradient is ~0, Adam's m / sqrt(v) turns that rounding into an
+    # O(learning rate) step of either sign (measured after 6 steps at lr 3e-3: 2.6e-4
+    # element-wise, 8e-5 relative). Gradient scale and aggregation are checked step by step in
+    # test_one_step_equals_the_single_device_step; this test is about the multi-worker process.
     multi = model_weights(multi_dir / "checkpoints" / "ckpt-6")
     single = model_weights(single_dir / "checkpoints" / "ckpt-6")
     initial = model_weights(single_dir / "checkpoints" / "ckpt-2")
-    assert_same_weights(multi, single, atol=1e-4)
-    assert max(float(np.abs(single[k] - initial[k]).max()) for k in single) > 1e-2
+    assert multi.keys() == single.keys()
+    disagreement = np.sqrt(sum(np.sum((multi[k] - single[k]) ** 2) for k in single))
+    movement = np.sqrt(sum(np.sum((single[k] - initial[k]) ** 2) for k in single))
+    assert movement > 1e-1, movement  # the weights really trained between ckpt-2 and ckpt-6
+    assert disagreement < 1e-2 * movement, (disagreement, movement)
 
 
 def test_sigkill_then_rerun_resumes_and_matches_an_uninterrupted_run(tmp_path):
