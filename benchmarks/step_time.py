@@ -51,6 +51,8 @@ import time
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:  # the timed children and write_json import dvml_tf
+    sys.path.insert(0, ROOT)
 RESULTS = os.path.join(ROOT, "benchmarks", "results", "step_time.json")
 MARKER = "@@step_time@@ "
 VARIANTS = ("baseline", "dvml")
@@ -144,7 +146,6 @@ def prepare_batch(settings, args, path):
     note = ""
     data_dir = args.omniglot_data_dir or os.environ.get("TFDS_DATA_DIR")
     if settings["data"] == "omniglot" and data_dir:
-        sys.path.insert(0, ROOT)
         from dvml_tf import data as data_lib
         from dvml_tf.training import trainer as trainer_lib
         from dvml_tf.training.config import TrainConfig
@@ -301,7 +302,6 @@ def worker(args):
     line starting with `MARKER`.
     """
     rss_start = current_rss_mb()
-    sys.path.insert(0, ROOT)
     import keras
     import tensorflow as tf
 
@@ -527,12 +527,10 @@ def markdown(results):
 
 
 def write_json(path, record):
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, temporary = tempfile.mkstemp(dir=directory, prefix=".step_time.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(record, f, indent=2)
-    os.replace(temporary, path)
+    # Imported here: the parent process stays free of TensorFlow (only the timed children load it).
+    from dvml_tf.utils import atomic
+
+    atomic.write_text(path, json.dumps(record, indent=2))
 
 
 def main(argv=None):

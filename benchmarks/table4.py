@@ -28,7 +28,6 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 import time
 
 import numpy as np
@@ -44,6 +43,7 @@ from dvml_tf.evaluation import runner  # noqa: E402
 from dvml_tf.evaluation import variance_analysis  # noqa: E402
 from dvml_tf.training import run_loader  # noqa: E402
 from dvml_tf.training import trainer as trainer_lib  # noqa: E402
+from dvml_tf.utils import atomic  # noqa: E402
 
 RESULTS = os.path.join(ROOT, "benchmarks", "results", "table4.json")
 SPLITS = ("train", "test")
@@ -190,12 +190,7 @@ def markdown(record, ks_features, deviation_features):
 
 
 def write_json(path, record):
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, temporary = tempfile.mkstemp(dir=directory, prefix=".table4.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(record, f, indent=2)
-    os.replace(temporary, path)
+    atomic.write_text(path, json.dumps(record, indent=2))
 
 
 def main(argv=None):
