@@ -22,6 +22,7 @@ import concurrent.futures
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 import time
@@ -102,10 +103,34 @@ def metrics_path(stage, loss, variant, seed):
     return run_dir(stage, loss, variant, seed) / name
 
 
+STEP_LINE = re.compile(r"step (\d+)/(\d+) (.*)$")
+
+
+def final_training_values(log_text):
+    """The last `step N/N k=v ...` line of a train.log as floats (the DVML diagnostics: kl,
+    sigma, z_var_norm, z_inv_norm, ...); {} when the log holds none."""
+    values = {}
+    for line in log_text.splitlines():
+        match = STEP_LINE.search(line)
+        if match and match.group(1) == match.group(2):
+            values = {key: float(value) for key, value in
+                      (pair.split("=", 1) for pair in match.group(3).split() if "=" in pair)}
+    return values
+
+
 def run(stage, loss, variant, seed):
+    """Trains one run (or reuses its finished metrics); returns its metrics with the final
+    training diagnostics under "train/<name>"."""
     path = metrics_path(stage, loss, variant, seed)
-    if path.exists():
-        return json.loads(path.read_text())
+    if not path.exists():
+        train(stage, loss, variant, seed)
+    log = run_dir(stage, loss, variant, seed) / "train.log"
+    training = final_training_values(log.read_text()) if log.exists() else {}
+    return {**json.loads(path.read_text()),
+            **{f"train/{key}": value for key, value in training.items()}}
+
+
+def train(stage, loss, variant, seed):
     env = {**os.environ, "TF_NUM_INTRAOP_THREADS": "1", "TF_NUM_INTEROP_THREADS": "1",
            "OMP_NUM_THREADS": "1", "TF_CPP_MIN_LOG_LEVEL": "2"}
     started = time.time()
@@ -118,16 +143,28 @@ def run(stage, loss, variant, seed):
         raise RuntimeError(f"{loss}/{variant}/seed {seed} failed; see {log}")
     print(f"done {stage} {loss} {variant} seed {seed} in {time.time() - started:.0f} s",
           flush=True)
-    return json.loads(path.read_text())
 
 
-def table(results, keys):
-    lines = ["| loss | method | " + " | ".join(k.upper() if k in ("nmi", "f1") else
-                                               k.replace("recall", "R") for k in keys) + " |",
+METRIC_KEYS = ["nmi", "f1", "recall@1", "recall@2", "recall@4", "recall@8"]
+# The DVML diagnostics at the last step: how large z_V is against z_I, whether the posterior
+# moved away from the prior (KL, sigma), and the two metric losses.
+DIAGNOSTIC_KEYS = ["train/z_inv_norm", "train/z_var_norm", "train/sigma", "train/kl",
+                   "train/metric_inv", "train/metric_syn"]
+
+
+def table(results, keys, scale=100.0, digits=1):
+    """Markdown table, one row per (loss, variant), cells `mean ± std` over seeds of
+    `scale * value` ("—" where a run does not report the key, e.g. kl for a baseline)."""
+    def header(key):
+        key = key.removeprefix("train/")
+        return key.upper() if key in ("nmi", "f1") else key.replace("recall", "R")
+
+    lines = ["| loss | method | " + " | ".join(header(k) for k in keys) + " |",
              "|---|---|" + "---|" * len(keys)]
     for loss, by_variant in results.items():
         for variant, metrics in by_variant.items():
-            cells = [f"{100 * np.mean(metrics[k]):.1f} ± {100 * np.std(metrics[k]):.1f}"
+            cells = [f"{scale * np.mean(metrics[k]):.{digits}f} ± "
+                     f"{scale * np.std(metrics[k]):.{digits}f}" if k in metrics else "—"
                      for k in keys]
             lines.append(f"| {loss} | {variant} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -161,7 +198,9 @@ def main(argv):
                           f"omniglot_{FLAGS.stage}.json")
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(report, indent=2))
-    print(table(results, ["nmi", "f1", "recall@1", "recall@2", "recall@4", "recall@8"]))
+    print(table(results, METRIC_KEYS))
+    print("\nAt the last training step:\n")
+    print(table(results, DIAGNOSTIC_KEYS, scale=1.0, digits=2))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Smoke tests of benchmarks/step_time.py and benchmarks/table4.py at tiny settings."""
+"""Smoke tests of the benchmark scripts (step_time, table4, omniglot_zero_shot) at tiny settings."""
 
 import importlib.util
 import json
@@ -147,3 +147,58 @@ def test_table4_rejects_swapped_runs(tiny_runs, tmp_path):
     with pytest.raises(ValueError, match=r"--baseline_dir .* is a DVML run"):
         table4.main([f"--baseline_dir={dirs['dvml']}", f"--dvml_dir={dirs['baseline']}",
                      f"--output={tmp_path / 'out.json'}"])
+
+
+# --------------------------------------------------------------------- omniglot_zero_shot.py
+# Run as a subprocess: the script defines absl flags (steps, seeds, ...) that train.py's flags,
+# imported by other tests of the same worker, would collide with.
+
+
+def _finished_run(run_dir, recall_at_1, log_line):
+    run_dir.mkdir(parents=True)
+    metrics = {"nmi": 0.9, "f1": 0.7, "recall@1": recall_at_1, "recall@2": 0.95,
+               "recall@4": 0.97, "recall@8": 0.99, "map@r": 0.5}
+    (run_dir / "metrics.json").write_text(json.dumps(metrics))
+    (run_dir / "train.log").write_text(
+        "I1127 trainer.py:292] step 250/500 kl=9.0 sigma=0.5 loss=3.0\n"
+        f"I1127 trainer.py:292] step 500/500 {log_line}\n"
+        "I1127 trainer.py:300] Test metrics: ...\n")
+
+
+def test_zero_shot_collects_finished_runs_with_their_diagnostics(tmp_path):
+    workdir, output = tmp_path / "bench", tmp_path / "results.json"
+    for seed, (base, dvml) in enumerate([(0.80, 0.83), (0.82, 0.85)]):
+        _finished_run(workdir / "test" / f"npair_baseline_seed{seed}", base,
+                      "metric_inv=0.3 z_inv_norm=5.1 loss=0.3")
+        _finished_run(workdir / "test" / f"npair_dvml_seed{seed}", dvml,
+                      f"metric_inv=0.4 kl=0.1{seed} sigma=1.0 z_var_norm=1.1 phase=2 loss=1.1")
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "omniglot_zero_shot.py"), "--stage=test",
+         "--losses=npair", "--variants=baseline,dvml", "--seeds=0,1", f"--workdir={workdir}",
+         f"--output={output}"],
+        capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "done" not in proc.stdout  # every run was reused, none trained
+
+    report = json.loads(output.read_text())
+    assert report["npair"]["baseline"]["recall@1"] == [0.80, 0.82]
+    assert report["npair"]["dvml"]["recall@1"] == [0.83, 0.85]
+    # Diagnostics come from the last step's line only, per seed.
+    assert report["npair"]["dvml"]["train/kl"] == [0.10, 0.11]
+    assert report["npair"]["dvml"]["train/phase"] == [2.0, 2.0]
+    assert "train/kl" not in report["npair"]["baseline"]
+    assert report["config"]["seeds"] == [0, 1]
+    assert report["config"]["variants"]["baseline"] == ["--nodvml"]
+    # mean ± std (population) in percent, and "—" where a baseline has no KL.
+    assert "| npair | dvml | 90.0 ± 0.0 | 70.0 ± 0.0 | 84.0 ± 1.0 |" in proc.stdout
+    assert "| npair | baseline | 5.10 ± 0.00 | — |" in proc.stdout
+
+
+def test_zero_shot_rejects_unknown_variants(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "omniglot_zero_shot.py"),
+         "--variants=baseline,dvml_typo", f"--workdir={tmp_path}"],
+        capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "dvml_typo" in proc.stderr
+    assert not list(tmp_path.iterdir())  # nothing trained or written
