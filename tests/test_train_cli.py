@@ -80,6 +80,9 @@ def test_train_py_resolves_presets_and_flags():
     [
         (["--dataset=folder"], "needs --data_dir"),
         (["--loss_options=margin"], "expected key=value"),
+        (["--loss=triplet", "--loss_options=margin=abc"], "Invalid loss_options {'margin': 'abc'}"),
+        (["--loss=triplet", "--loss_options=temperature=0.1"], "Unrecognized keyword"),
+        (["--loss=triplet", "--loss_options=mining=hardest"], "Unknown triplet mining"),
         (["--loss=npair", "--images_per_class=4"], "needs images_per_class=2"),
         (["--image_size=40"], "cannot exceed resize_size"),
     ],

@@ -14,9 +14,9 @@ embeddings from benchmarks/eval_scale.py):
   all N points, so its cost grows as K log K x N: at 15,000 x 512 with K = 2,806 it took 79-106 s
   (random init: 4-5 s; NMI 0.926 vs 0.900, F1 0.577 vs 0.446), and at SOP scale it had not
   finished after 13 minutes (about 25 minutes extrapolated). With random init the full SOP
-  scale (60,502 x 512, K = 11,316) took 60.9 s: Lloyd converged in 14 of the allowed 20
-  iterations, each an N x K x D product (~0.7 TFLOP); NMI 0.890, F1 0.328 on the synthetic data
-  (benchmarks/results/eval_scale.json, "kmeans").
+  scale (60,502 x 512, K = 11,316) took 141 s on 2 cores (60.9 s in an earlier run): Lloyd
+  converged in 14 of the allowed 20 iterations, each an N x K x D product (~0.7 TFLOP);
+  NMI 0.890, F1 0.328 on the synthetic data (benchmarks/results/eval_scale.json, "kmeans").
 * n_init=1: a restart costs a full clustering. algorithm="lloyd": "elkan" keeps K x K centre
   distances and N x K bounds (0.5 GB + 2.7 GB at SOP scale) and gains little in 512-d.
 

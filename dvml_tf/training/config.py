@@ -184,6 +184,12 @@ class TrainConfig:
                 f"images_per_class must be >= 2 (positives come from the same class); "
                 f"got {self.images_per_class}."
             )
+        try:  # build the loss once so that a bad option fails now, not after loading data
+            METRIC_LOSSES[self.loss](**self.loss_options)
+        except (TypeError, ValueError) as error:
+            raise ValueError(
+                f"Invalid loss_options {self.loss_options} for loss={self.loss}: {error}"
+            ) from None
         required = METRIC_LOSSES[self.loss].images_per_class
         if required is not None and self.images_per_class != required:
             raise ValueError(

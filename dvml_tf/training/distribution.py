@@ -3,11 +3,12 @@
 `default` runs on one device; `mirrored` replicates over all local GPUs (or the logical CPU
 devices a test creates); `multi_worker` spans machines described by the standard `TF_CONFIG`
 environment variable. Only the chief writes the run's files; the other workers write their
-(required, identical) checkpoints to a temporary directory that is removed afterwards.
+(required, identical) checkpoints to a temporary directory, removed when `Trainer.run` ends.
 """
 
 import json
 import os
+import shutil
 import tempfile
 
 import tensorflow as tf
@@ -29,7 +30,7 @@ def make_strategy(name):
             raise ValueError(
                 "strategy=multi_worker needs the TF_CONFIG environment variable, e.g. "
                 '{"cluster": {"worker": ["host1:12345", "host2:12345"]}, '
-                '"task": {"type": "worker", "index": 0}} (see README, "Training on a cluster").'
+                '"task": {"type": "worker", "index": 0}} (see README, "Scaling out").'
             )
         try:
             tf_config = json.loads(raw)
@@ -58,3 +59,9 @@ def worker_directory(model_dir, strategy):
         return model_dir
     resolver = strategy.cluster_resolver
     return tempfile.mkdtemp(prefix=f"dvml_{resolver.task_type}{resolver.task_id}_")
+
+
+def remove_worker_directory(write_dir, model_dir):
+    """Removes a non-chief worker's temporary directory; never touches the run's `model_dir`."""
+    if os.path.abspath(write_dir) != os.path.abspath(model_dir):
+        shutil.rmtree(write_dir, ignore_errors=True)

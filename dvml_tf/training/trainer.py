@@ -371,10 +371,15 @@ class Trainer:
 
     def run(self):
         """Trains (or resumes), saves the model and evaluates on the test classes."""
-        self.train()
-        self.save_model()
-        metrics = self.evaluate_final()
+        try:
+            self.train()
+            self.save_model()
+            metrics = self.evaluate_final()
+        finally:
+            distribution.remove_worker_directory(self.write_dir, self.config.model_dir)
         if self.verbose:
-            title = f"{self.config.evaluation_split.capitalize()} classes ({self.config.dataset})"
+            metric = "cosine" if self.model.normalize_embeddings else "euclidean"
+            title = (f"{self.config.evaluation_split.capitalize()} classes "
+                     f"({self.config.dataset}), {metric} distance")
             print(runner.metrics_table(metrics, title=title))
         return metrics

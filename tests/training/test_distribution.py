@@ -309,6 +309,14 @@ def test_only_the_chief_writes(tmp_path, cluster, task_type, task_id, chief):
         cluster_resolver = resolver
 
     assert distribution.is_chief(Strategy()) is chief
-    directory = distribution.worker_directory(str(tmp_path / "run"), Strategy())
-    assert (directory == str(tmp_path / "run")) is chief
+    run_dir = str(tmp_path / "run")
+    os.makedirs(run_dir)
+    directory = distribution.worker_directory(run_dir, Strategy())
+    assert (directory == run_dir) is chief
     assert distribution.is_chief(tf.distribute.get_strategy())
+    # When training ends, a worker's temporary directory goes; the run's folder never does.
+    with open(os.path.join(directory, "checkpoint"), "w") as f:
+        f.write("x")
+    distribution.remove_worker_directory(directory, run_dir)
+    assert os.path.exists(directory) is chief
+    assert os.path.isdir(run_dir)
