@@ -8,7 +8,8 @@ Writes E/saved_model/<version>/ (TF Serving's layout), E/model.tflite,
 E/model_dynamic_range.tflite, E/model_int8.tflite, E/retrieval.tflite,
 E/retrieval_gallery.json and E/export_report.json (sizes, parity with Keras, int8 vs float
 Recall@1, latency). Exporting again into E adds the next version and keeps the older ones; the
-folder is replaced only once the new export is complete. See docs/deploying.md.
+folder is replaced only once the new export is complete. README, "Deploying", has the
+TF Serving command, the REST/gRPC request formats and the LiteRT usage.
 """
 
 import json

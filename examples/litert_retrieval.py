@@ -10,9 +10,9 @@ raw form (Omniglot: dark strokes on white, 105 x 105); an image of another size 
 Pillow's bilinear filter first (close to, but not exactly, the loader's resize). A `.npy` file
 holding a uint8 [H, W, 3] array is used as is.
 
-Query mode runs `retrieval.tflite` (gallery embeddings inside) and prints the top results with the
-labels and class names of `retrieval_gallery.json`; embed mode runs an embedding model and prints
-the vector's size, norm and first values.
+Query mode runs `retrieval.tflite` (gallery embeddings and labels inside) and prints the top
+results with their labels and the class names of `retrieval_gallery.json`; embed mode runs an
+embedding model and prints the vector's size, norm and first values.
 """
 
 import argparse
@@ -58,11 +58,16 @@ def query(export_dir, image_path, top):
         gallery = json.load(f)
     names = gallery.get("class_names", {})
     indices, scores = outputs["indices"][0], outputs["scores"][0]
+    # Exports since the labels moved into the model carry them as an output; older ones only
+    # in the sidecar JSON.
+    labels = (outputs["labels"][0] if "labels" in outputs
+              else [gallery["labels"][int(row)] for row in indices])
     print(f"Top {min(top, len(indices))} of {gallery['num_images']} {gallery['dataset']} "
           f"{gallery['split']} images ({gallery['score']}):")
     print(f"{'rank':>4}  {'row':>6}  {'label':>6}  {'score':>10}  class")
-    for rank, (row, score) in enumerate(zip(indices[:top], scores[:top], strict=True), start=1):
-        label = gallery["labels"][int(row)]
+    for rank, (row, score, label) in enumerate(
+            zip(indices[:top], scores[:top], labels[:top], strict=True), start=1):
+        label = int(label)
         print(f"{rank:>4}  {int(row):>6}  {label:>6}  {float(score):>10.4f}  "
               f"{names.get(str(label), label)}")
     return indices, scores

@@ -326,7 +326,9 @@ def _write_litert(model, config, spec, raw_splits, folder, gallery_split, top_k,
     catalog = raw_splits.splits()[gallery_split]
     embedder = saved_model_lib.EmbeddingModel(model)
     embeddings, labels = raw_data.embed_catalog(embedder, catalog, spec)
-    content = retrieval.convert_retrieval_model(model, spec, embeddings, top_k)
+    content = retrieval.convert_retrieval_model(
+        model, spec, embeddings, top_k, gallery_labels=labels
+    )
     with open(os.path.join(folder, retrieval.RETRIEVAL_FILE), "wb") as f:
         f.write(content)
     retrieval.write_gallery_json(

@@ -4,11 +4,13 @@ One raw uint8 image [1, H, W, 3] in (the input of `model.tflite`); out:
 
 * `indices`: int32 [1, k], gallery rows of the k best matches, best first;
 * `scores`: float32 [1, k], cosine similarity when the model L2-normalizes its embeddings,
-  else the negative squared Euclidean distance (higher is better in both cases).
+  else the negative squared Euclidean distance (higher is better in both cases);
+* `labels`: int32 [1, k], the class labels of those rows (when built with `gallery_labels`;
+  the exporter always passes them).
 
-TFLite outputs are tensors, so the gallery's labels and class names ship next to the model in
-`retrieval_gallery.json` (`write_gallery_json`), row i describing gallery image i. k is fixed at
-export time.
+Class names are strings, which TFLite outputs cannot carry well, so they ship next to the model
+in `retrieval_gallery.json` (`write_gallery_json`) with the labels again, row i describing
+gallery image i. k is fixed at export time.
 """
 
 import json
@@ -25,6 +27,7 @@ RETRIEVAL_FILE = "retrieval.tflite"
 GALLERY_FILE = "retrieval_gallery.json"
 INDICES_KEY = "indices"
 SCORES_KEY = "scores"
+LABELS_KEY = "labels"
 COSINE = "cosine"
 NEGATIVE_SQUARED_EUCLIDEAN = "negative_squared_euclidean"
 
@@ -34,7 +37,7 @@ def score_name(normalized):
     return COSINE if normalized else NEGATIVE_SQUARED_EUCLIDEAN
 
 
-def convert_retrieval_model(model, spec, gallery_embeddings, top_k=10):
+def convert_retrieval_model(model, spec, gallery_embeddings, top_k=10, gallery_labels=None):
     """Builds the retriever of a trained model and a gallery.
 
     Args:
@@ -43,12 +46,14 @@ def convert_retrieval_model(model, spec, gallery_embeddings, top_k=10):
         gallery_embeddings: float array [N, D], the model's embeddings of the gallery images
             (as `serving_default` computes them).
         top_k: int in [1, N], results per query.
+        gallery_labels: optional int array [N], the gallery's class labels; when given, the
+            retriever also outputs the labels of its top-k rows.
 
     Returns:
         bytes, the `.tflite` flatbuffer.
 
     Raises:
-        ValueError: bad gallery shape or top_k.
+        ValueError: bad gallery shape, labels or top_k.
     """
     embedder = saved_model_lib.EmbeddingModel(model)
     gallery = np.asarray(gallery_embeddings, dtype=np.float32)
@@ -58,6 +63,17 @@ def convert_retrieval_model(model, spec, gallery_embeddings, top_k=10):
         )
     if not 1 <= top_k <= len(gallery):
         raise ValueError(f"top_k must be in [1, {len(gallery)}] (the gallery size); got {top_k}.")
+    if gallery_labels is not None:
+        gallery_labels = np.asarray(gallery_labels)
+        if gallery_labels.shape != (len(gallery),) or not np.issubdtype(
+            gallery_labels.dtype, np.integer
+        ):
+            raise ValueError(
+                f"gallery_labels must be integers [{len(gallery)}] (one per gallery row); got "
+                f"{gallery_labels.dtype} {gallery_labels.shape}."
+            )
+        if len(gallery_labels) and np.abs(gallery_labels).max() >= 2**31:
+            raise ValueError("gallery_labels must fit in int32.")
     squared_norms = np.sum(np.square(gallery.astype(np.float64)), axis=1).astype(np.float32)
 
     def retrieve(images):
@@ -70,7 +86,10 @@ def convert_retrieval_model(model, spec, gallery_embeddings, top_k=10):
             query_norm = tf.reduce_sum(tf.square(query), axis=1, keepdims=True)
             scores = 2.0 * similarity - tf.constant(squared_norms)[tf.newaxis] - query_norm
         scores, indices = tf.math.top_k(scores, k=int(top_k))
-        return {INDICES_KEY: tf.cast(indices, tf.int32), SCORES_KEY: scores}
+        outputs = {INDICES_KEY: tf.cast(indices, tf.int32), SCORES_KEY: scores}
+        if gallery_labels is not None:
+            outputs[LABELS_KEY] = tf.gather(tf.constant(gallery_labels, tf.int32), indices)
+        return outputs
 
     return litert.convert_endpoint(embedder, retrieve, litert.input_signature(spec))
 
@@ -128,7 +147,8 @@ class Retriever(litert.LiteRTModel):
             image: uint8 array [H, W, 3] or [1, H, W, 3].
 
         Returns:
-            `(indices int32 [k], scores float32 [k])`.
+            `(indices int32 [k], scores float32 [k])`; the labels of those rows are
+            `last_labels()` when the model carries them.
         """
         image = np.asarray(image)
         if image.ndim == 3:
@@ -139,3 +159,14 @@ class Retriever(litert.LiteRTModel):
             )
         self.invoke(image)
         return self._output(INDICES_KEY)[0].copy(), self._output(SCORES_KEY)[0].copy()
+
+    @property
+    def has_labels(self):
+        """Whether the model outputs the labels of its top-k rows."""
+        return LABELS_KEY in self.outputs
+
+    def last_labels(self):
+        """The labels int32 [k] of the last `query`'s rows (models built with gallery_labels)."""
+        if not self.has_labels:
+            raise ValueError("This retrieval model was built without gallery_labels.")
+        return self._output(LABELS_KEY)[0].copy()

@@ -37,7 +37,7 @@ def export_dir(tmp_path_factory):
     test.class_names = tuple(f"glyph_{i}" for i in range(int(test.labels.max()) + 1))
     gallery, labels = raw_data.embed_catalog(saved_model.EmbeddingModel(model), test, spec)
     (folder / "retrieval.tflite").write_bytes(
-        retrieval.convert_retrieval_model(model, spec, gallery, top_k=4))
+        retrieval.convert_retrieval_model(model, spec, gallery, top_k=4, gallery_labels=labels))
     retrieval.write_gallery_json(folder / "retrieval_gallery.json", labels, catalog=test,
                                  dataset="omniglot", top_k=4, normalized=True)
     (folder / "model.tflite").write_bytes(litert.convert_embedding_model(model, spec))
@@ -65,6 +65,11 @@ def _run_demo(args):
 
 def test_query_prints_the_top_results_with_labels(export_dir, tmp_path):
     folder, test, _ = export_dir
+    # The labels come from retrieval.tflite itself: the sidecar keeps only the class names.
+    sidecar = folder / "retrieval_gallery.json"
+    content = json.loads(sidecar.read_text())
+    del content["labels"]
+    sidecar.write_text(json.dumps(content))
     row = 7
     Image.fromarray(test.images[row]).save(tmp_path / "query.png")
     out = _run_demo(["--export_dir", str(folder), "--image", str(tmp_path / "query.png"),

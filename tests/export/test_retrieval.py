@@ -25,7 +25,7 @@ def retriever(request):
     splits = raw_data.synthetic_raw_splits(spec, train_classes=2, test_classes=6,
                                            images_per_class=3)
     gallery, labels = raw_data.embed_catalog(saved_model.EmbeddingModel(model), splits.test, spec)
-    content = retrieval.convert_retrieval_model(model, spec, gallery, TOP_K)
+    content = retrieval.convert_retrieval_model(model, spec, gallery, TOP_K, gallery_labels=labels)
     return model, spec, splits, gallery, labels, retrieval.Retriever(content)
 
 
@@ -63,6 +63,9 @@ def test_a_gallery_image_finds_itself_first(retriever):
     for row in (0, 5, 11):
         indices, scores = runner.query(splits.test.images[row])
         assert indices[0] == row
+        # The labels come out of the model itself, row for row.
+        np.testing.assert_array_equal(runner.last_labels(), labels[indices])
+        assert runner.last_labels().dtype == np.int32
         if model.normalize_embeddings:
             assert scores[0] == pytest.approx(1.0, abs=1e-5)
         else:
@@ -90,3 +93,14 @@ def test_bad_gallery_or_k_is_a_clear_error(retriever):
         retrieval.convert_retrieval_model(model, spec, gallery[:, :8], 3)
     with pytest.raises(ValueError, match=r"uint8 \[1, 105, 105, 3\]"):
         runner.query(np.zeros((28, 28, 3), np.uint8))
+    with pytest.raises(ValueError, match=r"gallery_labels must be integers \[18\]"):
+        retrieval.convert_retrieval_model(model, spec, gallery, 3, gallery_labels=np.zeros(17))
+
+
+def test_a_retriever_without_labels_says_so(retriever):
+    model, spec, splits, gallery, _, _ = retriever
+    runner = retrieval.Retriever(retrieval.convert_retrieval_model(model, spec, gallery, 2))
+    assert not runner.has_labels
+    assert runner.query(splits.test.images[0])[0].shape == (2,)
+    with pytest.raises(ValueError, match="without gallery_labels"):
+        runner.last_labels()
