@@ -161,6 +161,11 @@ class Trainer:
         )
         self.preprocess = preprocess_config(config, self.splits)
         self.num_replicas = self.strategy.num_replicas_in_sync
+        logging.info(
+            "Strategy %s: %d replica(s) in sync, %d classes x %d images per replica.",
+            config.strategy, self.num_replicas,
+            config.classes_per_batch // max(self.num_replicas, 1), config.images_per_class,
+        )
         if config.classes_per_batch % self.num_replicas:
             raise ValueError(
                 f"classes_per_batch ({config.classes_per_batch}) must be divisible by the "

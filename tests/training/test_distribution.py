@@ -194,6 +194,44 @@ def test_multi_worker_training_equals_one_process_and_resumes_after_sigkill(tmp_
     assert disagreement < 1e-2 * movement, (disagreement, movement)
 
 
+# train.py itself on 2 logical CPU devices: they must exist before TensorFlow initializes, so a
+# small launcher creates them and then runs train.py as __main__.
+TWO_LOCAL_REPLICAS = """
+import runpy, sys
+import tensorflow as tf
+tf.config.set_logical_device_configuration(
+    tf.config.list_physical_devices("CPU")[0],
+    [tf.config.LogicalDeviceConfiguration(), tf.config.LogicalDeviceConfiguration()])
+sys.argv = sys.argv[1:]
+runpy.run_path("train.py", run_name="__main__")
+"""
+
+
+def test_train_py_mirrored_on_two_local_replicas_equals_one_device(tmp_path):
+    data_dir = write_folder_dataset(tmp_path / "images")
+    runs = {}
+    cases = [("single", [], ()),
+             ("mirrored", ["-c", TWO_LOCAL_REPLICAS], ("--strategy=mirrored",))]
+    for name, launcher, extra in cases:
+        command = train_command(data_dir, tmp_path / name, 6, *extra)
+        command[1:1] = launcher  # python [-c launcher] train.py ...
+        result = subprocess.run(command, cwd=ROOT, env=ENV, capture_output=True, text=True,
+                                timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+        runs[name] = result.stderr
+    # The mirrored run really had two replicas, each fed its half of every global batch by the
+    # trainer's round-robin input (whole classes per replica).
+    assert "Strategy mirrored: 2 replica(s) in sync, 2 classes x 2 images" in runs["mirrored"]
+    mirrored = model_weights(tmp_path / "mirrored" / "checkpoints" / "ckpt-6")
+    single = model_weights(tmp_path / "single" / "checkpoints" / "ckpt-6")
+    initial = model_weights(tmp_path / "single" / "checkpoints" / "ckpt-2")
+    assert mirrored.keys() == single.keys()
+    disagreement = np.sqrt(sum(np.sum((mirrored[k] - single[k]) ** 2) for k in single))
+    movement = np.sqrt(sum(np.sum((single[k] - initial[k]) ** 2) for k in single))
+    assert movement > 1e-1, movement
+    assert disagreement < 1e-2 * movement, (disagreement, movement)  # see the multi-worker test
+
+
 def test_sigkill_then_rerun_resumes_and_matches_an_uninterrupted_run(tmp_path):
     data_dir = write_folder_dataset(tmp_path / "images")
     straight_dir, killed_dir = tmp_path / "straight", tmp_path / "killed"
