@@ -277,6 +277,37 @@ def test_sigkill_then_rerun_resumes_and_matches_an_uninterrupted_run(tmp_path):
     assert (killed_dir / "metrics.json").exists() and (killed_dir / "model.keras").exists()
 
 
+def test_ctrl_c_saves_a_checkpoint_and_the_same_command_resumes(tmp_path):
+    data_dir = write_folder_dataset(tmp_path / "images")
+    run_dir, log_path = tmp_path / "run", tmp_path / "train.log"
+    # No periodic checkpoint before the interrupt: the one found afterwards is Ctrl-C's.
+    command = train_command(data_dir, run_dir, 100000, "--checkpoint_every=100000")
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(command, cwd=ROOT, env=ENV, stdout=log, stderr=log)
+    deadline = time.time() + 300
+    while "step 4/100000" not in log_path.read_text():
+        assert process.poll() is None and time.time() < deadline, log_path.read_text()[-3000:]
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    assert process.wait(timeout=120) == 1
+    log = log_path.read_text()
+    assert "interrupted; the last checkpoint is saved. Rerun the same command" in log
+    assert "Traceback" not in log
+    saved = tf.train.latest_checkpoint(str(run_dir / "checkpoints"))
+    interrupted_at = int(saved.split("-")[-1])
+    assert interrupted_at >= 4
+    assert f"Interrupted at step {interrupted_at}; checkpoint saved" in log
+
+    # The same command (here with fewer total steps, a resumable field) continues from there.
+    rerun = subprocess.run(
+        train_command(data_dir, run_dir, interrupted_at + 2, "--checkpoint_every=100000"),
+        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600,
+    )
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert f"Resumed from {saved} at step {interrupted_at}" in rerun.stderr
+    assert (run_dir / "metrics.json").exists()
+
+
 def test_an_interrupted_checkpoint_write_never_replaces_the_last_good_one(tmp_path):
     from dvml_tf.training import trainer
     from dvml_tf.training.config import TrainConfig
