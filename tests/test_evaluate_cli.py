@@ -85,3 +85,20 @@ def test_bad_inputs_give_clear_errors(tmp_path):
     result = evaluate("--dataset=omniglot")
     assert result.returncode != 0
     assert "exactly one of --model_dir and --saved_model" in result.stderr
+
+
+def test_a_saved_model_without_the_export_signatures_is_refused(tmp_path):
+    import tensorflow as tf
+
+    class NotAnExport(tf.Module):
+        @tf.function(input_signature=[tf.TensorSpec([None, 4], tf.float32)])
+        def double(self, x):
+            return {"y": 2.0 * x}
+
+    module = NotAnExport()
+    tf.saved_model.save(module, str(tmp_path / "foreign" / "1"),
+                        signatures={"serving_default": module.double})
+    result = evaluate(f"--saved_model={tmp_path}/foreign", "--dataset=omniglot")
+    assert result.returncode != 0
+    assert "needs the 'serving_default' and 'embed_bytes' signatures" in result.stderr
+    assert "Traceback" not in result.stderr
