@@ -90,6 +90,35 @@ def test_margin_loss_matches_numpy_reference_and_trains_beta():
     assert float(beta_gradient) != 0.0
 
 
+# A batch computed by hand: class 0 at e1 and e2, class 1 at +e3 and -e3. Every negative of every
+# anchor is at distance sqrt(2) (beyond the 1.4 cutoff, so the draw is uniform, but whichever
+# negative is drawn, D(a, n) = sqrt(2)); D(a, p) is sqrt(2) for class 0 and 2 for class 1.
+HAND_EMBEDDINGS = [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0], [0.0, 0.0, -1.0]]
+HAND_LABELS = [0, 0, 1, 1]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_triplet2_on_a_batch_computed_by_hand(seed):
+    # Eq. 4 with margin 0.2 over the 4 ordered positive pairs:
+    # class 0: 0.2 + sqrt2 - sqrt2 = 0.2 (x2); class 1: 0.2 + 2 - sqrt2 (x2).
+    expected = (2 * 0.2 + 2 * (2.2 - np.sqrt(2))) / 4
+    loss = losses.Triplet2DWSLoss(margin=0.2)
+    seed = tf.constant([seed, 0], tf.int64)
+    value = loss(tf.constant(HAND_EMBEDDINGS), tf.constant(HAND_LABELS), seed=seed)
+    assert float(value) == pytest.approx(expected, abs=1e-6)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_margin_loss_on_a_batch_computed_by_hand(seed):
+    # beta = 1.2, margin 0.2. Positive terms max(0.2 + D - 1.2, 0): sqrt2 - 1 (x2) and 1 (x2);
+    # negative terms max(0.2 + 1.2 - sqrt2, 0) = 0 (x4). Mean over the 4 active terms, + nu beta.
+    expected = (2 * (np.sqrt(2) - 1) + 2 * 1.0) / 4 + 0.1 * 1.2
+    loss = losses.MarginDWSLoss(margin=0.2, beta_init=1.2, nu=0.1)
+    seed = tf.constant([seed, 0], tf.int64)
+    value = loss(tf.constant(HAND_EMBEDDINGS), tf.constant(HAND_LABELS), seed=seed)
+    assert float(value) == pytest.approx(expected, abs=1e-6)
+
+
 def test_sampling_is_deterministic_under_a_seed():
     x, labels = checks.pk_batch(num_classes=6, images_per_class=4, dim=16, seed=12)
     loss = losses.Triplet2DWSLoss()
