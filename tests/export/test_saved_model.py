@@ -128,6 +128,16 @@ def test_saved_model_cli_shows_and_runs_the_signatures(exported, tmp_path):
     assert ran.returncode == 0, ran.stderr[-3000:]
     out = np.load(tmp_path / "out" / "embedding.npy")
     assert measure.cosine_rows(reference, out).min() >= 0.99999
+    # embed_bytes from the command line: the PNG files' bytes as a numpy bytes array.
+    pngs = np.array([tf.io.encode_png(image).numpy() for image in images])
+    np.save(tmp_path / "pngs.npy", pngs)
+    ran = subprocess.run(
+        [cli, "run", "--dir", path, "--tag_set", "serve", "--signature_def", "embed_bytes",
+         "--inputs", f"image_bytes={tmp_path / 'pngs.npy'}", "--outdir", str(tmp_path / "png")],
+        capture_output=True, text=True, timeout=300, env=env)
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    out = np.load(tmp_path / "png" / "embedding.npy")
+    assert measure.cosine_rows(reference, out).min() >= 0.99999
 
 
 def test_wrong_dtype_or_shape_is_a_clear_error(exported):
