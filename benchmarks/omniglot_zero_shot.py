@@ -81,6 +81,7 @@ VARIANTS = {
     # For the L2-normalized losses (triplet, triplet2 + DWS) ||z_I|| is free, so a fixed s lets
     # the noise-to-centre ratio s sqrt(D) / ||z_I|| drift; synthesizing around the unit-norm z_I
     # fixes it at 0.02 sqrt(128) = 0.23, the ratio `dvml` ends with on N-pair (1.13 / 5.2).
+    # Measured: the embedding collapses in phase 2 (README, "Does DVML beat its baselines?").
     "dvml_unit": ["--dvml", "--normalize_before_sum", "--variance_scale=0.02"],
     # The normalized triplet losses are ~0.01 where KL and reconstruction are ~1: with the
     # paper's weights those two terms drive the shared backbone. Scale them by 0.01.
