@@ -283,13 +283,21 @@ def test_ctrl_c_saves_a_checkpoint_and_the_same_command_resumes(tmp_path):
     # No periodic checkpoint before the interrupt: the one found afterwards is Ctrl-C's.
     command = train_command(data_dir, run_dir, 100000, "--checkpoint_every=100000")
     with open(log_path, "w") as log:
-        process = subprocess.Popen(command, cwd=ROOT, env=ENV, stdout=log, stderr=log)
+        # A pytest-xdist worker ignores SIGINT, and an ignored signal stays ignored across exec:
+        # give the child the default disposition so that Python turns SIGINT into Ctrl-C.
+        process = subprocess.Popen(
+            command, cwd=ROOT, env=ENV, stdout=log, stderr=log,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        )
     deadline = time.time() + 300
     while "step 4/100000" not in log_path.read_text():
         assert process.poll() is None and time.time() < deadline, log_path.read_text()[-3000:]
         time.sleep(0.05)
     process.send_signal(signal.SIGINT)
-    assert process.wait(timeout=120) == 1
+    try:
+        assert process.wait(timeout=300) == 1
+    finally:
+        process.kill()  # never leave a 100,000-step run behind
     log = log_path.read_text()
     assert "interrupted; the last checkpoint is saved. Rerun the same command" in log
     assert "Traceback" not in log
