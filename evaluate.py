@@ -9,7 +9,6 @@ evaluates an exported SavedModel through its `embed_bytes` signature on the data
 images, i.e. exactly what a TF Serving client gets back.
 """
 
-import json
 import os
 import sys
 
@@ -178,7 +177,7 @@ def main(argv):
                 print(f"| {key} | {metrics[key]:.6f} | {value:.6f} | "
                       f"{abs(metrics[key] - value):.1e} |")
         if FLAGS.output_json:
-            atomic.write_text(FLAGS.output_json, json.dumps(metrics, indent=2, sort_keys=True))
+            atomic.write_json(FLAGS.output_json, metrics, sort_keys=True)
         if FLAGS.plots:
             for path in write_figures(FLAGS.plots, embeddings, labels, metric, catalog, features):
                 print(f"wrote {path}")

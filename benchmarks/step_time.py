@@ -51,7 +51,7 @@ import time
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:  # the timed children and write_json import dvml_tf
+if ROOT not in sys.path:  # the timed children and the results writer import dvml_tf
     sys.path.insert(0, ROOT)
 RESULTS = os.path.join(ROOT, "benchmarks", "results", "step_time.json")
 MARKER = "@@step_time@@ "
@@ -526,13 +526,6 @@ def markdown(results):
     return "\n".join(lines)
 
 
-def write_json(path, record):
-    # Imported here: the parent process stays free of TensorFlow (only the timed children load it).
-    from dvml_tf.utils import atomic
-
-    atomic.write_text(path, json.dumps(record, indent=2))
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cases", default="convnet_small,resnet50",
@@ -598,7 +591,10 @@ def main(argv=None):
         "wall_seconds": round(time.time() - started, 1),
         "markdown": table,
     }
-    write_json(args.output, record)
+    # Imported here: the parent process stays free of TensorFlow (only the timed children load it).
+    from dvml_tf.utils import atomic
+
+    atomic.write_json(args.output, record)
     print(table)
     print(f"\nWritten to {args.output}")
     return record

@@ -25,7 +25,6 @@ Writes benchmarks/results/table4.json and prints the tables.
 """
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -189,10 +188,6 @@ def markdown(record, ks_features, deviation_features):
     return "\n".join(lines)
 
 
-def write_json(path, record):
-    atomic.write_text(path, json.dumps(record, indent=2))
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--baseline_dir", required=True, help="run folder of the baseline")
@@ -261,7 +256,7 @@ def main(argv=None):
     table = markdown(record, args.ks_features, args.deviation_features)
     record["markdown"] = table
     record["wall_seconds"] = round(time.time() - started, 1)
-    write_json(args.output, record)
+    atomic.write_json(args.output, record)
     print(table)
     for note in record["notes"]:
         print(f"\nNote: {note}")

@@ -14,7 +14,6 @@ The new folder is assembled next to E and moved into place only when complete
 """
 
 import dataclasses
-import json
 import os
 import platform
 import shutil
@@ -296,7 +295,7 @@ def export_model(
             _measure(model, spec, raw_splits, tmp, version_dir, gallery, gallery_split,
                      parity_images, latency_runs, recall_max_images, litert_models)
         )
-        atomic.write_text(os.path.join(tmp, REPORT_FILE), json.dumps(report, indent=2))
+        atomic.write_json(os.path.join(tmp, REPORT_FILE), report)
     logging.info("Export complete: %s", export_dir)
     return ExportResult(export_dir, version, report)
 

@@ -359,9 +359,7 @@ class Trainer:
         )
         if self.is_chief:
             name = METRICS_FILE if split == "test" else f"metrics_{split}.json"
-            atomic.write_text(
-                os.path.join(self.write_dir, name), json.dumps(metrics, indent=2, sort_keys=True)
-            )
+            atomic.write_json(os.path.join(self.write_dir, name), metrics, sort_keys=True)
             writer = tf.summary.create_file_writer(os.path.join(self.write_dir, "logs", split))
             with writer.as_default(step=self.step):
                 for key, value in metrics.items():

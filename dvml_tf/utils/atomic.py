@@ -5,6 +5,7 @@ atomic) and then moved over the destination.
 """
 
 import contextlib
+import json
 import os
 import shutil
 import tempfile
@@ -58,6 +59,11 @@ def write_bytes(path, data):
 def write_text(path, text):
     """Atomically writes `text` (UTF-8) to `path`; returns `path`."""
     return write_bytes(path, text.encode("utf-8"))
+
+
+def write_json(path, value, sort_keys=False):
+    """Atomically writes `value` as indented JSON to `path`; returns `path`."""
+    return write_text(path, json.dumps(value, indent=2, sort_keys=sort_keys))
 
 
 def save_keras_model(model, path):

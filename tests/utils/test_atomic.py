@@ -1,3 +1,4 @@
+import json
 import os
 import stat
 
@@ -63,3 +64,13 @@ def test_save_keras_model_writes_a_loadable_archive(tmp_path):
     loaded = keras.saving.load_model(path)
     assert loaded.count_params() == model.count_params()
     assert mode(path) == ordinary()
+
+
+def test_write_json_writes_indented_json_atomically(tmp_path):
+    path = tmp_path / "sub" / "metrics.json"
+    assert atomic.write_json(path, {"b": 1, "a": [0.5]}, sort_keys=True) == path
+    assert path.read_text() == '{\n  "a": [\n    0.5\n  ],\n  "b": 1\n}'
+    assert json.loads(path.read_text()) == {"a": [0.5], "b": 1}
+    with pytest.raises(TypeError):
+        atomic.write_json(path, {"bad": object()})
+    assert json.loads(path.read_text()) == {"a": [0.5], "b": 1}  # the good file stays
