@@ -96,7 +96,7 @@ def evaluate_run(split_name, batch_size):
     preprocess = trainer.preprocess_config(config, splits)
     dataset = data_lib.make_eval_dataset(catalog, preprocess, batch_size)
     embeddings, labels = runner.compute_embeddings(runner.model_embed_fn(run.model), dataset)
-    metric = "cosine" if run.model.normalize_embeddings else "euclidean"
+    metric = runner.distance_metric(run.model)
 
     def features():
         return runner.compute_embeddings(runner.backbone_embed_fn(run.model), dataset)[0]

@@ -33,6 +33,12 @@ def model_embed_fn(model):
     return tf.function(lambda images: model(images, training=False), reduce_retracing=True)
 
 
+def distance_metric(model):
+    """"cosine" when the model L2-normalizes its embeddings (the loss trained on the unit
+    sphere), "euclidean" otherwise: the distance its retrieval is evaluated with."""
+    return "cosine" if getattr(model, "normalize_embeddings", False) else "euclidean"
+
+
 def evaluate_model(
     model,
     catalog,
@@ -61,7 +67,7 @@ def evaluate_model(
     """
     dataset = data_lib.make_eval_dataset(catalog, preprocess, batch_size)
     embeddings, labels = compute_embeddings(model_embed_fn(model), dataset)
-    metric = "cosine" if getattr(model, "normalize_embeddings", False) else "euclidean"
+    metric = distance_metric(model)
     return metrics_lib.evaluate_embeddings(
         embeddings,
         labels,

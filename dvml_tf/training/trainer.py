@@ -381,8 +381,7 @@ class Trainer:
         finally:
             distribution.remove_worker_directory(self.write_dir, self.config.model_dir)
         if self.verbose:
-            metric = "cosine" if self.model.normalize_embeddings else "euclidean"
             title = (f"{self.config.evaluation_split.capitalize()} classes "
-                     f"({self.config.dataset}), {metric} distance")
+                     f"({self.config.dataset}), {runner.distance_metric(self.model)} distance")
             print(runner.metrics_table(metrics, title=title))
         return metrics
