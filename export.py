@@ -2,23 +2,30 @@
 
     python export.py --model_dir=runs/omniglot_npair_dvml_seed0 --export_dir=exports/omniglot
     python export.py --model_dir=... --export_dir=... --skip_litert      # SavedModel only
-    TFDS_DATA_DIR=../shared/tfds python export.py --model_dir=... --export_dir=...  # offline data
+    python export.py --model_dir=... --export_dir=... --verify           # + verification.json
 
 Writes E/saved_model/<version>/ (TF Serving's layout), E/model.tflite,
 E/model_dynamic_range.tflite, E/model_int8.tflite, E/retrieval.tflite,
-E/retrieval_gallery.json and E/export_report.json (sizes, parity with Keras, int8 vs float
-Recall@1, latency). Exporting again into E adds the next version and keeps the older ones; the
-folder is replaced only once the new export is complete. README, "Deploying", has the
-TF Serving command, the REST/gRPC request formats and the LiteRT usage.
+E/retrieval_gallery.json and E/export_report.json (files, contracts, sizes). Exporting again
+into E adds the next version and keeps the older ones and every file of E it does not write.
+`--verify` measures the export against the Keras model (parity of every artifact, Recall@1 of
+the LiteRT models) into E/verification.json. docs/deployment.md has the TF Serving command,
+the REST/gRPC request formats and the LiteRT usage.
 """
 
 import json
+import os
+import sys
 
 from absl import app
 from absl import flags
 from absl import logging
 
+from dvml_tf import task
 from dvml_tf.export import exporter
+from dvml_tf.export import layout
+from dvml_tf.export import verify
+from dvml_tf.utils import atomic
 
 FLAGS = flags.FLAGS
 
@@ -37,39 +44,55 @@ flags.DEFINE_integer(
 flags.DEFINE_string(
     "data_dir", None, "TFDS data dir or image folder (default: the run's; TFDS_DATA_DIR works)."
 )
-flags.DEFINE_integer("latency_runs", 50, "Timed runs per latency figure.")
-flags.DEFINE_integer(
-    "recall_max_images", 20000, "Cap (whole classes) on the images of the LiteRT Recall@1 check."
+flags.DEFINE_boolean(
+    "verify", False,
+    "Measure the export against the Keras model (parity, LiteRT Recall@1) into "
+    "E/verification.json.",
 )
 flags.mark_flags_as_required(["model_dir", "export_dir"])
 
 
 def main(argv):
-    del argv
+    if len(argv) > 1:
+        sys.exit(f"export.py: error: unexpected arguments: {' '.join(argv[1:])}")
     try:
-        result = exporter.export_run(
-            FLAGS.model_dir,
+        # Fail on the folder before spending time on loading.
+        exporter.resolve_version(os.path.abspath(FLAGS.export_dir), FLAGS.version,
+                                 FLAGS.overwrite)
+        run = task.load_run(FLAGS.model_dir)
+        raw_splits = None
+        if not FLAGS.skip_litert or FLAGS.verify:
+            raw_splits = task.load_splits(run.config, raw=True, data_dir=FLAGS.data_dir)
+        result = exporter.export_model(
+            run.model,
+            run.config,
             FLAGS.export_dir,
             version=FLAGS.version,
             overwrite=FLAGS.overwrite,
+            raw_splits=raw_splits,
+            data_dir=FLAGS.data_dir,
             gallery_split=FLAGS.gallery_split,
             top_k=FLAGS.top_k,
             litert_models=not FLAGS.skip_litert,
             calibration_images=FLAGS.int8_calibration_images,
-            data_dir=FLAGS.data_dir,
-            latency_runs=FLAGS.latency_runs,
-            recall_max_images=FLAGS.recall_max_images,
+            source=run.source,
         )
     except (FileNotFoundError, FileExistsError, ValueError) as error:
         # A clear one-line error instead of a traceback for what the user can fix.
         logging.error("%s", error)
-        raise SystemExit(f"export.py: error: {error}") from None
+        sys.exit(f"export.py: error: {error}")
     report = result.report
     print(f"Exported version {result.version} to {result.export_dir}")
     print(json.dumps({key: report[key] for key in ("files", "sizes_bytes")}, indent=2))
-    for key in ("parity_vs_keras", "recall_at_1", "latency_ms_per_image"):
-        if key in report:
-            print(key, json.dumps(report[key], indent=2))
+    if FLAGS.verify:
+        figures = verify.verify_export(result.export_dir, run.model, run.config, raw_splits,
+                                       split=FLAGS.gallery_split)
+        atomic.write_json(os.path.join(result.export_dir, layout.VERIFICATION_FILE), figures)
+        print(json.dumps({key: figures[key] for key in figures if key != "bounds"}, indent=2))
+        failed = [name for name, ok in figures["checks"].items() if not ok]
+        if failed:
+            sys.exit(f"export.py: verification failed: {', '.join(failed)} (see "
+                     f"{layout.VERIFICATION_FILE}).")
 
 
 if __name__ == "__main__":

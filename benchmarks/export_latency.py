@@ -2,13 +2,14 @@
 Recall@1 of the LiteRT models on the Omniglot test split.
 
     # A trained Omniglot run (TFDS_DATA_DIR points at a prepared copy when offline):
-    TFDS_DATA_DIR=../shared/tfds python train.py --steps=1500 --model_dir=/tmp/export_run
-    TFDS_DATA_DIR=../shared/tfds python benchmarks/export_latency.py --model_dir=/tmp/export_run
+    TFDS_DATA_DIR=/path/to/tfds python train.py --steps=1500 --model_dir=RUN
+    TFDS_DATA_DIR=/path/to/tfds python benchmarks/export_latency.py --model_dir=RUN
     # Without a run: the untrained Omniglot preset on generated images (latency and sizes only):
     python benchmarks/export_latency.py
 
 The run is exported with `dvml_tf.export.export_model` (as export.py does) into --export_dir
-(default: a temporary folder), then, independently of the export's own report:
+(default: a temporary folder) and graded with `dvml_tf.export.verify.verify_export` (parity of
+every artifact with Keras); then, independently of dvml_tf's own measurements:
 
 * latency: batch 1, the median of --runs runs after 10 warm-up runs, for the Keras model
   (`tf.function`, preprocessed input), the SavedModel's `serving_default` (raw uint8 input,
@@ -41,12 +42,11 @@ import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from ai_edge_litert.interpreter import Interpreter  # noqa: E402
 
+from dvml_tf import models  # noqa: E402
+from dvml_tf import task  # noqa: E402
 from dvml_tf.export import exporter  # noqa: E402
-from dvml_tf.export import measure  # noqa: E402
-from dvml_tf.export import raw_data  # noqa: E402
-from dvml_tf.export import raw_input  # noqa: E402
-from dvml_tf.training import run_loader  # noqa: E402
-from dvml_tf.training import trainer  # noqa: E402
+from dvml_tf.export import verify  # noqa: E402
+from dvml_tf.testing import synthetic_data  # noqa: E402
 from dvml_tf.training.config import TrainConfig  # noqa: E402
 
 LITERT_FILES = ("model.tflite", "model_dynamic_range.tflite", "model_int8.tflite",
@@ -113,41 +113,45 @@ def main():
     export_dir = args.export_dir or os.path.join(scratch, "E")
     try:
         if args.model_dir:
-            run = run_loader.load_run(args.model_dir)
-            model, config, raw_splits, source = run.model, run.config, None, run.source
+            run = task.load_run(args.model_dir)
+            model, config, source = run.model, run.config, run.source
+            raw_splits = task.load_splits(config, raw=True)
         else:
             config = TrainConfig()  # the Omniglot preset's architecture, untrained
             keras.utils.set_random_seed(0)
-            model, source = trainer.build_model(config), "untrained omniglot preset"
-            spec = raw_input.raw_input_spec(config)
-            raw_splits = raw_data.synthetic_raw_splits(spec, train_classes=64, test_classes=20)
+            model, source = task.build_model(config), "untrained omniglot preset"
+            raw_splits = synthetic_data.synthetic_raw_splits(
+                task.raw_form(config), task.preprocess_config(config), train_classes=64,
+                test_classes=20)
+        raw_form, preprocess = task.raw_form(config, raw_splits), task.preprocess_config(config)
         started = time.time()
         result = exporter.export_model(model, config, export_dir, raw_splits=raw_splits,
-                                       overwrite=True, source=source, latency_runs=args.runs)
+                                       overwrite=True, source=source)
         export_seconds = time.time() - started
         report = result.report
-        spec = raw_input.RawInputSpec.from_dict(report["raw_input"])
+        verification = verify.verify_export(export_dir, model, config, raw_splits,
+                                            recall_max_images=0)
 
-        image = raw_data.synthetic_raw_images(spec, 1, seed=1)
-        model_input = raw_input.to_model_input(tf.constant(image), spec)
-        keras_fn = tf.function(lambda x: model(x, training=False))
+        image = synthetic_data.synthetic_raw_images(raw_form, preprocess, 1, seed=1)
+        model_input = raw_form.to_model_input(tf.constant(image), preprocess)
+        keras_fn = models.inference_function(model)
         loaded = tf.saved_model.load(result.saved_model_dir)
         serve = loaded.signatures["serving_default"]
         embed_bytes = loaded.signatures["embed_bytes"]
         png = tf.constant([tf.io.encode_png(image[0]).numpy()])
         latency = {
-            "keras (tf.function, preprocessed input)": measure.median_latency_ms(
+            "keras (tf.function, preprocessed input)": verify.median_latency_ms(
                 lambda: keras_fn(model_input).numpy(), args.runs, warmup=10),
-            "SavedModel serving_default (raw uint8)": measure.median_latency_ms(
+            "SavedModel serving_default (raw uint8)": verify.median_latency_ms(
                 lambda: serve(images=tf.constant(image))["embedding"].numpy(), args.runs,
                 warmup=10),
-            "SavedModel embed_bytes (PNG)": measure.median_latency_ms(
+            "SavedModel embed_bytes (PNG)": verify.median_latency_ms(
                 lambda: embed_bytes(image_bytes=png)["embedding"].numpy(), args.runs, warmup=10),
         }
         for name in LITERT_FILES:
             for threads, label in ((None, "default threads"), (1, "1 thread")):
                 invoke, _ = litert_runner(os.path.join(export_dir, name), threads)
-                latency[f"{name} ({label})"] = measure.median_latency_ms(
+                latency[f"{name} ({label})"] = verify.median_latency_ms(
                     lambda invoke=invoke: invoke(image), args.runs, warmup=10)
         sizes = {
             "saved_model/" + str(result.version): report["sizes_bytes"]["saved_model"],
@@ -180,9 +184,8 @@ def main():
             "latency_setup": f"batch 1, median of {args.runs} runs after 10 warm-up runs",
             "latency_ms_per_image": latency,
             "sizes_bytes": sizes,
-            "parity_vs_keras": report["parity_vs_keras"],
+            "parity_vs_keras": verification["parity_vs_keras"],
             "recall_at_1_independent": recall,
-            "recall_at_1_export_report": report.get("recall_at_1"),
         }
         os.makedirs(os.path.dirname(args.output), exist_ok=True)
         with open(args.output, "w") as f:
@@ -197,7 +200,7 @@ def main():
         size = sizes.get(file) or (sizes[f"saved_model/{result.version}"]
                                    if file == "SavedModel" else None)
         print(f"| {name} | {value:.3f} | {f'{size / 1e6:.2f} MB' if size else ''} |")
-    parity = report["parity_vs_keras"]
+    parity = verification["parity_vs_keras"]
     print("\nparity vs Keras (min cosine):", {k: round(v["cosine_min"], 7)
                                               for k, v in parity.items() if isinstance(v, dict)})
     if recall:

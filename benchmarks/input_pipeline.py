@@ -48,6 +48,8 @@ from absl import logging  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from dvml_tf import configs  # noqa: E402
+from dvml_tf import task  # noqa: E402
+from dvml_tf import training  # noqa: E402
 from dvml_tf.data import ClassBalancedSampler  # noqa: E402
 from dvml_tf.data import ImageCatalog  # noqa: E402
 from dvml_tf.data import PreprocessConfig  # noqa: E402
@@ -55,7 +57,6 @@ from dvml_tf.data import load_dataset  # noqa: E402
 from dvml_tf.data import make_eval_dataset  # noqa: E402
 from dvml_tf.data import make_train_dataset  # noqa: E402
 from dvml_tf.data.folder import check_image_files  # noqa: E402
-from dvml_tf.training import trainer  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("cases", ["omniglot", "sop_synthetic", "folder_check"], "Cases to run.")
@@ -261,12 +262,12 @@ def dvml_train_step_images_per_second(image_size, batch_size):
                             pretrained=False, classes_per_batch=batch_size // 2,
                             images_per_class=2)
     keras.utils.set_random_seed(0)
-    model = trainer.build_model(config)
-    model.compile(optimizer=trainer.build_optimizer(config))
+    model = task.build_model(config)
+    model.compile(optimizer=task.build_optimizer(config))
     images = tf.random.uniform([batch_size, image_size, image_size, 3], 0, 255)
     labels = tf.repeat(tf.range(batch_size // 2), 2)
     iterator = iter(tf.data.Dataset.from_tensors((images, labels)).repeat())
-    step = trainer.make_distributed_step(tf.distribute.get_strategy(), model)
+    step = training.make_distributed_step(tf.distribute.get_strategy(), model)
     for _ in range(2):  # tracing and the first step
         float(step(iterator)["loss"])
     start = time.perf_counter()

@@ -7,8 +7,8 @@ Cases (both with N-pair, T = 20 draws, Adam, no pretrained weights):
                  --omniglot_data_dir) points at a prepared copy, else on synthetic 28 px images.
   resnet50       224 px synthetic images, embedding 512, P x K = 16 x 2 (CPU-feasible).
 
-For each case the baseline (`dvml=False`) and DVML are built with `trainer.build_model`, compiled
-with `trainer.build_optimizer` (Adam) and stepped with `trainer.make_distributed_step` (the
+For each case the baseline (`dvml=False`) and DVML are built with `task.build_model`, compiled
+with `task.build_optimizer` (Adam) and stepped with `trainer.make_distributed_step` (the
 default strategy), i.e. exactly the step `train.py` runs, on an iterator that repeats one
 prepared batch, so data loading is excluded. Each configuration lives in its own subprocess
 (separate peak memory, VmHWM from /proc/self/status after the timed steps); after building and
@@ -147,18 +147,17 @@ def prepare_batch(settings, args, path):
     data_dir = args.omniglot_data_dir or os.environ.get("TFDS_DATA_DIR")
     if settings["data"] == "omniglot" and data_dir:
         from dvml_tf import data as data_lib
-        from dvml_tf.training import trainer as trainer_lib
+        from dvml_tf import task
         from dvml_tf.training.config import TrainConfig
 
         try:
             config = TrainConfig(classes_per_batch=classes, images_per_class=per_class,
                                  seed=args.seed)
-            splits = data_lib.load_dataset("omniglot", data_dir=args.omniglot_data_dir,
-                                           image_size=config.resize_size, seed=config.seed)
+            splits = task.load_splits(config, data_dir=args.omniglot_data_dir)
             sampler = data_lib.ClassBalancedSampler(splits.train.labels, classes, per_class,
                                                     seed=config.seed)
             dataset = data_lib.make_train_dataset(
-                splits.train, sampler, trainer_lib.preprocess_config(config, splits), num_steps=1)
+                splits.train, sampler, task.preprocess_config(config), num_steps=1)
             images, labels = next(iter(dataset))
             images, labels = images.numpy(), labels.numpy()
             source = "omniglot"
@@ -305,6 +304,7 @@ def worker(args):
     import keras
     import tensorflow as tf
 
+    from dvml_tf import task
     from dvml_tf.training import distribution
     from dvml_tf.training import trainer as trainer_lib
     from dvml_tf.training.config import TrainConfig
@@ -335,8 +335,8 @@ def worker(args):
     strategy = distribution.make_strategy("default")
     with strategy.scope():
         keras.utils.set_random_seed(config.seed)
-        model = trainer_lib.build_model(config)
-        model.compile(optimizer=trainer_lib.build_optimizer(config))
+        model = task.build_model(config)
+        model.compile(optimizer=task.build_optimizer(config))
         model.optimizer.build(model.trainable_variables)
     dataset = tf.data.Dataset.from_tensors((images, labels)).repeat()
     iterator = iter(strategy.distribute_datasets_from_function(lambda _: dataset))

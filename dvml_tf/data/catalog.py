@@ -25,9 +25,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from dvml_tf.data import conversion as conversion_lib
-from dvml_tf.data.conversion import NO_CONVERSION
-from dvml_tf.data.conversion import StoredForm
+from dvml_tf.data.raw_form import RawForm
 
 
 def decode_image(contents, channels):
@@ -253,34 +251,34 @@ class ImageCatalog:
         return self.fetch_fn()(tf.constant(index, tf.int64)).numpy()
 
 
-def materialize(catalog, size, conversion=NO_CONVERSION, batch_size=256):
-    """Decodes every image once, converts it and keeps the pixels in memory.
+def materialize(catalog, raw_form, batch_size=256):
+    """Decodes every image once, converts it to its stored form and keeps the pixels in memory.
 
-    Each image becomes `conversion.convert_raw(image, conversion, size)`: the conversion, then a
-    resize to `size` x `size` (aspect ratio ignored, as in the paper's 256x256) rounded to uint8.
+    Each image becomes `raw_form.to_stored(image)`: the conversion, then a resize to
+    `raw_form.stored_size` squared (aspect ratio ignored, as in the paper's 256x256) rounded to
+    uint8.
 
     Args:
-        catalog: `ImageCatalog` (3 channels for the "omniglot_ink" conversion).
-        size: int, output side in pixels.
-        conversion: one of `conversion.CONVERSIONS`.
+        catalog: `ImageCatalog` of raw images (3 channels for the "omniglot_ink" conversion).
+        raw_form: the dataset's `RawForm`, with a `stored_size`.
         batch_size: decoding batch size.
 
     Returns:
-        A decoded `ImageCatalog` with images uint8 [N, size, size, C],
-        C = `conversion.converted_channels(conversion, catalog.num_channels)`.
+        A decoded `ImageCatalog` with images uint8 [N, S, S, C], C = `raw_form.num_channels`
+        for raw RGB input.
     """
-    num_channels = conversion_lib.converted_channels(conversion, catalog.num_channels)
-    if conversion != NO_CONVERSION and catalog.num_channels != 3:
-        raise ValueError(f"conversion={conversion!r} needs raw RGB images; {catalog!r} has "
-                         f"{catalog.num_channels} channel(s).")
+    if raw_form.ink and catalog.num_channels != 3:
+        raise ValueError(f"conversion={raw_form.conversion!r} needs raw RGB images; {catalog!r} "
+                         f"has {catalog.num_channels} channel(s).")
+    if not raw_form.resized:
+        raise ValueError(f"{raw_form} keeps the images encoded: nothing to materialize.")
+    num_channels = 1 if raw_form.ink else catalog.num_channels
+    size = raw_form.stored_size
     fetch = catalog.fetch_fn()
-
-    def load(index):
-        return conversion_lib.convert_raw(fetch(index), conversion, size)
-
     images = np.zeros([catalog.num_images, size, size, num_channels], np.uint8)
     dataset = (tf.data.Dataset.range(catalog.num_images)
-               .map(load, num_parallel_calls=tf.data.AUTOTUNE)
+               .map(lambda index: raw_form.to_stored(fetch(index)),
+                    num_parallel_calls=tf.data.AUTOTUNE)
                .batch(batch_size))
     start = 0
     for batch in dataset.as_numpy_iterator():
@@ -305,9 +303,9 @@ class DatasetSplits:
             such images use the small-image recipe (resize 32, crop 28, no flip).
         raw: True when the catalogs yield the raw images (`load_dataset(..., raw=True)`):
             decoded RGB at the original size, to be mapped to the stored images with
-            `stored_form.convert`.
-        stored_form: `conversion.StoredForm`, how the loader stores (or, for raw splits, would
-            store) the images: conversion kind, load-time resize, fixed raw size.
+            `raw_form.to_stored`.
+        raw_form: `RawForm`, how the loader stores (or, for raw splits, would store) the
+            images: conversion kind, load-time resize, fixed raw size.
     """
 
     name: str
@@ -317,7 +315,7 @@ class DatasetSplits:
     num_channels: int = 3
     grayscale: bool = False
     raw: bool = False
-    stored_form: StoredForm = dataclasses.field(default_factory=StoredForm)
+    raw_form: RawForm = dataclasses.field(default_factory=RawForm)
 
     def splits(self):
         """Returns: dict split name -> `ImageCatalog` (validation only when present)."""

@@ -39,11 +39,13 @@ from dvml_tf.data.catalog import carve_validation
 from dvml_tf.data.catalog import check_training_classes
 from dvml_tf.data.catalog import host_tensor
 from dvml_tf.data.catalog import materialize
-from dvml_tf.data.conversion import NO_CONVERSION
-from dvml_tf.data.conversion import OMNIGLOT_INK
-from dvml_tf.data.conversion import StoredForm
+from dvml_tf.data.raw_form import NO_CONVERSION
+from dvml_tf.data.raw_form import OMNIGLOT_INK
+from dvml_tf.data.raw_form import RawForm
 
 DATASETS = ("omniglot", "cub200", "cars196", "sop", "folder")
+# Grayscale stroke data: stored as gray, and never flipped (a mirrored glyph is another glyph).
+GRAYSCALE_DATASETS = ("omniglot",)
 # Default side of the in-memory Omniglot images: the training recipe random-crops 28 from 32.
 OMNIGLOT_IMAGE_SIZE = 32
 NETWORK_TIMEOUT_SECONDS = 3.0
@@ -64,7 +66,7 @@ class _TfdsSpec:
     # Where the TFDS builder (4.9.10) downloads from: (host, port).
     download_host: tuple
     # Train + test images of the real dataset (the table above): the memory rule of
-    # `stored_form` when the dataset itself is not loaded.
+    # `raw_form_of` when the dataset itself is not loaded.
     num_images: int
     # (height, width) of every raw image when the dataset fixes it, else None.
     raw_size: tuple | None = None
@@ -100,18 +102,18 @@ def load_dataset(name, data_dir=None, image_size=None, validation_classes=0, see
             105 is the original). Other datasets are kept encoded and decoded on the fly, unless
             `image_size` is given and the decoded copy fits in `MAX_DECODED_BYTES`: then they
             are decoded once and held in memory at image_size x image_size (faster epochs;
-            with a warning and no effect when it does not fit). See `stored_form`.
+            with a warning and no effect when it does not fit). See `raw_form_of`.
         validation_classes: int; carve this many training classes out as a validation split
             (never test classes).
         seed: int, picks the validation classes.
         raw: bool. True returns the same splits (same records in the same order, same
             validation classes) holding the raw images instead: the encoded bytes or file paths,
             decoded as RGB at the original size, with neither conversion nor resize (nothing is
-            decoded at load time). `stored_form` still says what the loader stores with these
-            arguments, and `stored_form.convert` maps raw images to it.
+            decoded at load time). `raw_form` still says what the loader stores with these
+            arguments, and `raw_form.to_stored` maps raw images to it.
 
     Returns:
-        `DatasetSplits` (`raw` and `stored_form` set).
+        `DatasetSplits` (`raw` and `raw_form` set).
 
     Raises:
         ValueError: for an unknown name or bad arguments.
@@ -127,21 +129,20 @@ def load_dataset(name, data_dir=None, image_size=None, validation_classes=0, see
     else:
         splits = _load_tfds(name, data_dir)
     num_images = splits.train.num_images + splits.test.num_images
-    form = stored_form(name, image_size, num_images)
+    form = raw_form_of(name, image_size, num_images)
     if image_size is not None and not form.resized and not raw:
         decoded_bytes = num_images * image_size * image_size * splits.num_channels
         logging.warning("%s: %d images at %d px would take %.1f GB decoded (limit %.1f GB): "
                         "keeping them encoded and decoding on the fly.", name, num_images,
                         image_size, decoded_bytes / 1e9, MAX_DECODED_BYTES / 1e9)
-    splits = dataclasses.replace(splits, grayscale=name == "omniglot", raw=bool(raw),
-                                 stored_form=form)
+    splits = dataclasses.replace(splits, grayscale=is_grayscale(name), raw=bool(raw),
+                                 raw_form=form)
     if form.resized and not raw:
         splits = dataclasses.replace(
-            splits, train=materialize(splits.train, form.size, form.conversion),
-            test=materialize(splits.test, form.size, form.conversion),
+            splits, train=materialize(splits.train, form), test=materialize(splits.test, form),
             num_channels=form.num_channels)
     # Omniglot validates on whole held-out alphabets, like its test split (see carve_validation).
-    splits = carve_validation(splits, validation_classes, seed, last=name == "omniglot")
+    splits = carve_validation(splits, validation_classes, seed, last=is_grayscale(name))
     # Paper §4 is silent on single-image classes: left out of training batches (they have no
     # positive), kept in the evaluation splits (their images are gallery distractors).
     check_training_classes(splits.train, name)
@@ -151,8 +152,20 @@ def load_dataset(name, data_dir=None, image_size=None, validation_classes=0, see
     return splits
 
 
-def stored_form(name, image_size=None, num_images=None):
-    """How `load_dataset(name, image_size=image_size)` stores the images (the memory rule).
+def is_grayscale(name):
+    """Whether a dataset is grayscale stroke data (Omniglot): stored gray, never flipped.
+
+    Args:
+        name: one of `DATASETS`.
+
+    Returns:
+        bool.
+    """
+    return name in GRAYSCALE_DATASETS
+
+
+def raw_form_of(name, image_size=None, num_images=None):
+    """The `RawForm` of `load_dataset(name, image_size=image_size)`: how it stores the images.
 
     Omniglot is converted to inverted gray ("omniglot_ink") and always held decoded at
     `image_size` (default `OMNIGLOT_IMAGE_SIZE`). The other datasets keep RGB; they are held
@@ -166,7 +179,7 @@ def stored_form(name, image_size=None, num_images=None):
             "folder").
 
     Returns:
-        `conversion.StoredForm`.
+        `RawForm`.
 
     Raises:
         ValueError: an unknown name, or "folder" without `num_images`.
@@ -175,10 +188,10 @@ def stored_form(name, image_size=None, num_images=None):
         raise ValueError(f"Unknown dataset {name!r}; valid datasets: {', '.join(DATASETS)}.")
     spec = _SPECS.get(name)
     raw_size = spec.raw_size if spec else None
-    if name == "omniglot":
-        return StoredForm(OMNIGLOT_INK, image_size or OMNIGLOT_IMAGE_SIZE, raw_size)
+    if is_grayscale(name):
+        return RawForm(OMNIGLOT_INK, image_size or OMNIGLOT_IMAGE_SIZE, raw_size)
     if image_size is None:
-        return StoredForm(NO_CONVERSION, None, raw_size)
+        return RawForm(NO_CONVERSION, None, raw_size)
     if num_images is None:
         if spec is None:
             raise ValueError(f"num_images is needed to know how the loader holds {name!r} "
@@ -186,7 +199,7 @@ def stored_form(name, image_size=None, num_images=None):
         num_images = spec.num_images
     decoded_bytes = num_images * image_size * image_size * 3
     size = image_size if decoded_bytes <= MAX_DECODED_BYTES else None
-    return StoredForm(NO_CONVERSION, size, raw_size)
+    return RawForm(NO_CONVERSION, size, raw_size)
 
 
 def _load_tfds(name, data_dir):
@@ -208,7 +221,7 @@ def _load_tfds(name, data_dir):
             train = (tf.boolean_mask(images, is_train), labels[is_train])
             test = (tf.boolean_mask(images, ~is_train), labels[~is_train])
     # The raw form: every dataset is decoded as RGB; load_dataset converts Omniglot's gray
-    # strokes itself (`conversion.convert_raw`), so that exported graphs can do the same.
+    # strokes itself (`RawForm.to_stored`), so that exported graphs can do the same.
     catalogs = {
         split: ImageCatalog(labels, sources=images, num_channels=3,
                             class_names=class_names, name=split)

@@ -1,5 +1,5 @@
-"""tf.data pipelines: class-balanced training batches, catalog-order evaluation, figure thumbnails
-and the raw int8-calibration images.
+"""tf.data pipelines: class-balanced training batches, catalog-order evaluation and figure
+thumbnails.
 
 Every training image's augmentation is seeded by `[seed, step * P * K + position in the global
 batch]`, so a batch depends only on (seed, step): a resumed run, a run with another number of
@@ -9,7 +9,6 @@ parallel calls, and the replicas of a distributed run all see the same pixels.
 import numpy as np
 import tensorflow as tf
 
-from dvml_tf.data import conversion
 from dvml_tf.data import preprocessing
 from dvml_tf.data.catalog import host_tensor
 from dvml_tf.data.sampler import replica_slice
@@ -112,65 +111,3 @@ def load_thumbnails(catalog, indices, size=64):
     dataset = tf.data.Dataset.from_tensor_slices(indices).map(
         load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).batch(len(indices))
     return next(iter(dataset)).numpy()
-
-
-def raw_calibration_dataset(catalog, sampler, num_images=200, image_size=None, start_step=0):
-    """Raw calibration images for the full-integer (int8) quantization of models that take raw
-    uint8 images and preprocess inside their graph (the LiteRT exports).
-
-    Such a model is calibrated on what it is fed: raw images. These are the first `num_images`
-    images the class-balanced training sampler draws from `start_step` on (Model Garden
-    calibrates on its training input pipeline), in sampling order, without augmentation.
-
-    Args:
-        catalog: the raw training `ImageCatalog` (3 channels: `load_dataset(..., raw=True).train`).
-        sampler: `ClassBalancedSampler` built on `catalog.labels`.
-        num_images: int >= 1.
-        image_size: optional int. Images of another size are resized to image_size x image_size
-            as the loader resizes them (`convert_raw(image, "none", image_size)`: antialiased
-            bilinear, rounded), for a model with a fixed input size; images of that size are
-            left as they are. None keeps every image as it is (a fixed-size dataset such as
-            Omniglot's 105 x 105).
-        start_step: first sampler step.
-
-    Returns:
-        A callable with no arguments returning a generator of `[np.uint8 [1, H, W, 3]]`, the
-        form `TFLiteConverter.representative_dataset` expects. The images are a pure function of
-        (catalog, sampler seed, num_images, image_size, start_step).
-
-    Raises:
-        ValueError: a catalog that is not RGB, a sampler of another catalog, num_images < 1.
-    """
-    if catalog.num_channels != 3:
-        raise ValueError(f"{catalog!r} must hold raw RGB images (3 channels): load the dataset "
-                         "with load_dataset(..., raw=True).")
-    if sampler.num_images != catalog.num_images:
-        raise ValueError(f"The sampler was built on {sampler.num_images} labels but {catalog!r} "
-                         f"has {catalog.num_images} images: build it on this catalog's labels.")
-    if int(num_images) != num_images or num_images < 1:
-        raise ValueError(f"num_images must be an integer >= 1, got {num_images!r}.")
-    chosen, count, step = [], 0, start_step
-    while count < num_images:
-        chosen.append(np.asarray(sampler.batch_indices(step), dtype=np.int64))
-        count += len(chosen[-1])
-        step += 1
-    indices = np.concatenate(chosen)[:num_images]
-    fetch = catalog.fetch_fn()
-
-    def load(index):
-        image = fetch(index)
-        if image_size is None:
-            return image
-        same = tf.reduce_all(tf.equal(tf.shape(image)[:2], image_size))
-        image = tf.cond(same, lambda: image,
-                        lambda: conversion.convert_raw(image, conversion.NO_CONVERSION,
-                                                       image_size))
-        return tf.ensure_shape(image, [image_size, image_size, 3])
-
-    def generate():
-        dataset = tf.data.Dataset.from_tensor_slices(indices).map(
-            load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-        for image in dataset.as_numpy_iterator():
-            yield [image[np.newaxis]]
-
-    return generate

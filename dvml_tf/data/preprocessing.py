@@ -48,18 +48,6 @@ class PreprocessConfig:
         # Paper §4 is silent (no Omniglot): 32 -> 28 crops, no flips (mirrored glyphs differ).
         return cls(resize_size=32, crop_size=28, random_flip=False)
 
-    @classmethod
-    def for_splits(cls, splits):
-        """The default recipe of a dataset.
-
-        Args:
-            splits: a `DatasetSplits`.
-
-        Returns:
-            `PreprocessConfig.omniglot()` for grayscale stroke data, else `paper()`.
-        """
-        return cls.omniglot() if splits.grayscale else cls.paper()
-
 
 def _to_rgb(images):
     """Tiles 1-channel images to 3 channels; 3-channel images pass through."""

@@ -470,3 +470,47 @@ def retrieval_grid_size(num_rows, top_k, thumb_px):
     height = header + gap + num_rows * step
     return int(width), int(height)
 
+
+
+def write_figures(directory, embedded, num_points=500, seed=0):
+    """Writes the three figures of a split into a folder (what `evaluate.py --plots` does).
+
+    The maps show whole classes, so that clusters are visible: random classes are added until
+    `num_points` images are chosen.
+
+    Args:
+        directory: output folder (created).
+        embedded: `runner.EmbeddedSplit`; the central-latent-space figure needs its `features`.
+        num_points: images shown in the t-SNE figures.
+        seed: picks the classes.
+
+    Returns:
+        list of the PNG paths written.
+    """
+    import os
+
+    from dvml_tf import data as data_lib
+
+    os.makedirs(directory, exist_ok=True)
+    labels = embedded.labels
+    rng = np.random.default_rng(seed)
+    chosen = []
+    for label in rng.permutation(np.unique(labels)):
+        if len(chosen) >= num_points:
+            break
+        chosen.extend(np.flatnonzero(labels == label).tolist())
+    chosen = np.sort(np.asarray(chosen[:num_points]))
+    thumbnails = data_lib.load_thumbnails(embedded.catalog, chosen, size=48)
+    written = [
+        plot_tsne(embedded.embeddings[chosen], labels[chosen], thumbnails,
+                  os.path.join(directory, "tsne.png"), max_points=num_points),
+        plot_retrieval_grid(
+            embedded.embeddings, labels,
+            data_lib.load_thumbnails(embedded.catalog, np.arange(len(labels)), size=48),
+            os.path.join(directory, "retrieval.png"), metric=embedded.metric),
+    ]
+    if embedded.features is not None:
+        written.append(plot_central_latent_space(
+            embedded.features()[chosen], labels[chosen], thumbnails,
+            os.path.join(directory, "central_latent_space.png"), max_points=num_points))
+    return written

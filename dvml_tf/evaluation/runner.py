@@ -1,19 +1,54 @@
 """Evaluating a model on a split: embed every image once, then compute the retrieval and
-clustering metrics on the embeddings (dvml_tf.evaluation.metrics)."""
+clustering metrics on the embeddings (dvml_tf.evaluation.metrics).
+
+    embedded = embed_run("runs/omniglot_npair_dvml_seed0", split="test")       # a run folder
+    embedded = embed_saved_model("exports/omniglot", split="test")             # what TF Serving
+    metrics = evaluate_embeddings(embedded.embeddings, embedded.labels,        # returns
+                                  recall_ks=embedded.recall_ks, metric=embedded.metric)
+
+`evaluate.py` is these calls plus printing and writing.
+"""
+
+import dataclasses
 
 import numpy as np
 import tensorflow as tf
 
+from dvml_tf import configs
 from dvml_tf import data as data_lib
+from dvml_tf import models
+from dvml_tf import task
 from dvml_tf.evaluation import metrics as metrics_lib
+from dvml_tf.training.config import TrainConfig
+
+
+def distance_metric(normalized):
+    """The distance a model's retrieval is evaluated with: "cosine" when it L2-normalizes its
+    embeddings (the loss trained on the unit sphere), "euclidean" otherwise.
+
+    Args:
+        normalized: bool (`DVMLModel.normalize_embeddings`, or an export report's
+            `model.normalized`).
+
+    Returns:
+        str.
+    """
+    return "cosine" if normalized else "euclidean"
+
+
+def default_recall_ks(dataset):
+    """The K of Recall@K reported for a dataset: its preset's (SOP: 1, 10, 100, 1000)."""
+    if dataset in configs.PRESETS:
+        return tuple(configs.get_preset(dataset).recall_ks)
+    return TrainConfig().recall_ks
 
 
 def compute_embeddings(embed_fn, dataset):
     """Runs `embed_fn` over a dataset of `(images, labels)` batches.
 
     Args:
-        embed_fn: callable mapping a batch of images to embeddings `[B, D]` (a Keras model, a
-            SavedModel signature wrapper, ...).
+        embed_fn: callable mapping a batch of images to embeddings `[B, D]`
+            (`models.inference_function(model)`, a SavedModel signature wrapper, ...).
         dataset: `tf.data.Dataset` of `(images, labels)`.
 
     Returns:
@@ -28,17 +63,6 @@ def compute_embeddings(embed_fn, dataset):
     return np.concatenate(embeddings), np.concatenate(labels).astype(np.int64)
 
 
-def model_embed_fn(model):
-    """A compiled inference function of a Keras model (z_I, in inference mode)."""
-    return tf.function(lambda images: model(images, training=False), reduce_retracing=True)
-
-
-def distance_metric(model):
-    """"cosine" when the model L2-normalizes its embeddings (the loss trained on the unit
-    sphere), "euclidean" otherwise: the distance its retrieval is evaluated with."""
-    return "cosine" if getattr(model, "normalize_embeddings", False) else "euclidean"
-
-
 def evaluate_model(
     model,
     catalog,
@@ -50,11 +74,9 @@ def evaluate_model(
 ):
     """Embeds a split with `model` and computes its metrics.
 
-    Distances are cosine when the model's embeddings are L2-normalized (the loss trained on the
-    unit sphere), Euclidean otherwise.
-
     Args:
-        model: a `DVMLModel` (or any model whose `call` returns the embedding).
+        model: a `DVMLModel` (or any model whose `call` returns the embedding and that has
+            `normalize_embeddings`).
         catalog: the `data.ImageCatalog` of the split.
         preprocess: the `data.PreprocessConfig` of the run (test-time transform).
         batch_size: int.
@@ -66,16 +88,130 @@ def evaluate_model(
         dict of floats: `recall@K`, `map@r`, and (with clustering) `nmi`, `f1`.
     """
     dataset = data_lib.make_eval_dataset(catalog, preprocess, batch_size)
-    embeddings, labels = compute_embeddings(model_embed_fn(model), dataset)
-    metric = distance_metric(model)
+    embeddings, labels = compute_embeddings(models.inference_function(model), dataset)
     return metrics_lib.evaluate_embeddings(
         embeddings,
         labels,
         recall_ks=tuple(recall_ks),
-        metric=metric,
+        metric=distance_metric(model.normalize_embeddings),
         compute_clustering=compute_clustering,
         kmeans_seed=kmeans_seed,
     )
+
+
+@dataclasses.dataclass
+class EmbeddedSplit:
+    """The embeddings of one split and what evaluating them needs.
+
+    Args:
+        embeddings: float32 [N, D].
+        labels: int64 [N].
+        metric: "cosine" or "euclidean" (`distance_metric`).
+        catalog: the split's `data.ImageCatalog` (thumbnails for figures and the projector).
+        recall_ks: the K of Recall@K of the run (or the dataset's preset).
+        features: callable returning the backbone features f(x) [N, F] of the same images (for
+            the central-latent-space figure), or None when only the embedding is available.
+    """
+
+    embeddings: np.ndarray
+    labels: np.ndarray
+    metric: str
+    catalog: data_lib.ImageCatalog
+    recall_ks: tuple
+    features: object = None
+
+
+def embed_run(model_dir, split="test", data_dir=None, batch_size=256, dataset=None):
+    """Embeds a split of a trained run's dataset through its own preprocessing.
+
+    Args:
+        model_dir: a run folder written by train.py.
+        split: "test", "validation" or "train".
+        data_dir: overrides the run's data location.
+        batch_size: images per batch.
+        dataset: optional dataset name; it must be the run's (a guard against mix-ups).
+
+    Returns:
+        `EmbeddedSplit`.
+
+    Raises:
+        ValueError: another dataset, or a split the run does not have.
+        FileNotFoundError: no run or no data.
+    """
+    run = task.load_run(model_dir)
+    config = run.config
+    if dataset and dataset != config.dataset:
+        raise ValueError(f"--dataset={dataset} but the run was trained on {config.dataset}; "
+                         "omit --dataset.")
+    catalog = getattr(task.load_splits(config, data_dir=data_dir), split)
+    if catalog is None:
+        raise ValueError(f"The run has no {split} split (validation_classes=0).")
+    eval_dataset = data_lib.make_eval_dataset(catalog, task.preprocess_config(config),
+                                              batch_size)
+    embeddings, labels = compute_embeddings(models.inference_function(run.model), eval_dataset)
+
+    def features():
+        backbone = models.inference_function(run.model.backbone)
+        return compute_embeddings(backbone, eval_dataset)[0]
+
+    return EmbeddedSplit(embeddings, labels, distance_metric(run.model.normalize_embeddings),
+                         catalog, tuple(config.recall_ks), features)
+
+
+def embed_saved_model(path, split="test", dataset=None, data_dir=None, batch_size=256):
+    """Embeds a split through an exported SavedModel's `embed_bytes` signature on the dataset's
+    encoded images: exactly what a TF Serving client gets back.
+
+    Args:
+        path: a SavedModel version folder, a base path of versions, or an export folder (see
+            `export.layout.resolve_saved_model`: the highest version).
+        split: "test" or "train".
+        dataset: the dataset; default: the one the export's report names.
+        data_dir: TFDS data dir or image folder.
+        batch_size: images per request.
+
+    Returns:
+        `EmbeddedSplit` (without backbone features).
+    """
+    from dvml_tf.export import layout  # export imports evaluation, not the other way round
+
+    if split not in ("test", "train"):
+        raise ValueError("--saved_model evaluates the train or test split.")
+    version_dir, _ = layout.resolve_saved_model(path)
+    report = layout.read_version_report(version_dir)
+    dataset = dataset or report["model"]["dataset"]
+    embed_bytes = load_embed_bytes(version_dir)
+    config = TrainConfig(dataset=dataset, data_dir=data_dir)
+    catalog = getattr(task.load_splits(config, raw=True), split)
+    embeddings, labels = saved_model_embeddings(embed_bytes, catalog, batch_size)
+    return EmbeddedSplit(embeddings, labels, distance_metric(report["model"]["normalized"]),
+                         catalog, default_recall_ks(dataset))
+
+
+def load_embed_bytes(version_dir):
+    """Loads a SavedModel and returns its `embed_bytes` signature, checking the contract.
+
+    Raises:
+        ValueError: a SavedModel without the signatures export.py writes.
+    """
+    loaded = tf.saved_model.load(version_dir)
+    signatures = dict(loaded.signatures)
+    if "embed_bytes" not in signatures or "serving_default" not in signatures:
+        raise ValueError(
+            f"{version_dir} has signatures {sorted(signatures)}; evaluation needs the "
+            "'serving_default' and 'embed_bytes' signatures that export.py writes."
+        )
+    embed_bytes = signatures["embed_bytes"]
+    inputs = embed_bytes.structured_input_signature[1]
+    if (len(inputs) != 1 or next(iter(inputs.values())).dtype != tf.string
+            or "embedding" not in embed_bytes.structured_outputs):
+        raise ValueError(
+            f"{version_dir}: signature 'embed_bytes' must map one string input to an "
+            f"'embedding' output; it maps {inputs} to {sorted(embed_bytes.structured_outputs)}."
+        )
+    # Keep the loaded object alive with the signature (its variables belong to it).
+    embed_bytes.saved_model = loaded
+    return embed_bytes
 
 
 def _ordered(metrics):
@@ -100,12 +236,6 @@ def metrics_table(metrics, title="metrics"):
     )
     values = " | ".join(f"{100 * metrics[key]:.1f}" for key in keys)
     return f"{title}\n| {header} |\n|{'---|' * len(keys)}\n| {values} |"
-
-
-def backbone_embed_fn(model):
-    """The pooled backbone feature f(x) of a DVMLModel, in inference mode (for the figures)."""
-    return tf.function(lambda images: model.backbone(images, training=False),
-                       reduce_retracing=True)
 
 
 def encoded_images(catalog, indices):
@@ -136,7 +266,7 @@ def saved_model_embeddings(embed_bytes, catalog, batch_size=256):
 
     Args:
         embed_bytes: the concrete signature function (`loaded.signatures["embed_bytes"]`).
-        catalog: `ImageCatalog` of encoded images (e.g. from `export.raw_data.load_raw_splits`).
+        catalog: `ImageCatalog` of encoded images (`task.load_splits(config, raw=True)`).
         batch_size: int.
 
     Returns:

@@ -1,4 +1,4 @@
-"""Export: the SavedModel for TF Serving, LiteRT models, serving clients, on-device retrieval.
+"""Export: the SavedModel for TF Serving, LiteRT models, on-device retrieval, serving clients.
 
     result = export_run("runs/omniglot_npair_dvml_seed0", "exports/omniglot")   # = export.py
     client = RestClient("http://localhost:8501", model_name="dvml")
@@ -6,46 +6,41 @@
 
 Modules (one concept each):
 
-* `raw_input`: the dataset's raw image form and its conversion to the model input (TF ops for
-  the SavedModel, TFLite builtins for LiteRT), equal to `load_dataset` + `preprocess_test_batch`.
+* `inference`: the one inference model every export converts, `keras.Sequential([raw-form
+  preprocessing, model.embedder])`, and embedding a raw catalog through it.
 * `saved_model`: the serving SavedModel (`serving_default`, `embed_bytes`) via ExportArchive.
-* `litert`: float32, dynamic-range and full-integer LiteRT embedding models; int8 calibration.
+* `litert`: float32, dynamic-range and full-integer LiteRT embedding models.
 * `retrieval`: `retrieval.tflite` (gallery baked in) and its `retrieval_gallery.json`.
-* `raw_data`: a run's dataset in raw form; embedding it through the serving conversion.
-* `measure`: parity, Recall@1, latency and size figures.
-* `exporter`: `export_model` / `export_run`, the atomic export folder and its report.
+* `layout`: the export folder's file names and its SavedModel versions.
+* `exporter`: `export_model` / `export_run`: writes the artifacts and their contracts.
+* `verify`: grades an export (parity with Keras, Recall@1, latency).
 * `serving_client`: REST and gRPC clients of TF Serving.
-* `loopback_server`: an in-process PredictionService / REST server for tests and local trials.
 
-The LiteRT-only demo is `examples/litert_retrieval.py` (no TensorFlow import).
+The raw input form itself is the data layer's (`data.RawForm`, `data.RawImagePreprocessor`).
+A test double of TF Serving is `dvml_tf.testing.serving`; the LiteRT-only demo is
+`examples/litert_retrieval.py` (no TensorFlow import).
 """
 
-from dvml_tf.export.exporter import REPORT_FILE
-from dvml_tf.export.exporter import SAVED_MODEL_DIR
 from dvml_tf.export.exporter import ExportResult
 from dvml_tf.export.exporter import export_model
 from dvml_tf.export.exporter import export_run
+from dvml_tf.export.inference import embed_raw
+from dvml_tf.export.inference import inference_model
+from dvml_tf.export.layout import REPORT_FILE
+from dvml_tf.export.layout import SAVED_MODEL_DIR
+from dvml_tf.export.layout import resolve_saved_model
 from dvml_tf.export.litert import FILE_NAMES as LITERT_FILE_NAMES
 from dvml_tf.export.litert import LiteRTModel
-from dvml_tf.export.litert import calibration_images
 from dvml_tf.export.litert import convert_embedding_model
-from dvml_tf.export.loopback_server import SavedModelBackend
-from dvml_tf.export.loopback_server import serve_grpc
-from dvml_tf.export.loopback_server import serve_rest
-from dvml_tf.export.raw_data import load_raw_splits
-from dvml_tf.export.raw_input import RawInputSpec
-from dvml_tf.export.raw_input import litert_model_input
-from dvml_tf.export.raw_input import raw_input_spec
-from dvml_tf.export.raw_input import to_model_input
 from dvml_tf.export.retrieval import Retriever
 from dvml_tf.export.retrieval import convert_retrieval_model
 from dvml_tf.export.saved_model import EMBED_BYTES
 from dvml_tf.export.saved_model import SERVING_DEFAULT
-from dvml_tf.export.saved_model import EmbeddingModel
 from dvml_tf.export.saved_model import write_saved_model
 from dvml_tf.export.serving_client import GrpcClient
 from dvml_tf.export.serving_client import RestClient
 from dvml_tf.export.serving_client import ServingError
+from dvml_tf.export.verify import verify_export
 
 __all__ = [
     "EMBED_BYTES",
@@ -53,25 +48,19 @@ __all__ = [
     "REPORT_FILE",
     "SAVED_MODEL_DIR",
     "SERVING_DEFAULT",
-    "EmbeddingModel",
     "ExportResult",
     "GrpcClient",
     "LiteRTModel",
-    "RawInputSpec",
     "RestClient",
     "Retriever",
-    "SavedModelBackend",
     "ServingError",
-    "calibration_images",
     "convert_embedding_model",
     "convert_retrieval_model",
+    "embed_raw",
     "export_model",
     "export_run",
-    "litert_model_input",
-    "load_raw_splits",
-    "raw_input_spec",
-    "serve_grpc",
-    "serve_rest",
-    "to_model_input",
+    "inference_model",
+    "resolve_saved_model",
+    "verify_export",
     "write_saved_model",
 ]

@@ -1,42 +1,53 @@
-"""`export_run`: a trained run -> everything a deployment needs, in one folder written atomically.
+"""`export_run`: a trained run -> the artifacts a deployment needs and their contracts.
 
     E/
       saved_model/<version>/     TF Serving's layout (older versions in E are kept)
+        assets.extra/export_report.json   the report of this export, inside the SavedModel
       model.tflite               LiteRT float32, raw uint8 image in, embedding out
       model_dynamic_range.tflite LiteRT, int8 weights
       model_int8.tflite          LiteRT full-integer, calibrated on raw training images
       retrieval.tflite           LiteRT retriever with the gallery embeddings baked in
       retrieval_gallery.json     labels (and class names) of the retriever's gallery rows
-      export_report.json         what is where, input/output contracts, sizes, parity, R@1, latency
+      export_report.json         what is where: files, input/output contracts, sizes, the model
 
-The new folder is assembled next to E and moved into place only when complete
-(`utils.atomic.AtomicDirectory`), so an interrupted or failed export leaves E as it was.
+Every artifact is a conversion of one inference model (`inference.inference_model`: the
+raw-form preprocessing layer, then the model's embedder). Exporting writes; it does not grade:
+parity with Keras, Recall@1 of the LiteRT models and latency are `verify.verify_export`
+(`export.py --verify`, the tests, `benchmarks/export_latency.py`).
+
+Writing is safe for what E already holds: everything is assembled in a hidden staging folder
+inside E and moved into place (each file by an atomic rename, the report last) only when
+complete; files of E that the export does not write are never touched. Exports into one E take
+turns (a lock file), so concurrent exports land as distinct versions. A staging folder left by
+a killed export is reported and removed by the next export.
 """
 
+import contextlib
 import dataclasses
+import fcntl
+import json
 import os
 import platform
 import shutil
+import socket
+import tempfile
+import time
 
 import keras
-import numpy as np
 import tensorflow as tf
 from absl import logging
 
+from dvml_tf import task
+from dvml_tf.export import inference as inference_lib
+from dvml_tf.export import layout
 from dvml_tf.export import litert
-from dvml_tf.export import measure
-from dvml_tf.export import raw_data
-from dvml_tf.export import raw_input
 from dvml_tf.export import retrieval
 from dvml_tf.export import saved_model as saved_model_lib
-from dvml_tf.training import run_loader
 from dvml_tf.utils import atomic
 
-SAVED_MODEL_DIR = "saved_model"
-REPORT_FILE = "export_report.json"
-# Parity bounds of the issue: per image, against the Keras model.
-SAVED_MODEL_MIN_COSINE = 0.99999
-LITERT_FLOAT_MIN_COSINE = 0.9999
+LOCK_FILE = ".export.lock"
+STAGING_PREFIX = ".export-staging-"
+_OWNER_FILE = "owner.json"
 
 
 @dataclasses.dataclass
@@ -55,26 +66,25 @@ class ExportResult:
 
     @property
     def saved_model_dir(self):
-        return os.path.join(self.export_dir, SAVED_MODEL_DIR, str(self.version))
+        return os.path.join(self.export_dir, layout.SAVED_MODEL_DIR, str(self.version))
 
 
-def existing_versions(export_dir):
-    """Numeric version folders under `<export_dir>/saved_model`, ascending.
+def check_export_dir(export_dir):
+    """Refuses an export folder that is a file, or a non-empty folder that is not an export.
 
-    Args:
-        export_dir: an export folder (may not exist).
-
-    Returns:
-        list of int.
+    Raises:
+        ValueError: with the reason.
     """
-    base = os.path.join(export_dir, SAVED_MODEL_DIR)
-    if not os.path.isdir(base):
-        return []
-    return sorted(
-        int(name)
-        for name in os.listdir(base)
-        if name.isdigit() and os.path.isdir(os.path.join(base, name))
-    )
+    if not os.path.exists(export_dir):
+        return
+    if not os.path.isdir(export_dir):
+        raise ValueError(f"--export_dir {export_dir!r} is a file, not a folder.")
+    entries = [e for e in os.listdir(export_dir) if not e.startswith(".")]
+    if entries and layout.SAVED_MODEL_DIR not in entries and layout.REPORT_FILE not in entries:
+        raise ValueError(
+            f"--export_dir {export_dir!r} is a non-empty folder that is not a dvml_tf export (no "
+            f"{layout.SAVED_MODEL_DIR}/ or {layout.REPORT_FILE}); choose a new or empty folder."
+        )
 
 
 def resolve_version(export_dir, version=None, overwrite=False):
@@ -92,88 +102,115 @@ def resolve_version(export_dir, version=None, overwrite=False):
         ValueError: `export_dir` is a file, or a non-empty folder that is not an export.
         FileExistsError: the version exists and `overwrite` is False.
     """
-    if os.path.exists(export_dir):
-        if not os.path.isdir(export_dir):
-            raise ValueError(f"--export_dir {export_dir!r} is a file, not a folder.")
-        entries = os.listdir(export_dir)
-        is_export = SAVED_MODEL_DIR in entries or REPORT_FILE in entries
-        if entries and not is_export:
-            raise ValueError(
-                f"--export_dir {export_dir!r} is a non-empty folder that is not a dvml_tf export "
-                f"(no {SAVED_MODEL_DIR}/ or {REPORT_FILE}); the export replaces the folder as a "
-                "whole, so choose a new or empty folder."
-            )
-    versions = existing_versions(export_dir)
+    check_export_dir(export_dir)
+    versions = layout.existing_versions(os.path.join(export_dir, layout.SAVED_MODEL_DIR))
     if version is None:
         return versions[-1] + 1 if versions else 1
-    if int(version) != version or version < 1:
+    if isinstance(version, bool) or int(version) != version or version < 1:
         raise ValueError(f"--version must be an integer >= 1; got {version!r}.")
     if version in versions and not overwrite:
         raise FileExistsError(
-            f"{os.path.join(export_dir, SAVED_MODEL_DIR, str(version))} exists; pass --overwrite "
-            f"to replace it, or omit --version to write version {versions[-1] + 1}."
+            f"{os.path.join(export_dir, layout.SAVED_MODEL_DIR, str(version))} exists; pass "
+            f"--overwrite to replace it, or omit --version to write version {versions[-1] + 1}."
         )
     return int(version)
 
 
-def encode_png(image):
-    """PNG bytes of a uint8 [H, W, 3] image (what `embed_bytes` accepts).
+@contextlib.contextmanager
+def _export_lock(export_dir):
+    """Holds E's lock file: exports into one folder take turns (released when the process dies,
+    so a killed export never blocks the next)."""
+    os.makedirs(export_dir, exist_ok=True)
+    with open(os.path.join(export_dir, LOCK_FILE), "a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            logging.warning("Another export is writing into %s; waiting for it to finish.",
+                            export_dir)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _process_alive(pid, host):
+    if host != socket.gethostname():
+        return True  # another machine's export: not ours to judge
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_staging(export_dir):
+    """Removes staging folders of exports that were killed (their process is gone).
+
+    Only folders with this module's staging prefix and owner file are considered; anything else
+    in E is left alone.
 
     Args:
-        image: uint8 array [H, W, 3].
+        export_dir: the export folder (its lock must be held).
 
     Returns:
-        bytes.
+        list of removed paths.
     """
-    return tf.io.encode_png(image).numpy()
+    removed = []
+    for name in sorted(os.listdir(export_dir)):
+        path = os.path.join(export_dir, name)
+        owner_path = os.path.join(path, _OWNER_FILE)
+        if not name.startswith(STAGING_PREFIX) or not os.path.isfile(owner_path):
+            continue
+        try:
+            with open(owner_path) as f:
+                owner = json.load(f)
+            alive = _process_alive(int(owner["pid"]), owner["host"])
+        except (ValueError, KeyError, TypeError, OSError):
+            continue
+        if not alive:
+            logging.warning("Removing %s, left by an export (pid %s, started %s) that was "
+                            "interrupted.", path, owner["pid"], owner.get("started"))
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
 
 
-def _keras_embeddings(model, model_inputs):
-    embed = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
-    return np.concatenate(
-        [embed(model_inputs[i : i + 256]).numpy() for i in range(0, len(model_inputs), 256)]
-    )
-
-
-def _litert_embeddings(path, catalog, indices, spec, normalize, chunk=1024):
-    model = litert.LiteRTModel(path, normalize=normalize)
-    out = []
-    for start in range(0, len(indices), chunk):
-        out.append(model(litert.litert_inputs(catalog, indices[start : start + chunk], spec)))
-    return np.concatenate(out)
-
-
-def _signature_contracts(spec, normalized, litert_written, top_k):
-    height, width = spec.raw_size or (None, None)
+def _signature_contracts(model, raw_form, preprocess, litert_written, top_k):
+    height, width = raw_form.raw_size or (None, None)
+    normalized = bool(model.normalize_embeddings)
+    dim = model.embedding_dim
     contracts = {
         "serving_default": {
             "inputs": {saved_model_lib.IMAGES_KEY: f"uint8 [None, {height}, {width}, 3]"},
-            "outputs": {saved_model_lib.EMBEDDING_KEY: "float32 [None, D]"},
-            "input_form": spec.describe(),
+            "outputs": {saved_model_lib.EMBEDDING_KEY: f"float32 [None, {dim}]"},
+            "input_form": raw_form.describe(),
         },
         "embed_bytes": {
             "inputs": {saved_model_lib.IMAGE_BYTES_KEY: "string [None] (encoded JPEG/PNG/...)"},
-            "outputs": {saved_model_lib.EMBEDDING_KEY: "float32 [None, D]"},
+            "outputs": {saved_model_lib.EMBEDDING_KEY: f"float32 [None, {dim}]"},
         },
-        "embedding_normalized": bool(normalized),
+        "embedding_normalized": normalized,
     }
     if litert_written:
-        h, w = spec.litert_input_size
+        h, w = raw_form.fixed_size(preprocess)
         contracts["litert"] = {
             "input": f"uint8 [1, {h}, {w}, 3] (signature serving_default, input 'images')",
-            "model.tflite": "float32 [1, D] 'embedding', as serving_default",
-            "model_dynamic_range.tflite": "float32 [1, D] 'embedding', as serving_default",
+            "model.tflite": f"float32 [1, {dim}] 'embedding', as serving_default",
+            "model_dynamic_range.tflite": f"float32 [1, {dim}] 'embedding', as serving_default",
             "model_int8.tflite": (
-                "float32 [1, D] 'embedding' (dequantized) before L2 normalization"
+                f"float32 [1, {dim}] 'embedding' (dequantized) before L2 normalization"
                 + ("; L2-normalize it" if normalized else "")
             ),
             "retrieval.tflite": (
                 f"'indices' int32 [1, {top_k}] gallery rows, best first; 'scores' float32 "
-                f"[1, {top_k}] {retrieval.score_name(normalized)}; rows described in "
-                f"{retrieval.GALLERY_FILE}"
+                f"[1, {top_k}] {retrieval.score_name(normalized)}; 'labels' int32 [1, {top_k}]; "
+                f"rows described in {retrieval.GALLERY_FILE}"
             ),
         }
-        if spec.raw_size is None:
+        if raw_form.raw_size is None:
             contracts["litert"]["note"] = (
                 f"photos are first resized to {h}x{w} (bilinear, antialiased, as the loader does)"
             )
@@ -193,9 +230,6 @@ def export_model(
     gallery_split="test",
     top_k=10,
     calibration_images=200,
-    parity_images=64,
-    latency_runs=50,
-    recall_max_images=20000,
     source=None,
 ):
     """Exports a trained model (see the module docstring for the layout).
@@ -206,16 +240,12 @@ def export_model(
         export_dir: the export folder E.
         version: SavedModel version (default: next free integer).
         overwrite: replace an existing version folder.
-        raw_splits: optional raw `DatasetSplits` (default: `raw_data.load_raw_splits`).
-        data_dir: data location for `load_raw_splits`.
+        raw_splits: optional raw `DatasetSplits` (default: `task.load_splits(config, raw=True)`).
+        data_dir: data location for loading the raw splits.
         litert_models: also write the LiteRT models (needs the data: calibration and gallery).
         gallery_split: "test" or "train", the retriever's gallery.
         top_k: results per retrieval query.
         calibration_images: raw training images for the int8 calibration (>= 1).
-        parity_images: images of the parity checks.
-        latency_runs: timed runs per latency figure.
-        recall_max_images: cap (whole classes) on the gallery images used for the Recall@1
-            comparison of the LiteRT models; None = all.
         source: where the weights came from (for the report).
 
     Returns:
@@ -226,14 +256,14 @@ def export_model(
         FileNotFoundError: LiteRT export without available data.
     """
     export_dir = os.path.abspath(os.fspath(export_dir))
-    version = resolve_version(export_dir, version, overwrite)
+    resolve_version(export_dir, version, overwrite)  # fail before any work
     if gallery_split not in ("test", "train"):
         raise ValueError(f"gallery_split must be 'test' or 'train'; got {gallery_split!r}.")
     if calibration_images < 1:
         raise ValueError(f"calibration_images must be >= 1; got {calibration_images}.")
     if raw_splits is None:
         try:
-            raw_splits = raw_data.load_raw_splits(config, data_dir)
+            raw_splits = task.load_splits(config, raw=True, data_dir=data_dir)
         except FileNotFoundError as error:
             if litert_models:
                 raise FileNotFoundError(
@@ -241,8 +271,11 @@ def export_model(
                     f"training split, the retrieval gallery): {error} Pass --data_dir, or "
                     "--skip_litert to export the SavedModel only."
                 ) from error
-            logging.warning("Dataset unavailable (%s); parity is measured on generated images.",
-                            error)
+            logging.warning("Dataset unavailable (%s); the export's input form follows the "
+                            "loader's rule for the dataset.", error)
+    elif not raw_splits.raw:
+        raise ValueError(f"raw_splits of {raw_splits.name!r} hold converted images; pass raw "
+                         "ones: task.load_splits(config, raw=True).")
     if litert_models:
         gallery_size = raw_splits.splits()[gallery_split].num_images
         if not 1 <= top_k <= gallery_size:
@@ -250,230 +283,133 @@ def export_model(
                 f"--top_k must be in [1, {gallery_size}] (the {gallery_split} split's size); "
                 f"got {top_k}."
             )
-    spec = raw_data.spec_for_splits(config, raw_splits)
-    normalized = bool(model.normalize_embeddings)
+    raw_form = task.raw_form(config, raw_splits)
+    preprocess = task.preprocess_config(config)
 
-    with atomic.AtomicDirectory(export_dir, overwrite=True) as tmp:
-        for kept in existing_versions(export_dir):
-            if kept != version:
-                shutil.copytree(
-                    os.path.join(export_dir, SAVED_MODEL_DIR, str(kept)),
-                    os.path.join(tmp, SAVED_MODEL_DIR, str(kept)),
-                )
-        version_dir = os.path.join(tmp, SAVED_MODEL_DIR, str(version))
-        saved_model_lib.write_saved_model(model, spec, version_dir)
-        logging.info("Wrote the SavedModel (version %d).", version)
-
-        files = {"saved_model": f"{SAVED_MODEL_DIR}/{version}"}
-        gallery = None
-        if litert_models:
-            gallery = _write_litert(model, config, spec, raw_splits, tmp, gallery_split, top_k,
-                                    calibration_images, files)
-        report = {
-            "version": version,
-            "files": files,
-            "signatures": _signature_contracts(spec, normalized, litert_models, top_k),
-            "raw_input": spec.to_dict(),
-            "model": {
-                "source": source,
-                "dataset": config.dataset,
-                "backbone": config.backbone,
-                "loss": config.loss,
-                "dvml": config.dvml,
-                "embedding_dim": config.embedding_dim,
-                "normalized": normalized,
-            },
-            "environment": {
-                "tensorflow": tf.__version__,
-                "keras": keras.__version__,
-                "python": platform.python_version(),
-                "cpu_count": os.cpu_count(),
-                "machine": platform.machine(),
-            },
-        }
-        report.update(
-            _measure(model, spec, raw_splits, tmp, version_dir, gallery, gallery_split,
-                     parity_images, latency_runs, recall_max_images, litert_models)
-        )
-        atomic.write_json(os.path.join(tmp, REPORT_FILE), report)
-    logging.info("Export complete: %s", export_dir)
+    with _export_lock(export_dir):
+        remove_stale_staging(export_dir)
+        # Chosen under the lock: a concurrent export got the previous number.
+        version = resolve_version(export_dir, version, overwrite)
+        staging = tempfile.mkdtemp(dir=export_dir, prefix=STAGING_PREFIX)
+        try:
+            atomic.write_json(os.path.join(staging, _OWNER_FILE), {
+                "pid": os.getpid(), "host": socket.gethostname(),
+                "started": time.strftime("%Y-%m-%d %H:%M:%S")})
+            report = _write_artifacts(model, config, raw_form, preprocess, raw_splits, staging,
+                                      version, litert_models, gallery_split, top_k,
+                                      calibration_images, source)
+            _move_into_place(staging, export_dir, version, report)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    logging.info("Export complete: %s (version %d)", export_dir, version)
     return ExportResult(export_dir, version, report)
 
 
-def _write_litert(model, config, spec, raw_splits, folder, gallery_split, top_k, num_calibration,
-                  files):
-    """Writes the LiteRT models and the gallery sidecar; returns the gallery (embeddings, labels,
-    catalog)."""
+def _write_artifacts(model, config, raw_form, preprocess, raw_splits, staging, version,
+                     litert_models, gallery_split, top_k, calibration_images, source):
+    """Writes every artifact into `staging` (same names as in E); returns the report."""
+    version_dir = os.path.join(staging, layout.SAVED_MODEL_DIR, str(version))
+    saved_model_lib.write_saved_model(model, raw_form, preprocess, version_dir)
+    logging.info("Wrote the SavedModel (version %d).", version)
+    files = {"saved_model": f"{layout.SAVED_MODEL_DIR}/{version}"}
+    if litert_models:
+        _write_litert(model, config, raw_form, preprocess, raw_splits, staging, gallery_split,
+                      top_k, calibration_images, files)
+    report = {
+        "version": version,
+        "files": files,
+        "signatures": _signature_contracts(model, raw_form, preprocess, litert_models, top_k),
+        "raw_input": {"raw_form": raw_form.to_dict(),
+                      "preprocess": dataclasses.asdict(preprocess)},
+        "model": {
+            "source": source,
+            "dataset": config.dataset,
+            "backbone": config.backbone,
+            "loss": config.loss,
+            "dvml": config.dvml,
+            "embedding_dim": config.embedding_dim,
+            "normalized": bool(model.normalize_embeddings),
+        },
+        "environment": {
+            "tensorflow": tf.__version__,
+            "keras": keras.__version__,
+            "python": platform.python_version(),
+            "machine": platform.machine(),
+        },
+        "sizes_bytes": {
+            name: _path_size(os.path.join(staging, path))
+            for name, path in files.items() if isinstance(path, str)
+        },
+    }
+    layout.write_version_report(version_dir, report)
+    return report
+
+
+def _write_litert(model, config, raw_form, preprocess, raw_splits, folder, gallery_split, top_k,
+                  num_calibration, files):
+    """Writes the LiteRT models and the gallery sidecar."""
     for quantization in (litert.FLOAT32, litert.DYNAMIC_RANGE):
-        content = litert.convert_embedding_model(model, spec, quantization)
-        with open(os.path.join(folder, litert.FILE_NAMES[quantization]), "wb") as f:
-            f.write(content)
-    calibration = litert.calibration_images(
-        raw_splits.train,
-        spec,
-        num_calibration,
-        classes_per_batch=config.classes_per_batch,
-        images_per_class=config.images_per_class,
+        content = litert.convert_embedding_model(model, raw_form, preprocess, quantization)
+        atomic.write_bytes(os.path.join(folder, litert.FILE_NAMES[quantization]), content)
+    calibration = litert.int8_calibration_images(
+        raw_splits.train, raw_form, preprocess, num_calibration,
+        classes_per_batch=config.classes_per_batch, images_per_class=config.images_per_class,
         seed=config.seed,
     )
-    content = litert.convert_embedding_model(model, spec, litert.INT8, calibration)
-    with open(os.path.join(folder, litert.FILE_NAMES[litert.INT8]), "wb") as f:
-        f.write(content)
+    content = litert.convert_embedding_model(model, raw_form, preprocess, litert.INT8,
+                                             calibration)
+    atomic.write_bytes(os.path.join(folder, litert.FILE_NAMES[litert.INT8]), content)
     logging.info("Wrote the LiteRT models (int8 calibrated on %d training images).",
                  len(calibration))
 
     catalog = raw_splits.splits()[gallery_split]
-    embedder = saved_model_lib.EmbeddingModel(model)
-    embeddings, labels = raw_data.embed_catalog(embedder, catalog, spec)
-    content = retrieval.convert_retrieval_model(
-        model, spec, embeddings, top_k, gallery_labels=labels
-    )
-    with open(os.path.join(folder, retrieval.RETRIEVAL_FILE), "wb") as f:
-        f.write(content)
+    inference = inference_lib.inference_model(model, raw_form, preprocess)
+    embeddings, labels = inference_lib.embed_raw(inference, catalog)
+    content = retrieval.convert_retrieval_model(model, raw_form, preprocess, embeddings, top_k,
+                                                gallery_labels=labels)
+    atomic.write_bytes(os.path.join(folder, retrieval.RETRIEVAL_FILE), content)
     retrieval.write_gallery_json(
-        os.path.join(folder, retrieval.GALLERY_FILE),
-        labels,
-        catalog=catalog,
-        split=gallery_split,
-        dataset=config.dataset,
-        top_k=top_k,
-        normalized=embedder.normalize,
+        os.path.join(folder, retrieval.GALLERY_FILE), labels, catalog=catalog,
+        split=gallery_split, dataset=config.dataset, top_k=top_k,
+        normalized=bool(model.normalize_embeddings),
     )
     files.update({q: litert.FILE_NAMES[q] for q in litert.QUANTIZATIONS})
     files["retrieval"] = retrieval.RETRIEVAL_FILE
     files["retrieval_gallery"] = retrieval.GALLERY_FILE
     files["int8_calibration_images"] = len(calibration)
-    return embeddings, labels, catalog
 
 
-def _measure(model, spec, raw_splits, folder, version_dir, gallery, gallery_split, parity_images,
-             latency_runs, recall_max_images, litert_written):
-    """Sizes, parity with Keras, Recall@1 of the LiteRT models and per-image latency."""
-    normalized = bool(model.normalize_embeddings)
-    if raw_splits is not None:
-        catalog = raw_splits.splits()[gallery_split]
-        count = min(parity_images, catalog.num_images)
-        indices = np.unique(np.linspace(0, catalog.num_images - 1, count).astype(np.int64))
-        images = litert.litert_inputs(catalog, indices, spec)
-        parity_source = f"{len(images)} images of the {gallery_split} split"
-    else:
-        images = raw_data.synthetic_raw_images(spec, parity_images)
-        parity_source = f"{len(images)} generated images"
-    model_inputs = raw_input.to_model_input(tf.constant(images), spec)
-    reference = _keras_embeddings(model, model_inputs)
+def _move_into_place(staging, export_dir, version, report):
+    """Moves the staged artifacts into E: the version folder, then each file, the report last.
 
-    loaded = tf.saved_model.load(version_dir)
-    serve = loaded.signatures[saved_model_lib.SERVING_DEFAULT]
-    embed_bytes = loaded.signatures[saved_model_lib.EMBED_BYTES]
-    served = serve(images=tf.constant(images))[saved_model_lib.EMBEDDING_KEY].numpy()
-    encoded = tf.constant([encode_png(image) for image in images])
-    from_bytes = embed_bytes(image_bytes=encoded)[saved_model_lib.EMBEDDING_KEY].numpy()
-    parity = {
-        "images": parity_source,
-        "saved_model_serving_default": measure.parity(reference, served),
-        "saved_model_embed_bytes_png": measure.parity(reference, from_bytes),
-    }
-    sizes = {"saved_model": measure.path_size(version_dir)}
-    one = images[:1]
-    latency = {
-        "keras_tf_function_preprocessed_input": measure.median_latency_ms(
-            _keras_latency_fn(model, model_inputs[:1]), latency_runs
-        ),
-        "saved_model_serving_default": measure.median_latency_ms(
-            lambda: serve(images=tf.constant(one))[saved_model_lib.EMBEDDING_KEY].numpy(),
-            latency_runs,
-        ),
-        "saved_model_embed_bytes_png": measure.median_latency_ms(
-            lambda: embed_bytes(image_bytes=encoded[:1])[saved_model_lib.EMBEDDING_KEY].numpy(),
-            latency_runs,
-        ),
-    }
-    recall = None
-    if litert_written:
-        for quantization in litert.QUANTIZATIONS:
-            path = os.path.join(folder, litert.FILE_NAMES[quantization])
-            sizes[litert.FILE_NAMES[quantization]] = measure.path_size(path)
-            runner = litert.LiteRTModel(path, normalize=normalized and quantization == litert.INT8)
-            parity[f"litert_{quantization}"] = measure.parity(reference, runner(images))
-            latency[f"litert_{quantization}"] = runner.latency_ms(one, runs=latency_runs)
-        path = os.path.join(folder, retrieval.RETRIEVAL_FILE)
-        sizes[retrieval.RETRIEVAL_FILE] = measure.path_size(path)
-        sizes[retrieval.GALLERY_FILE] = measure.path_size(
-            os.path.join(folder, retrieval.GALLERY_FILE)
-        )
-        latency["litert_retrieval"] = retrieval.Retriever(path).latency_ms(one, runs=latency_runs)
-        recall = _recall(folder, spec, gallery, normalized, recall_max_images)
-    report = {
-        "sizes_bytes": sizes,
-        "parity_vs_keras": parity,
-        "parity_bounds": {
-            "saved_model_cosine_min": SAVED_MODEL_MIN_COSINE,
-            "litert_float32_cosine_min": LITERT_FLOAT_MIN_COSINE,
-        },
-        "latency_ms_per_image": latency,
-        "latency_setup": (
-            f"batch 1, median of {latency_runs} runs after 5 warm-up runs, "
-            f"{os.cpu_count()} CPU cores, LiteRT default threads (XNNPACK)"
-        ),
-    }
-    if recall is not None:
-        report["recall_at_1"] = recall
-    report["checks"] = _checks(parity, recall)
-    for name, ok in report["checks"].items():
-        if not ok:
-            logging.warning("Export check failed: %s (see %s).", name, REPORT_FILE)
-    return report
+    Each step is one rename on one filesystem; an existing version folder (--overwrite) is
+    moved aside first and removed only once the new one is in place.
+    """
+    base = os.path.join(export_dir, layout.SAVED_MODEL_DIR)
+    os.makedirs(base, exist_ok=True)
+    target = os.path.join(base, str(version))
+    replaced = None
+    if os.path.exists(target):
+        replaced = os.path.join(staging, "replaced_version")
+        os.replace(target, replaced)
+    os.replace(os.path.join(staging, layout.SAVED_MODEL_DIR, str(version)), target)
+    for name, path in report["files"].items():
+        if name != "saved_model" and isinstance(path, str):
+            os.replace(os.path.join(staging, path), os.path.join(export_dir, path))
+    atomic.write_json(os.path.join(export_dir, layout.REPORT_FILE), report)
+    if replaced is not None:
+        shutil.rmtree(replaced, ignore_errors=True)
 
 
-def _checks(parity, recall):
-    """The issue's acceptance bounds, evaluated on this export's figures."""
-    checks = {
-        "saved_model_cosine_min>=0.99999": all(
-            parity[key]["cosine_min"] >= SAVED_MODEL_MIN_COSINE
-            for key in ("saved_model_serving_default", "saved_model_embed_bytes_png")
-        ),
-    }
-    if "litert_float32" in parity:
-        checks["litert_float32_cosine_min>=0.9999"] = (
-            parity["litert_float32"]["cosine_min"] >= LITERT_FLOAT_MIN_COSINE
-        )
-    if recall is not None:
-        checks["int8_recall_at_1_within_1_point_of_float32"] = (
-            abs(recall["int8_minus_float32_points"]) <= 1.0
-        )
-    return checks
-
-
-def _keras_latency_fn(model, model_input):
-    embed = tf.function(lambda x: model(x, training=False))
-    return lambda: embed(model_input).numpy()
-
-
-def _recall(folder, spec, gallery, normalized, max_images):
-    """Recall@1 of Keras and of every LiteRT embedding model on the gallery split."""
-    embeddings, labels, catalog = gallery
-    indices = raw_data.whole_classes(labels, max_images)
-    result = {
-        "split": catalog.name,
-        "num_images": len(indices),
-        "num_classes": len(np.unique(labels[indices])),
-        "keras": measure.recall_at_1(embeddings[indices], labels[indices], normalized),
-    }
-    for quantization in litert.QUANTIZATIONS:
-        path = os.path.join(folder, litert.FILE_NAMES[quantization])
-        normalize = normalized and quantization == litert.INT8
-        litert_embeddings = _litert_embeddings(path, catalog, indices, spec, normalize)
-        result[f"litert_{quantization}"] = measure.recall_at_1(
-            litert_embeddings, labels[indices], normalized
-        )
-    result["int8_minus_float32_points"] = 100.0 * (
-        result[f"litert_{litert.INT8}"] - result[f"litert_{litert.FLOAT32}"]
-    )
-    return result
+def _path_size(path):
+    if os.path.isfile(path):
+        return os.path.getsize(path)
+    return sum(os.path.getsize(os.path.join(root, name))
+               for root, _, names in os.walk(path) for name in names)
 
 
 def export_run(model_dir, export_dir, **kwargs):
-    """Loads a trained run (`run_loader.load_run`) and exports it (`export_model`).
+    """Loads a trained run (`task.load_run`) and exports it (`export_model`).
 
     Args:
         model_dir: the run folder written by train.py.
@@ -486,5 +422,5 @@ def export_run(model_dir, export_dir, **kwargs):
     # Fail on the folder before spending time on loading.
     resolve_version(os.path.abspath(os.fspath(export_dir)), kwargs.get("version"),
                     kwargs.get("overwrite", False))
-    run = run_loader.load_run(model_dir)
+    run = task.load_run(model_dir)
     return export_model(run.model, run.config, export_dir, source=run.source, **kwargs)

@@ -1,7 +1,8 @@
 """LiteRT (TFLite) embedding models that take raw uint8 images, preprocessing inside.
 
-Three quantizations of the same graph (input uint8 [1, H, W, 3], `raw_input.RawInputSpec`'s
-`litert_input_size`; output float32 [1, D]):
+Three quantizations of the same inference model (`inference.inference_model` with fixed-size
+preprocessing; input uint8 [1, H, W, 3] with (H, W) = `RawForm.fixed_size`; output float32
+[1, D]):
 
 | file                         | weights | activations | output                                   |
 | ---------------------------- | ------- | ----------- | ---------------------------------------- |
@@ -11,12 +12,13 @@ Three quantizations of the same graph (input uint8 [1, H, W, 3], `raw_input.RawI
 
 The full-integer model's graph is linear up to the backbone (`integer_steps=False`) so that every
 op after the input cast is an int8 builtin (`supported_ops=[TFLITE_BUILTINS_INT8]`), and it stops
-before the L2 normalization: an int8 normalized output would quantize unit vectors to steps of
-1/128, so a model that normalizes is normalized by the caller after dequantizing
-(`LiteRTModel` does it). It is calibrated on raw training images drawn by the training sampler.
+before the L2 normalization (the model's `unnormalized_embedder`): an int8 normalized output
+would quantize unit vectors to steps of 1/128, so a model that normalizes is normalized by the
+caller after dequantizing (`LiteRTModel` does it). It is calibrated on raw training images drawn
+by the training sampler (`data.calibration_images`).
 
-The graphs are written with `keras.export.ExportArchive` to a scratch SavedModel and converted with
-`TFLiteConverter.from_saved_model` (stack.md §8).
+The models are written with `keras.export.ExportArchive` to a scratch SavedModel and converted
+with `TFLiteConverter.from_saved_model`.
 """
 
 import os
@@ -28,8 +30,7 @@ import numpy as np
 import tensorflow as tf
 
 from dvml_tf import data as data_lib
-from dvml_tf.data.preprocessing import resize_square
-from dvml_tf.export import raw_input
+from dvml_tf.export import inference as inference_lib
 from dvml_tf.export import saved_model as saved_model_lib
 
 FLOAT32 = "float32"
@@ -44,11 +45,11 @@ FILE_NAMES = {
 SIGNATURE = saved_model_lib.SERVING_DEFAULT
 
 
-def convert_endpoint(embedder, fn, signature, configure=None):
+def convert_endpoint(model, fn, signature, configure=None):
     """Writes one endpoint to a scratch SavedModel and converts it to a TFLite flatbuffer.
 
     Args:
-        embedder: the `saved_model.EmbeddingModel` (or any built Keras layer) `fn` calls.
+        model: the Keras model `fn` calls (an inference model).
         fn: the endpoint function, returning a dict of named outputs.
         signature: its input signature (list of named `tf.TensorSpec`).
         configure: optional callable applied to the `TFLiteConverter` (quantization options).
@@ -58,7 +59,7 @@ def convert_endpoint(embedder, fn, signature, configure=None):
     """
     with tempfile.TemporaryDirectory(prefix="dvml_litert_") as scratch:
         archive = keras.export.ExportArchive()
-        archive.track(embedder)
+        archive.track(model)
         archive.add_endpoint(SIGNATURE, fn, input_signature=signature)
         path = os.path.join(scratch, "saved_model")
         archive.write_out(path, verbose=False)
@@ -68,28 +69,31 @@ def convert_endpoint(embedder, fn, signature, configure=None):
         return converter.convert()
 
 
-def input_signature(spec):
-    """The LiteRT models' input: one raw uint8 image.
+def input_signature(raw_form, preprocess):
+    """The LiteRT models' input: one raw uint8 image at the fixed size.
 
     Args:
-        spec: `raw_input.RawInputSpec`.
+        raw_form: `data.RawForm`.
+        preprocess: the run's `data.PreprocessConfig`.
 
     Returns:
         list with one `tf.TensorSpec` named `images`.
     """
-    height, width = spec.litert_input_size
+    height, width = raw_form.fixed_size(preprocess)
     return [tf.TensorSpec([1, height, width, 3], tf.uint8, name=saved_model_lib.IMAGES_KEY)]
 
 
-def convert_embedding_model(model, spec, quantization=FLOAT32, calibration_images=None):
-    """Converts a trained model to a LiteRT embedding model.
+def convert_embedding_model(model, raw_form, preprocess, quantization=FLOAT32,
+                            calibration_images=None):
+    """Converts a trained model's inference model to a LiteRT embedding model.
 
     Args:
         model: a `DVMLModel`.
-        spec: `raw_input.RawInputSpec`.
+        raw_form: `data.RawForm` of its dataset.
+        preprocess: the run's `data.PreprocessConfig`.
         quantization: one of `QUANTIZATIONS`.
-        calibration_images: for INT8: uint8 array [N, H, W, 3] of raw training images at
-            `spec.litert_input_size` (see `calibration_images`).
+        calibration_images: for INT8: uint8 array [N, H, W, 3] of raw training images at the
+            fixed input size (see `int8_calibration_images`).
 
     Returns:
         bytes, the `.tflite` flatbuffer.
@@ -102,11 +106,13 @@ def convert_embedding_model(model, spec, quantization=FLOAT32, calibration_image
             f"Unknown quantization {quantization!r}; valid: {', '.join(QUANTIZATIONS)}."
         )
     full_integer = quantization == INT8
-    embedder = saved_model_lib.EmbeddingModel(model, normalize=False if full_integer else None)
+    inference = inference_lib.inference_model(
+        model, raw_form, preprocess, fixed_size=True, integer_steps=not full_integer,
+        normalize=not full_integer,
+    )
 
     def embed(images):
-        inputs = raw_input.litert_model_input(images, spec, integer_steps=not full_integer)
-        return {saved_model_lib.EMBEDDING_KEY: embedder(inputs)}
+        return {saved_model_lib.EMBEDDING_KEY: inference(images)}
 
     configure = None
     if quantization == DYNAMIC_RANGE:
@@ -117,7 +123,7 @@ def convert_embedding_model(model, spec, quantization=FLOAT32, calibration_image
     elif full_integer:
         if calibration_images is None or len(calibration_images) == 0:
             raise ValueError("quantization='int8' needs calibration_images (raw training images).")
-        expected = (*spec.litert_input_size, 3)
+        expected = (*raw_form.fixed_size(preprocess), 3)
         calibration_images = np.asarray(calibration_images)
         if calibration_images.dtype != np.uint8 or calibration_images.shape[1:] != expected:
             raise ValueError(
@@ -134,70 +140,25 @@ def convert_embedding_model(model, spec, quantization=FLOAT32, calibration_image
             converter.representative_dataset = representative_dataset
             converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
 
-    return convert_endpoint(embedder, embed, input_signature(spec), configure)
+    return convert_endpoint(inference, embed, input_signature(raw_form, preprocess), configure)
 
 
-def litert_inputs(catalog, indices, spec, batch_size=256):
-    """Raw images of a catalog in the LiteRT models' input form.
-
-    Args:
-        catalog: an `ImageCatalog` of raw 3-channel images (see `data_access.load_raw_splits`).
-        indices: int image indices.
-        spec: `raw_input.RawInputSpec`.
-        batch_size: images decoded per batch.
-
-    Returns:
-        np.uint8 [len(indices), H, W, 3] with (H, W) = `spec.litert_input_size`. Raw images of
-        another size (photos) are resized as the loader resizes them (antialiased, rounded).
-    """
-    if catalog.num_channels != 3:
-        raise ValueError(f"{catalog!r} must hold raw RGB images (3 channels).")
-    height, width = spec.litert_input_size
-    fetch = catalog.fetch_fn()
-
-    def load(index):
-        image = fetch(index)
-        shape = tf.shape(image)
-        same = tf.logical_and(tf.equal(shape[0], height), tf.equal(shape[1], width))
-        image = tf.cond(
-            same,
-            lambda: image,
-            lambda: tf.cast(tf.round(resize_square(image, height)), tf.uint8),
-        )
-        return tf.ensure_shape(image, [height, width, 3])
-
-    indices = np.asarray(indices, dtype=np.int64).reshape(-1)
-    out = np.zeros([len(indices), height, width, 3], np.uint8)
-    dataset = (
-        tf.data.Dataset.from_tensor_slices(indices)
-        .map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-        .batch(batch_size)
-    )
-    start = 0
-    for batch in dataset.as_numpy_iterator():
-        out[start : start + len(batch)] = batch
-        start += len(batch)
-    return out
-
-
-def calibration_images(catalog, spec, num_images=200, classes_per_batch=64, images_per_class=2,
-                       seed=0):
-    """Raw training images for full-integer calibration, at the LiteRT input size.
-
-    The images of `data.raw_calibration_dataset`: the first draws of the run's training sampler,
-    raw (the model preprocesses inside its graph), photos resized to the LiteRT input size as the
-    loader resizes them.
+def int8_calibration_images(catalog, raw_form, preprocess, num_images=200, classes_per_batch=64,
+                            images_per_class=2, seed=0):
+    """Raw training images calibrating the full-integer model, at the LiteRT input size: the
+    first draws of the run's training sampler (`data.calibration_images`).
 
     Args:
         catalog: the raw training `ImageCatalog`.
-        spec: `raw_input.RawInputSpec`.
+        raw_form: `data.RawForm`.
+        preprocess: the run's `data.PreprocessConfig`.
         num_images: int >= 1.
         classes_per_batch: P of the run (capped at the number of classes with 2+ images).
         images_per_class: K of the run.
         seed: the run's seed.
 
     Returns:
-        np.uint8 [num_images, H, W, 3] with (H, W) = `spec.litert_input_size`.
+        np.uint8 [num_images, H, W, 3].
     """
     if num_images < 1:
         raise ValueError(f"num_images must be >= 1; got {num_images}.")
@@ -206,10 +167,8 @@ def calibration_images(catalog, spec, num_images=200, classes_per_batch=64, imag
     sampler = data_lib.ClassBalancedSampler(
         catalog.labels, min(classes_per_batch, usable), images_per_class, seed=seed
     )
-    # A fixed raw size (Omniglot) is the input size itself; photos of any size are resized.
-    size = None if spec.raw_size is not None else spec.litert_input_size[0]
-    generate = data_lib.raw_calibration_dataset(catalog, sampler, num_images, image_size=size)
-    return np.concatenate([image for (image,) in generate()])
+    return data_lib.calibration_images(catalog, sampler, num_images,
+                                       size=raw_form.fixed_size(preprocess))
 
 
 class LiteRTModel:

@@ -18,9 +18,8 @@ import json
 import numpy as np
 import tensorflow as tf
 
+from dvml_tf.export import inference as inference_lib
 from dvml_tf.export import litert
-from dvml_tf.export import raw_input
-from dvml_tf.export import saved_model as saved_model_lib
 from dvml_tf.utils import atomic
 
 RETRIEVAL_FILE = "retrieval.tflite"
@@ -37,12 +36,15 @@ def score_name(normalized):
     return COSINE if normalized else NEGATIVE_SQUARED_EUCLIDEAN
 
 
-def convert_retrieval_model(model, spec, gallery_embeddings, top_k=10, gallery_labels=None):
-    """Builds the retriever of a trained model and a gallery.
+def convert_retrieval_model(model, raw_form, preprocess, gallery_embeddings, top_k=10,
+                            gallery_labels=None):
+    """Builds the retriever of a trained model and a gallery: the LiteRT inference model
+    followed by a scoring of the baked-in gallery.
 
     Args:
         model: a `DVMLModel`.
-        spec: `raw_input.RawInputSpec`.
+        raw_form: `data.RawForm` of its dataset.
+        preprocess: the run's `data.PreprocessConfig`.
         gallery_embeddings: float array [N, D], the model's embeddings of the gallery images
             (as `serving_default` computes them).
         top_k: int in [1, N], results per query.
@@ -55,11 +57,12 @@ def convert_retrieval_model(model, spec, gallery_embeddings, top_k=10, gallery_l
     Raises:
         ValueError: bad gallery shape, labels or top_k.
     """
-    embedder = saved_model_lib.EmbeddingModel(model)
+    inference = inference_lib.inference_model(model, raw_form, preprocess, fixed_size=True)
+    normalized = bool(model.normalize_embeddings)
     gallery = np.asarray(gallery_embeddings, dtype=np.float32)
-    if gallery.ndim != 2 or gallery.shape[1] != embedder.embedding_dim or len(gallery) == 0:
+    if gallery.ndim != 2 or gallery.shape[1] != model.embedding_dim or len(gallery) == 0:
         raise ValueError(
-            f"gallery_embeddings must be [N >= 1, {embedder.embedding_dim}]; got {gallery.shape}."
+            f"gallery_embeddings must be [N >= 1, {model.embedding_dim}]; got {gallery.shape}."
         )
     if not 1 <= top_k <= len(gallery):
         raise ValueError(f"top_k must be in [1, {len(gallery)}] (the gallery size); got {top_k}.")
@@ -77,9 +80,9 @@ def convert_retrieval_model(model, spec, gallery_embeddings, top_k=10, gallery_l
     squared_norms = np.sum(np.square(gallery.astype(np.float64)), axis=1).astype(np.float32)
 
     def retrieve(images):
-        query = embedder(raw_input.litert_model_input(images, spec))
+        query = inference(images)
         similarity = tf.matmul(query, tf.constant(gallery), transpose_b=True)
-        if embedder.normalize:
+        if normalized:
             scores = similarity
         else:
             # -|q - g|^2 = 2 q.g - |g|^2 - |q|^2
@@ -91,7 +94,8 @@ def convert_retrieval_model(model, spec, gallery_embeddings, top_k=10, gallery_l
             outputs[LABELS_KEY] = tf.gather(tf.constant(gallery_labels, tf.int32), indices)
         return outputs
 
-    return litert.convert_endpoint(embedder, retrieve, litert.input_signature(spec))
+    return litert.convert_endpoint(inference, retrieve,
+                                   litert.input_signature(raw_form, preprocess))
 
 
 def write_gallery_json(path, labels, catalog=None, split="test", dataset="", top_k=10,

@@ -3,21 +3,21 @@
 Signatures (TF Serving's defaults: serve tag, `serving_default` used when none is named):
 
 * `serving_default`: `images` uint8 [None, H, W, 3] in the dataset's raw form (see
-  `raw_input.RawInputSpec`) -> `{"embedding": float32 [None, D]}`.
+  `data.RawForm`) -> `{"embedding": float32 [None, D]}`: the inference model
+  (`inference.inference_model`: raw-form preprocessing, then the model's embedder).
 * `embed_bytes`: `image_bytes` string [None], encoded JPEG/PNG/GIF/BMP/WebP files (REST clients
-  send `{"b64": ...}`) -> the same output. Each string is decoded to RGB, converted and
-  preprocessed on its own (images may differ in size).
+  send `{"b64": ...}`) -> the same output. Each string is decoded to RGB and preprocessed on its
+  own by the same preprocessing layer (images may differ in size), then the same embedder runs.
 
 Written with `keras.export.ExportArchive`, which saves only the variables the endpoints use (the
-backbone and the z_I head): the decoder and the variance heads are not in the SavedModel.
-(stack.md §8: a bare `tf.Module` saved with `tf.saved_model.save` gave NaN LiteRT models;
-ExportArchive does not.)
+backbone and the z_I head): the decoder and the variance heads are not in the SavedModel. (A
+bare `tf.Module` saved with `tf.saved_model.save` gave NaN LiteRT models; ExportArchive does not.)
 """
 
 import keras
 import tensorflow as tf
 
-from dvml_tf.export import raw_input
+from dvml_tf.export import inference as inference_lib
 
 SERVING_DEFAULT = "serving_default"
 EMBED_BYTES = "embed_bytes"
@@ -26,42 +26,13 @@ IMAGE_BYTES_KEY = "image_bytes"
 EMBEDDING_KEY = "embedding"
 
 
-class EmbeddingModel(keras.Model):
-    """The inference path of a `DVMLModel`: backbone, z_I head, optional L2 normalization.
-
-    It shares (does not copy) the layers of the trained model, so exporting it saves only their
-    variables.
-
-    Args:
-        model: a `DVMLModel`.
-        normalize: L2-normalize z_I; default: as the model does (`model.normalize_embeddings`).
-    """
-
-    def __init__(self, model, normalize=None, **kwargs):
-        super().__init__(**kwargs)
-        self.backbone = model.backbone
-        self.embedding_head = model.embedding_head
-        self.normalize = model.normalize_embeddings if normalize is None else bool(normalize)
-        self.image_size = int(model.backbone.inputs[0].shape[1])
-        self.embedding_dim = int(model.embedding_dim)
-        self(tf.zeros([1, self.image_size, self.image_size, 3]))
-
-    def call(self, images):
-        # The same ops as DVMLModel.call in inference mode.
-        features = tf.cast(self.backbone(images, training=False), "float32")
-        embeddings = self.embedding_head(features)
-        if self.normalize:
-            embeddings = tf.math.l2_normalize(embeddings, axis=-1)
-        return embeddings
-
-
-def _embed_batch(embedder, images):
-    """Embeds a preprocessed batch; an empty batch gives [0, D] (TF's oneDNN batch norm fails on
-    a batch of 0)."""
+def _embed_batch(embed, images, embedding_dim):
+    """Embeds a batch; an empty batch gives [0, D] (TF's oneDNN batch norm fails on a batch
+    of 0)."""
     return tf.cond(
         tf.shape(images)[0] > 0,
-        lambda: embedder(images),
-        lambda: tf.zeros([0, embedder.embedding_dim], tf.float32),
+        lambda: embed(images),
+        lambda: tf.zeros([0, embedding_dim], tf.float32),
     )
 
 
@@ -130,37 +101,35 @@ def check_image_bytes(image_bytes):
         return tf.identity(image_bytes)
 
 
-def serving_functions(model, spec):
+def serving_functions(model, raw_form, preprocess):
     """The two endpoint functions and their input signatures.
 
     Args:
         model: a `DVMLModel`.
-        spec: `raw_input.RawInputSpec`.
+        raw_form: `data.RawForm` of its dataset.
+        preprocess: the run's `data.PreprocessConfig`.
 
     Returns:
-        `(embedder, {name: (fn, input_signature)})` where `embedder` is the `EmbeddingModel` the
-        functions call (track it in the archive).
+        `(inference, {name: (fn, input_signature)})` where `inference` is the
+        `inference.inference_model` both functions run.
     """
-    embedder = EmbeddingModel(model)
-    height, width = spec.raw_size or (None, None)
-    size = spec.image_size
+    inference = inference_lib.inference_model(model, raw_form, preprocess)
+    preprocessor, embedder = inference.layers
+    height, width = raw_form.raw_size or (None, None)
+    size, dim = preprocess.crop_size, model.embedding_dim
 
     def serve_images(images):
-        images = raw_input.check_raw_images(images, spec, SERVING_DEFAULT)
-        return {EMBEDDING_KEY: _embed_batch(embedder, raw_input.to_model_input(images, spec))}
-
-    def preprocess_one(contents):
-        image = decode_raw_image(contents)
-        return raw_input.to_model_input(image[tf.newaxis], spec)[0]
+        images = raw_form.check_images(images, SERVING_DEFAULT)
+        return {EMBEDDING_KEY: _embed_batch(inference, images, dim)}
 
     def serve_bytes(image_bytes):
         image_bytes = check_image_bytes(image_bytes)
         images = tf.map_fn(
-            preprocess_one,
+            lambda contents: preprocessor(decode_raw_image(contents)[tf.newaxis])[0],
             image_bytes,
             fn_output_signature=tf.TensorSpec([size, size, 3], tf.float32),
         )
-        return {EMBEDDING_KEY: _embed_batch(embedder, images)}
+        return {EMBEDDING_KEY: _embed_batch(embedder, images, dim)}
 
     endpoints = {
         SERVING_DEFAULT: (
@@ -172,23 +141,24 @@ def serving_functions(model, spec):
             [tf.TensorSpec([None], tf.string, name=IMAGE_BYTES_KEY)],
         ),
     }
-    return embedder, endpoints
+    return inference, endpoints
 
 
-def write_saved_model(model, spec, path):
+def write_saved_model(model, raw_form, preprocess, path):
     """Writes the serving SavedModel of a trained model.
 
     Args:
         model: a `DVMLModel`.
-        spec: `raw_input.RawInputSpec` of its dataset.
+        raw_form: `data.RawForm` of its dataset.
+        preprocess: the run's `data.PreprocessConfig`.
         path: the version folder to create (e.g. `E/saved_model/1`); must not exist.
 
     Returns:
         `path`.
     """
-    _, endpoints = serving_functions(model, spec)
+    _, endpoints = serving_functions(model, raw_form, preprocess)
     archive = keras.export.ExportArchive()
-    # No `archive.track(embedder)`: add_endpoint already saves the variables the endpoints use,
+    # No `archive.track(inference)`: add_endpoint already saves the variables the endpoints use,
     # and tracking the Keras model too would save every weight a second time (as the Keras
     # variable besides the tf.Variable the functions capture), doubling the SavedModel.
     for name, (fn, signature) in endpoints.items():

@@ -7,6 +7,7 @@ from dvml_tf.models.dvml_model import LOG_KEYS
 from dvml_tf.models.dvml_model import PAPER_PHASE1_WEIGHTS
 from dvml_tf.models.dvml_model import PAPER_PHASE2_WEIGHTS
 from dvml_tf.models.dvml_model import DVMLModel
+from dvml_tf.models.dvml_model import inference_function
 
 __all__ = [
     "BACKBONES",
@@ -16,4 +17,5 @@ __all__ = [
     "DVMLModel",
     "PixelNormalization",
     "build_backbone",
+    "inference_function",
 ]

@@ -41,14 +41,49 @@ LOG_KEYS = (
     "sigma",
 )
 
-# How the synthesized-sample loss L_syn reaches the variance heads (mu, log sigma^2):
-#   "full"    the paper: L_syn trains them like every other term;
-#   "stop"    L_syn does not reach them: q(z_V|x) is shaped by KL and reconstruction only;
-#   "reverse" its gradient is reversed: the heads make synthesized samples harder (adversarial).
-SYNTHESIS_GRADIENTS = ("full", "stop", "reverse")
-
 # Sub-seeds for the independent random draws of one step.
 _NOISE, _SAMPLING_INV, _SAMPLING_SYN = 1, 2, 3
+
+
+# Options that left the product for research/dvml_omniglot. A model.keras or config.json written
+# before then carries them: their paper values load as they are, anything else is refused.
+RETIRED_OPTIONS = {"normalize_before_sum": False, "synthesis_gradient": "full"}
+
+
+def drop_retired_options(values):
+    """A copy of a model or run configuration without the retired research options.
+
+    Args:
+        values: dict, a `DVMLModel` config or a `TrainConfig` dict.
+
+    Returns:
+        dict.
+
+    Raises:
+        ValueError: a retired option with a value other than the paper's.
+    """
+    values = dict(values)
+    for name, paper_value in RETIRED_OPTIONS.items():
+        value = values.pop(name, paper_value)
+        if value != paper_value:
+            raise ValueError(
+                f"This model was trained with {name}={value!r}, a research variant that is no "
+                "longer part of dvml_tf; research/dvml_omniglot/variants.py builds such models."
+            )
+    return values
+
+
+def inference_function(model):
+    """A compiled inference-mode call of a Keras model (`DVMLModel`, its `embedder`, its
+    backbone, an export's inference model): the one wrapper evaluation and export use.
+
+    Args:
+        model: a `keras.Model`.
+
+    Returns:
+        `tf.function` mapping a batch of images to the model's output (training=False).
+    """
+    return tf.function(lambda images: model(images, training=False), reduce_retracing=True)
 
 
 def _replica_context():
@@ -63,11 +98,13 @@ def _replica_context():
 class DVMLModel(keras.Model):
     """Deep Variational Metric Learning around any pooled-feature backbone.
 
-    `call` (and so `predict`, `test_step` and every export) returns z_I only, L2-normalized when
-    the metric loss trains on normalized embeddings; mu, log sigma^2 and the decoder exist for
-    training only and are not built when `use_dvml=False`, which trains the plain base-loss
-    baseline with the same backbone and the same z_I head (and, under the same Keras seed, the
-    same initial weights), so that comparisons are like for like.
+    `embedder` is the inference model: a functional `keras.Model` backbone -> z_I head ->
+    L2 normalization (when the metric loss trains on normalized embeddings). `call` (and so
+    `predict` and `test_step`), evaluation and every export run it, so there is one forward
+    pass. mu, log sigma^2 and the decoder exist for training only and are not built when
+    `use_dvml=False`, which trains the plain base-loss baseline with the same backbone and the
+    same z_I head (and, under the same Keras seed, the same initial weights), so that
+    comparisons are like for like.
 
     Args:
         backbone: `keras.Model` mapping images to a pooled feature `[B, F]`.
@@ -85,9 +122,6 @@ class DVMLModel(keras.Model):
         decoder_hidden_dim: int, width of the decoder's tanh layer (512 in the paper).
         variance_scale: float s; z_V = s * (mu + sigma * eps), i.e. a N(0, s^2 I) prior on z_V
             (paper: 1). Below 1 it keeps the synthesized samples near their class centre.
-        normalize_before_sum: bool. Synthesize z = normalize(z_I) + z_V instead of the paper's
-            z_I + z_V, so that the ratio of variance to centre does not depend on ||z_I||.
-        synthesis_gradient: one of `SYNTHESIS_GRADIENTS` (paper: "full").
         seed: int, seeds the z_V noise and the loss's sampling together with the step counter.
         **kwargs: forwarded to `keras.Model` (e.g. `name`).
 
@@ -114,8 +148,6 @@ class DVMLModel(keras.Model):
         phase2_weights=PAPER_PHASE2_WEIGHTS,
         decoder_hidden_dim=512,
         variance_scale=1.0,
-        normalize_before_sum=False,
-        synthesis_gradient="full",
         seed=0,
         **kwargs,
     ):
@@ -142,11 +174,6 @@ class DVMLModel(keras.Model):
         ):
             if int(value) < 1:
                 raise ValueError(f"{label} must be >= 1; got {value}.")
-        if synthesis_gradient not in SYNTHESIS_GRADIENTS:
-            raise ValueError(
-                f"Unknown synthesis_gradient {synthesis_gradient!r}; valid: "
-                f"{', '.join(SYNTHESIS_GRADIENTS)}."
-            )
         if float(variance_scale) <= 0:
             raise ValueError(f"variance_scale must be > 0; got {variance_scale}.")
         if int(phase1_steps) < 0:
@@ -170,8 +197,6 @@ class DVMLModel(keras.Model):
         self.phase2_weights = tuple(float(w) for w in phase2_weights)
         self.decoder_hidden_dim = int(decoder_hidden_dim)
         self.variance_scale = float(variance_scale)
-        self.normalize_before_sum = bool(normalize_before_sum)
-        self.synthesis_gradient = synthesis_gradient
         self.seed = int(seed)
         self.feature_dim = int(backbone.outputs[0].shape[-1])
 
@@ -215,6 +240,8 @@ class DVMLModel(keras.Model):
             name="phase_switch_step",
         )
         self.trackers = {key: keras.metrics.Mean(name=key) for key in LOG_KEYS if key != "loss"}
+        # Before build(): Keras locks a built model's state.
+        self.embedder = self._build_embedder()
         self.build()
 
     # ----------------------------------------------------------------------------------- build
@@ -245,15 +272,24 @@ class DVMLModel(keras.Model):
         """The current phase, 1 or 2 (a Python int; read outside `tf.function`)."""
         return 1 if int(self.step_counter.numpy()) < int(self.phase_switch_step.numpy()) else 2
 
-    def call(self, images, training=False):
-        features = self.backbone(images, training=training)
-        return self._embed(tf.cast(features, "float32"))
-
-    def _embed(self, features):
-        embeddings = self.embedding_head(features)
+    def _build_embedder(self):
+        """The inference model, sharing (not copying) the backbone and the z_I head."""
+        images = keras.Input(shape=self.backbone.inputs[0].shape[1:], name="images")
+        embeddings = self.embedding_head(self.backbone(images))
         if self.normalize_embeddings:
-            embeddings = tf.math.l2_normalize(embeddings, axis=-1)
-        return embeddings
+            # The same op as tf.math.l2_normalize (max |diff| 0, tested).
+            embeddings = keras.layers.UnitNormalization(dtype="float32", name="l2_normalize")(
+                embeddings
+            )
+        return keras.Model(images, embeddings, name="embedder")
+
+    def unnormalized_embedder(self):
+        """A view of `embedder` that stops before the L2 normalization (z_I itself), for the
+        full-integer LiteRT model, whose int8 output cannot carry unit vectors precisely."""
+        return keras.Model(self.embedder.inputs[0], self.embedding_head.output, name="z_invariant")
+
+    def call(self, images, training=False):
+        return self.embedder(images, training=training)
 
     # -------------------------------------------------------------------------------- training
 
@@ -315,21 +351,7 @@ class DVMLModel(keras.Model):
         )
         noise = noise[:, replica_id * local_batch : (replica_id + 1) * local_batch]
         z_var = self.variance_scale * (mean + sigma * noise)  # [T, B, J], reparameterized
-        centre = tf.math.l2_normalize(z_inv, axis=-1) if self.normalize_before_sum else z_inv
-        z_syn = centre + z_var
-        if self.synthesis_gradient == "stop":
-            z_syn_metric = centre + tf.stop_gradient(z_var)
-        elif self.synthesis_gradient == "reverse":
-            # Only the two heads play the adversary: recompute them on a frozen feature (same
-            # value), then pass z_V forward unchanged and its gradient backward negated.
-            frozen_features = tf.stop_gradient(features)
-            adversary = self.variance_scale * (
-                self.mean_head(frozen_features)
-                + tf.exp(0.5 * self.log_variance_head(frozen_features)) * noise
-            )
-            z_syn_metric = centre + tf.stop_gradient(2.0 * adversary) - adversary
-        else:
-            z_syn_metric = z_syn
+        z_syn, z_syn_metric = self.synthesize(z_inv, z_var, features, noise)
 
         in_phase1 = self.step_counter < self.phase_switch_step
         # Phase 1 cuts the gradient from the decoder at its input (paper §3.5). The gate keeps
@@ -376,6 +398,26 @@ class DVMLModel(keras.Model):
         )
         return objective, logs
 
+    def synthesize(self, z_inv, z_var, features, noise):
+        """The synthesized embeddings (paper Eq. 7): z = z_I + z_V.
+
+        A subclass can change how samples are synthesized (research variants do) without
+        touching the rest of the step.
+
+        Args:
+            z_inv: float32 `[B, J]`, this replica's z_I.
+            z_var: float32 `[T, B, J]`, the reparameterized draws of z_V.
+            features: float32 `[B, F]`, the backbone features f(x).
+            noise: float32 `[T, B, J]`, the standard normal draws behind `z_var`.
+
+        Returns:
+            `(decoder_input, metric_input)`, both `[T, B, J]`: what the decoder reconstructs
+            f(x) from, and what the synthesized metric loss L_syn is computed on.
+        """
+        del features, noise  # used by subclasses
+        z_syn = z_inv + z_var
+        return z_syn, z_syn
+
     def train_step(self, data):
         images, labels = data[0], data[1]
         with tf.GradientTape() as tape:
@@ -410,6 +452,11 @@ class DVMLModel(keras.Model):
 
     # --------------------------------------------------------------------------- serialization
 
+    @classmethod
+    def from_config(cls, config):
+        config = drop_retired_options(config)
+        return super().from_config(config)
+
     def get_config(self):
         config = super().get_config()
         config.update(
@@ -424,8 +471,6 @@ class DVMLModel(keras.Model):
                 "phase2_weights": self.phase2_weights,
                 "decoder_hidden_dim": self.decoder_hidden_dim,
                 "variance_scale": self.variance_scale,
-                "normalize_before_sum": self.normalize_before_sum,
-                "synthesis_gradient": self.synthesis_gradient,
                 "seed": self.seed,
             }
         )

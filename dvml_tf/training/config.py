@@ -4,19 +4,24 @@ A run is fully described by its `TrainConfig`; `train.py` resolves it from a pre
 (`dvml_tf/configs/<name>.py`) plus the flags given on the command line, writes it to
 `<model_dir>/config.json`, and refuses to resume a model_dir written with a configuration that
 would change the result.
+
+Every field is declared once, with its type, default, help text and (where it has them) its
+valid values: `train.py`'s flags and the flag table of docs/training.md are generated from these
+declarations (`dvml_tf.training.flags`).
 """
 
 import dataclasses
 import json
 
+from dvml_tf.data import DATASETS
 from dvml_tf.losses import METRIC_LOSSES
 from dvml_tf.models import BACKBONES
 from dvml_tf.models import PAPER_PHASE1_WEIGHTS
 from dvml_tf.models import PAPER_PHASE2_WEIGHTS
-from dvml_tf.models.dvml_model import SYNTHESIS_GRADIENTS
+from dvml_tf.models.dvml_model import drop_retired_options
 
-DATASETS = ("omniglot", "cub200", "cars196", "sop", "folder")
 STRATEGIES = ("default", "mirrored", "multi_worker")
+EVALUATION_SPLITS = ("test", "validation")
 
 # Fields that may change between an interrupted run and its resumption without changing what is
 # trained (where things are written, how often we look, how long we go on).
@@ -35,95 +40,116 @@ RESUMABLE_FIELDS = frozenset(
         "evaluation_split",
     }
 )
-EVALUATION_SPLITS = ("test", "validation")
+
+
+def _field(default, help, choices=None, group="run"):
+    """A TrainConfig field with its help text (and valid values) for flags and docs."""
+    metadata = {"help": help, "choices": choices, "group": group}
+    if isinstance(default, (dict, list)):
+        return dataclasses.field(default_factory=lambda: type(default)(default), metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
 
 
 @dataclasses.dataclass
 class TrainConfig:
-    """The configuration of one training run.
+    """The configuration of one training run (see each field's help, or docs/training.md)."""
 
-    Args:
-        config: name of the preset this configuration started from (for the record).
-        dataset: one of `DATASETS`.
-        data_dir: TFDS data directory, or the image folder for `dataset="folder"`.
-        image_size: side of the (cropped) training and test images.
-        resize_size: images are first resized to this square side; training takes a random
-            `image_size` crop, testing the centre crop (paper §4.1: 256 then 224).
-        validation_classes: number of training classes held out for model selection and
-            periodic evaluation (never the test classes). 0 = none.
-        backbone: one of `BACKBONES`.
-        pretrained: load ImageNet weights for a keras.applications backbone.
-        backbone_weights: optional `.weights.h5` for the backbone (e.g. ported GoogLeNet).
-        embedding_dim: size of z_I (512 in the paper).
-        loss: base metric loss, one of `METRIC_LOSSES`.
-        loss_options: keyword arguments of the loss (margin, l2_reg, normalize, temperature...).
-        dvml: train DVML (True) or the plain base-loss baseline (False).
-        num_samples: T, z_V draws per image.
-        phase1_fraction: fraction of `steps` spent in phase 1.
-        phase1_weights, phase2_weights: (KL, recon, synthesized metric, invariant metric).
-        variance_scale: s in z_V = s * (mu + sigma * eps) (paper: 1).
-        normalize_before_sum: synthesize normalize(z_I) + z_V (paper: z_I + z_V).
-        synthesis_gradient: "full" (paper), "stop" or "reverse": what L_syn does to the
-            variance heads (see `models.dvml_model.SYNTHESIS_GRADIENTS`).
-        classes_per_batch: P, distinct classes per batch.
-        images_per_class: K, images per class (N-pair: 2).
-        steps: total training steps.
-        learning_rate: Adam learning rate (paper: 1e-4).
-        weight_decay: decoupled weight decay (AdamW) if > 0; the paper states none.
-        seed: seeds weights, sampling and augmentation; a run is reproducible from it.
-        model_dir: where checkpoints, logs, the final model and metrics go.
-        eval_every: evaluate on the validation split every this many steps (0 = never).
-        log_every: write TensorBoard scalars every this many steps.
-        checkpoint_every: save a checkpoint every this many steps (and on interruption).
-        eval_batch_size: batch size for computing embeddings.
-        recall_ks: the K of Recall@K reported at the end (SOP: 1, 10, 100, 1000).
-        evaluation_split: the split evaluated at the end: "test" (metrics.json) or
-            "validation" (metrics_validation.json; for model selection, which must never look
-            at the test classes).
-        strategy: one of `STRATEGIES`.
-        sync_batch_norm: all-reduce batch-norm statistics across replicas (the update then
-            equals one device's on the global batch).
-        mixed_precision: float16 compute with float32 variables and losses.
-        jit_compile: compile the training step with XLA.
-    """
-
-    config: str = "omniglot"
-    dataset: str = "omniglot"
-    data_dir: str | None = None
-    image_size: int = 28
-    resize_size: int = 32
-    validation_classes: int = 0
-    backbone: str = "convnet_small"
-    pretrained: bool = False
-    backbone_weights: str | None = None
-    embedding_dim: int = 128
-    loss: str = "npair"
-    loss_options: dict = dataclasses.field(default_factory=dict)
-    dvml: bool = True
-    num_samples: int = 20
-    phase1_fraction: float = 0.25
-    phase1_weights: tuple = PAPER_PHASE1_WEIGHTS
-    phase2_weights: tuple = PAPER_PHASE2_WEIGHTS
-    variance_scale: float = 1.0
-    normalize_before_sum: bool = False
-    synthesis_gradient: str = "full"
-    classes_per_batch: int = 64
-    images_per_class: int = 2
-    steps: int = 3000
-    learning_rate: float = 1e-3
-    weight_decay: float = 0.0
-    seed: int = 0
-    model_dir: str = ""
-    eval_every: int = 0
-    log_every: int = 50
-    checkpoint_every: int = 500
-    eval_batch_size: int = 256
-    recall_ks: tuple = (1, 2, 4, 8)
-    evaluation_split: str = "test"
-    strategy: str = "default"
-    sync_batch_norm: bool = False
-    mixed_precision: bool = False
-    jit_compile: bool = False
+    config: str = _field("omniglot", "Preset this configuration started from (the record).")
+    # ------------------------------------------------------------------------------- data
+    dataset: str = _field("omniglot", "Dataset.", choices=DATASETS, group="data")
+    data_dir: str | None = _field(
+        None, "TFDS data directory, or the image folder for --dataset=folder.", group="data"
+    )
+    image_size: int = _field(28, "Side of the (cropped) training and test images.", group="data")
+    resize_size: int = _field(
+        32,
+        "Images are first resized to this square side; training takes a random image_size "
+        "crop, testing the centre crop (paper: 256 then 224).",
+        group="data",
+    )
+    validation_classes: int = _field(
+        0,
+        "Training classes held out for model selection and periodic evaluation (never test "
+        "classes); 0 = none.",
+        group="data",
+    )
+    # ------------------------------------------------------------------------------ model
+    backbone: str = _field("convnet_small", "Backbone network.", choices=BACKBONES, group="model")
+    pretrained: bool = _field(
+        False, "Start a keras.applications backbone from ImageNet weights.", group="model"
+    )
+    backbone_weights: str | None = _field(
+        None, "A .weights.h5 file for the backbone (e.g. GoogLeNet weights you ported).",
+        group="model",
+    )
+    embedding_dim: int = _field(128, "Size of z_I, mu and log sigma^2 (paper: 512).",
+                                group="model")
+    # ----------------------------------------------------------------------------- losses
+    loss: str = _field("npair", "Base metric loss.", choices=tuple(METRIC_LOSSES), group="loss")
+    loss_options: dict = _field(
+        {}, "Keyword arguments of the loss as key=value pairs, e.g. margin=0.3,mining=semihard.",
+        group="loss",
+    )
+    dvml: bool = _field(
+        True, "Train DVML (--dvml) or the plain base-loss baseline (--nodvml).", group="dvml"
+    )
+    num_samples: int = _field(20, "T: z_V draws per image (paper: 20).", group="dvml")
+    phase1_fraction: float = _field(0.25, "Fraction of the steps spent in phase 1.",
+                                    group="dvml")
+    phase1_weights: tuple = _field(
+        PAPER_PHASE1_WEIGHTS, "Phase-1 weights: KL,recon,synthesized,invariant.", group="dvml"
+    )
+    phase2_weights: tuple = _field(
+        PAPER_PHASE2_WEIGHTS, "Phase-2 weights: KL,recon,synthesized,invariant.", group="dvml"
+    )
+    variance_scale: float = _field(
+        1.0, "s in z_V = s * (mu + sigma * eps), i.e. a N(0, s^2 I) prior (paper: 1).",
+        group="dvml",
+    )
+    # ------------------------------------------------------------------------ optimization
+    classes_per_batch: int = _field(64, "P: distinct classes per batch.", group="optimization")
+    images_per_class: int = _field(2, "K: images per class (N-pair: 2).", group="optimization")
+    steps: int = _field(3000, "Training steps.", group="optimization")
+    learning_rate: float = _field(1e-3, "Adam learning rate (paper: 1e-4).",
+                                  group="optimization")
+    weight_decay: float = _field(
+        0.0, "Decoupled weight decay (AdamW) if > 0; the paper states none.",
+        group="optimization",
+    )
+    seed: int = _field(
+        0, "Seeds weights, batches, augmentation and noise; a run is reproducible from it.",
+        group="optimization",
+    )
+    # ------------------------------------------------------------------------------- run
+    model_dir: str = _field(
+        "", "Output folder; default: runs/{dataset}_{loss}_{dvml or baseline}_seed{seed}."
+    )
+    eval_every: int = _field(0, "Evaluate on the validation split every N steps (0 = never).")
+    log_every: int = _field(50, "TensorBoard logging interval in steps.")
+    checkpoint_every: int = _field(500, "Checkpoint interval in steps (and on interruption).")
+    eval_batch_size: int = _field(256, "Batch size for computing embeddings.")
+    recall_ks: tuple = _field((1, 2, 4, 8), "K of Recall@K reported at the end, e.g. 1,10,100.")
+    evaluation_split: str = _field(
+        "test",
+        "Split evaluated at the end: test (metrics.json) or validation (metrics_validation.json,"
+        " for model selection, which must never look at the test classes).",
+        choices=EVALUATION_SPLITS,
+    )
+    # ------------------------------------------------------------------------ distribution
+    strategy: str = _field(
+        "default",
+        "default: one device; mirrored: all local GPUs; multi_worker: the TF_CONFIG cluster.",
+        choices=STRATEGIES, group="distribution",
+    )
+    sync_batch_norm: bool = _field(
+        False, "All-reduce batch-norm statistics across replicas (GPUs/workers).",
+        group="distribution",
+    )
+    mixed_precision: bool = _field(
+        False, "float16 compute (GPU), float32 variables and losses.", group="distribution"
+    )
+    jit_compile: bool = _field(False, "Compile the training step with XLA.",
+                               group="distribution")
 
     @property
     def batch_size(self):
@@ -138,18 +164,13 @@ class TrainConfig:
 
     def validate(self):
         """Raises ValueError naming the first invalid field; returns self."""
-
-        def choice(field, valid):
-            value = getattr(self, field)
-            if value not in valid:
-                raise ValueError(f"Unknown {field} {value!r}; valid values: {', '.join(valid)}.")
-
-        choice("dataset", DATASETS)
-        choice("backbone", BACKBONES)
-        choice("loss", tuple(METRIC_LOSSES))
-        choice("strategy", STRATEGIES)
-        choice("synthesis_gradient", SYNTHESIS_GRADIENTS)
-        choice("evaluation_split", EVALUATION_SPLITS)
+        for field in dataclasses.fields(self):
+            valid = field.metadata.get("choices")
+            value = getattr(self, field.name)
+            if valid is not None and value not in valid:
+                raise ValueError(
+                    f"Unknown {field.name} {value!r}; valid values: {', '.join(valid)}."
+                )
         if self.evaluation_split == "validation" and self.validation_classes == 0:
             raise ValueError("evaluation_split=validation needs validation_classes > 0.")
         if self.variance_scale <= 0:
@@ -218,11 +239,11 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values):
+        values = drop_retired_options(values)
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(values) - known
         if unknown:
             raise ValueError(f"Unknown configuration fields: {', '.join(sorted(unknown))}.")
-        values = dict(values)
         for field in ("phase1_weights", "phase2_weights", "recall_ks"):
             if field in values:
                 values[field] = tuple(values[field])

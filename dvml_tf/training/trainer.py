@@ -19,64 +19,16 @@ import tensorflow as tf
 from absl import logging
 
 from dvml_tf import data as data_lib
-from dvml_tf import losses as losses_lib
 from dvml_tf import models
+from dvml_tf import task
 from dvml_tf.evaluation import runner
 from dvml_tf.training import distribution
 from dvml_tf.training.config import TrainConfig
 from dvml_tf.utils import atomic
 
-CONFIG_FILE = "config.json"
-METRICS_FILE = "metrics.json"
-MODEL_FILE = "model.keras"
-CHECKPOINT_DIR = "checkpoints"
-
 
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN or Inf; the last good checkpoint is left untouched."""
-
-
-def build_model(config):
-    """Builds the (uncompiled) DVMLModel a configuration describes."""
-    backbone = models.build_backbone(
-        config.backbone,
-        input_shape=(config.image_size, config.image_size, 3),
-        pretrained=config.pretrained,
-        weights_path=config.backbone_weights,
-        sync_batch_norm=config.sync_batch_norm,
-    )
-    metric_loss = losses_lib.get_metric_loss(config.loss, **config.loss_options)
-    return models.DVMLModel(
-        backbone,
-        metric_loss,
-        embedding_dim=config.embedding_dim,
-        use_dvml=config.dvml,
-        num_samples=config.num_samples,
-        phase1_steps=config.phase1_steps,
-        phase1_weights=config.phase1_weights,
-        phase2_weights=config.phase2_weights,
-        variance_scale=config.variance_scale,
-        normalize_before_sum=config.normalize_before_sum,
-        synthesis_gradient=config.synthesis_gradient,
-        seed=config.seed,
-        name="dvml" if config.dvml else "baseline",
-    )
-
-
-def build_optimizer(config):
-    # Paper §4.1: Adam, one learning rate for every parameter, no weight decay stated.
-    if config.weight_decay > 0:
-        return keras.optimizers.AdamW(config.learning_rate, weight_decay=config.weight_decay)
-    return keras.optimizers.Adam(config.learning_rate)
-
-
-def preprocess_config(config, splits):
-    # Mirrored strokes are other characters: no flips for Omniglot-like (grayscale) data.
-    return data_lib.PreprocessConfig(
-        resize_size=config.resize_size,
-        crop_size=config.image_size,
-        random_flip=not splits.grayscale,
-    )
 
 
 def _check_model_dir(config, model_dir):
@@ -85,8 +37,8 @@ def _check_model_dir(config, model_dir):
     A folder without a checkpoint has trained nothing yet (e.g. an earlier attempt failed while
     loading the data): any configuration may start there.
     """
-    path = os.path.join(model_dir, CONFIG_FILE)
-    checkpoints = os.path.join(model_dir, CHECKPOINT_DIR)
+    path = os.path.join(model_dir, task.CONFIG_FILE)
+    checkpoints = os.path.join(model_dir, task.CHECKPOINT_DIR)
     if not os.path.exists(path) or tf.train.latest_checkpoint(checkpoints) is None:
         return
     with open(path) as f:
@@ -139,9 +91,11 @@ class Trainer:
             generated data).
         strategy: optional `tf.distribute.Strategy`; made from `config.strategy` when omitted.
         verbose: show the progress bar and the final table.
+        model_builder: optional callable `config -> DVMLModel` replacing `task.build_model`
+            (research variants).
     """
 
-    def __init__(self, config, splits=None, strategy=None, verbose=True):
+    def __init__(self, config, splits=None, strategy=None, verbose=True, model_builder=None):
         self.config = config.validate()
         if not config.model_dir:
             raise ValueError("model_dir must be set (train.py derives one from the flags).")
@@ -152,14 +106,8 @@ class Trainer:
         os.makedirs(self.write_dir, exist_ok=True)
         _check_model_dir(config, config.model_dir)
 
-        self.splits = splits or data_lib.load_dataset(
-            config.dataset,
-            data_dir=config.data_dir,
-            image_size=config.resize_size,
-            validation_classes=config.validation_classes,
-            seed=config.seed,
-        )
-        self.preprocess = preprocess_config(config, self.splits)
+        self.splits = splits or task.load_splits(config)
+        self.preprocess = task.preprocess_config(config)
         self.num_replicas = self.strategy.num_replicas_in_sync
         logging.info(
             "Strategy %s: %d replica(s) in sync, %d classes x %d images per replica.",
@@ -183,27 +131,27 @@ class Trainer:
             keras.mixed_precision.set_global_policy("mixed_float16")
         with self.strategy.scope():
             keras.utils.set_random_seed(config.seed)
-            self.model = build_model(config)
-            self.model.compile(optimizer=build_optimizer(config))
+            self.model = (model_builder or task.build_model)(config)
+            self.model.compile(optimizer=task.build_optimizer(config))
             # Under mixed precision compile() wraps the optimizer in a LossScaleOptimizer: build
             # (and checkpoint) the wrapper, so no variable is created inside the replicated step.
             self.optimizer = self.model.optimizer
             self.optimizer.build(self.model.trainable_variables)
         self.checkpoint = tf.train.Checkpoint(model=self.model, optimizer=self.optimizer)
         self.manager = tf.train.CheckpointManager(
-            self.checkpoint, os.path.join(self.write_dir, CHECKPOINT_DIR), max_to_keep=3
+            self.checkpoint, os.path.join(self.write_dir, task.CHECKPOINT_DIR), max_to_keep=3
         )
         self._restore()
         if self.is_chief:
             # Written once everything loaded and built: the configuration this run continues with.
-            atomic.write_text(os.path.join(self.write_dir, CONFIG_FILE), config.to_json())
+            atomic.write_text(os.path.join(self.write_dir, task.CONFIG_FILE), config.to_json())
 
     # ------------------------------------------------------------------------- state and data
 
     def _restore(self):
         # Every worker reads the chief's checkpoints: only the chief's are kept.
         chief_manager = tf.train.CheckpointManager(
-            self.checkpoint, os.path.join(self.config.model_dir, CHECKPOINT_DIR), max_to_keep=3
+            self.checkpoint, os.path.join(self.config.model_dir, task.CHECKPOINT_DIR), max_to_keep=3
         )
         latest = chief_manager.latest_checkpoint
         if latest:
@@ -270,7 +218,7 @@ class Trainer:
         iterator = iter(dataset)
         step_fn = make_distributed_step(self.strategy, self.model, config.jit_compile)
         writer = (
-            tf.summary.create_file_writer(os.path.join(self.write_dir, "logs", "train"))
+            tf.summary.create_file_writer(os.path.join(self.write_dir, task.LOGS_DIR, "train"))
             if self.is_chief
             else tf.summary.create_noop_writer()
         )
@@ -338,7 +286,9 @@ class Trainer:
             recall_ks=self.config.recall_ks,
             compute_clustering=False,
         )
-        writer = tf.summary.create_file_writer(os.path.join(self.write_dir, "logs", "validation"))
+        writer = tf.summary.create_file_writer(
+            os.path.join(self.write_dir, task.LOGS_DIR, "validation")
+        )
         with writer.as_default(step=step):
             for key, value in metrics.items():
                 tf.summary.scalar(f"validation/{key}", value)
@@ -358,9 +308,10 @@ class Trainer:
             recall_ks=self.config.recall_ks,
         )
         if self.is_chief:
-            name = METRICS_FILE if split == "test" else f"metrics_{split}.json"
-            atomic.write_json(os.path.join(self.write_dir, name), metrics, sort_keys=True)
-            writer = tf.summary.create_file_writer(os.path.join(self.write_dir, "logs", split))
+            atomic.write_json(os.path.join(self.write_dir, task.metrics_file(split)), metrics,
+                              sort_keys=True)
+            writer = tf.summary.create_file_writer(os.path.join(self.write_dir, task.LOGS_DIR,
+                                                                split))
             with writer.as_default(step=self.step):
                 for key, value in metrics.items():
                     tf.summary.scalar(f"{split}/{key}", value)
@@ -370,7 +321,7 @@ class Trainer:
     def save_model(self):
         """Writes `<model_dir>/model.keras` (atomically) on the chief."""
         if self.is_chief:
-            atomic.save_keras_model(self.model, os.path.join(self.write_dir, MODEL_FILE))
+            atomic.save_keras_model(self.model, os.path.join(self.write_dir, task.MODEL_FILE))
 
     def run(self):
         """Trains (or resumes), saves the model and evaluates on the test classes."""
@@ -381,7 +332,8 @@ class Trainer:
         finally:
             distribution.remove_worker_directory(self.write_dir, self.config.model_dir)
         if self.verbose:
+            metric = runner.distance_metric(self.model.normalize_embeddings)
             title = (f"{self.config.evaluation_split.capitalize()} classes "
-                     f"({self.config.dataset}), {runner.distance_metric(self.model)} distance")
+                     f"({self.config.dataset}), {metric} distance")
             print(runner.metrics_table(metrics, title=title))
         return metrics

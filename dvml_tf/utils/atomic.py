@@ -11,6 +11,36 @@ import shutil
 import tempfile
 
 
+def check_writable(path, directory=False):
+    """Checks, before any work, that `path` can be written (a file, or a folder to fill).
+
+    Args:
+        path: the file or folder to be written.
+        directory: whether `path` is a folder.
+
+    Raises:
+        ValueError: `path` (or one of its parents) is a file where a folder is needed, or a
+            folder where a file is needed.
+        PermissionError: the folder that would hold it is not writable.
+    """
+    path = os.path.abspath(os.fspath(path))
+    if os.path.exists(path):
+        if directory and not os.path.isdir(path):
+            raise ValueError(f"{path} is a file, not a folder.")
+        if not directory and os.path.isdir(path):
+            raise ValueError(f"{path} is a folder, not a file.")
+        if not os.access(path if directory else os.path.dirname(path), os.W_OK):
+            raise PermissionError(f"{path} is not writable.")
+        return
+    parent = os.path.dirname(path)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise ValueError(f"Cannot write {path}: {parent} is a file, not a folder.")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise PermissionError(f"Cannot write {path}: {parent} is not writable.")
+
+
 def _umask():
     umask = os.umask(0)
     os.umask(umask)

@@ -9,13 +9,14 @@ background classes and evaluates on unseen classes. Two stages keep the protocol
   * `--stage=test` trains on all 964 background classes and evaluates once on all 13,180 images
     of the 659 evaluation classes, with the settings chosen on validation.
 
-    TFDS_DATA_DIR=../shared/tfds python benchmarks/omniglot_zero_shot.py --stage=test \\
+    TFDS_DATA_DIR=/path/to/tfds python research/dvml_omniglot/zero_shot.py --stage=test \\
         --losses=triplet,npair,triplet2_dws --variants=baseline,dvml --seeds=0,1,2
 
-Every run is `train.py` in a subprocess (1 thread each, `--parallel` at a time: two 1-thread
-runs train faster than one 2-thread run on a 2-core machine). Finished runs are reused, so an
-interrupted benchmark continues where it stopped. Writes `--output` (JSON, per-seed values) and
-prints the Markdown table in the paper's layout (mean +- std over seeds).
+Every run is `train.py` (this folder's, which adds `--research_variant`) in a subprocess (1 thread
+each, `--parallel` at a time: two 1-thread runs train faster than one 2-thread run on a 2-core
+machine). Finished runs are reused, so an interrupted benchmark continues where it stopped. Writes
+`--output` (JSON, per-seed values) and prints the Markdown table in the paper's layout (mean +- std
+over seeds).
 """
 
 import concurrent.futures
@@ -31,7 +32,8 @@ import numpy as np
 from absl import app
 from absl import flags
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+HERE = pathlib.Path(__file__).resolve().parent
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("stage", "validation", ["validation", "test"], "Model selection or final test.")
@@ -44,7 +46,8 @@ flags.DEFINE_integer("validation_classes", 161,
                      "ones, i.e. whole alphabets: 161 = background alphabets 25-29.")
 flags.DEFINE_integer("parallel", 2, "Runs at a time (each single-threaded).")
 flags.DEFINE_string("workdir", "/tmp/dvml_omniglot_benchmark", "Where the runs are written.")
-flags.DEFINE_string("output", None, "JSON output; default benchmarks/results/omniglot_<stage>.json")
+flags.DEFINE_string("output", None,
+                    "JSON output; default research/dvml_omniglot/results/omniglot_<stage>.json")
 flags.DEFINE_multi_string("extra", [], "Extra train.py flags for every run, e.g. --extra=--lr=...")
 
 # Per base loss: the batch it needs (N-pair: N classes x 2; the others P x K = 32 x 4) and its
@@ -74,15 +77,15 @@ VARIANTS = {
     "dvml_kl0.1": ["--dvml", "--phase1_weights=0.1,1,0.1,1", "--phase2_weights=0.08,1,0.2,0.8"],
     "dvml_scale0.1": ["--dvml", "--variance_scale=0.1"],
     "dvml_scale0.3": ["--dvml", "--variance_scale=0.3"],
-    "dvml_stop": ["--dvml", "--synthesis_gradient=stop"],
-    "dvml_reverse": ["--dvml", "--synthesis_gradient=reverse"],
-    "dvml_reverse_scale0.3": ["--dvml", "--synthesis_gradient=reverse", "--variance_scale=0.3"],
-    "dvml_stop_scale0.3": ["--dvml", "--synthesis_gradient=stop", "--variance_scale=0.3"],
+    "dvml_stop": ["--dvml", "--research_variant=stop"],
+    "dvml_reverse": ["--dvml", "--research_variant=reverse"],
+    "dvml_reverse_scale0.3": ["--dvml", "--research_variant=reverse", "--variance_scale=0.3"],
+    "dvml_stop_scale0.3": ["--dvml", "--research_variant=stop", "--variance_scale=0.3"],
     # For the L2-normalized losses (triplet, triplet2 + DWS) ||z_I|| is free, so a fixed s lets
     # the noise-to-centre ratio s sqrt(D) / ||z_I|| drift; synthesizing around the unit-norm z_I
     # fixes it at 0.02 sqrt(128) = 0.23, the ratio `dvml` ends with on N-pair (1.13 / 5.2).
     # Measured: the embedding collapses in phase 2 (README, "Does DVML beat its baselines?").
-    "dvml_unit": ["--dvml", "--normalize_before_sum", "--variance_scale=0.02"],
+    "dvml_unit": ["--dvml", "--research_variant=unit", "--variance_scale=0.02"],
     # The normalized triplet losses are ~0.01 where KL and reconstruction are ~1: with the
     # paper's weights those two terms drive the shared backbone. Scale them by 0.01.
     "dvml_light": ["--dvml", "--phase1_weights=0.01,0.01,0.1,1",
@@ -96,7 +99,7 @@ def run_dir(stage, loss, variant, seed):
 
 def command(stage, loss, variant, seed):
     flags_ = [
-        sys.executable, str(ROOT / "train.py"), "--config=omniglot",
+        sys.executable, str(HERE / "train.py"), "--config=omniglot",
         f"--model_dir={run_dir(stage, loss, variant, seed)}", f"--steps={FLAGS.steps}",
         f"--seed={seed}", "--log_every=250", f"--checkpoint_every={FLAGS.steps}",
         *LOSSES[loss], *VARIANTS[variant], *FLAGS.extra,
@@ -203,8 +206,7 @@ def main(argv):
         "losses": {loss: LOSSES[loss] for loss in FLAGS.losses}, "extra": FLAGS.extra,
         "command": " ".join(sys.argv),
     }
-    output = pathlib.Path(FLAGS.output or ROOT / "benchmarks" / "results" /
-                          f"omniglot_{FLAGS.stage}.json")
+    output = pathlib.Path(FLAGS.output or HERE / "results" / f"omniglot_{FLAGS.stage}.json")
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(report, indent=2))
     print(table(results, METRIC_KEYS))

@@ -3,8 +3,8 @@
 Given a base-loss baseline run (`--baseline_dir`, the paper's Triplet model) and a DVML run with
 the same base loss (`--dvml_dir`, DVML+Triplet), both written by train.py, this embeds the
 training and the test classes of the runs' own dataset (each run loaded with
-`run_loader.load_run` and fed with its own resize / centre-crop preprocessing) and computes, per
-split, with `dvml_tf.evaluation.variance_analysis` (definitions in its docstring):
+`task.load_run` and fed with its own resize / centre-crop preprocessing) and computes, per
+split, with `variance_analysis` of this folder (definitions in its docstring):
 
   * the KS p-value (%) of class-centred features, mean +- std over 200 random class pairs,
     for both models, with the class-shuffled null reference (the level classes sharing one
@@ -18,10 +18,10 @@ variation, what DVML's decoder reconstructs) and z_I for the relative deviation 
 embedding DVML trains to be the class centre); both variants of everything are in the JSON and
 in the second table. The paper does not say which features Table 4 used.
 
-    TFDS_DATA_DIR=../shared/tfds python benchmarks/table4.py \\
+    TFDS_DATA_DIR=/path/to/tfds python research/dvml_omniglot/table4.py \\
         --baseline_dir=/tmp/runs/triplet_baseline --dvml_dir=/tmp/runs/triplet_dvml
 
-Writes benchmarks/results/table4.json and prints the tables.
+Writes research/dvml_omniglot/results/table4.json and prints the tables.
 """
 
 import argparse
@@ -31,20 +31,20 @@ import time
 
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 import tensorflow as tf  # noqa: E402
 
 from dvml_tf import data as data_lib  # noqa: E402
+from dvml_tf import task  # noqa: E402
 from dvml_tf.evaluation import runner  # noqa: E402
-from dvml_tf.evaluation import variance_analysis  # noqa: E402
-from dvml_tf.training import run_loader  # noqa: E402
-from dvml_tf.training import trainer as trainer_lib  # noqa: E402
 from dvml_tf.utils import atomic  # noqa: E402
+from research.dvml_omniglot import variance_analysis  # noqa: E402
 
-RESULTS = os.path.join(ROOT, "benchmarks", "results", "table4.json")
+RESULTS = os.path.join(HERE, "results", "table4.json")
 SPLITS = ("train", "test")
 MODELS = ("baseline", "dvml")
 FEATURES = {"backbone": "f(x)", "embedding": "z_I"}
@@ -69,7 +69,7 @@ PAPER = {
 
 def load_runs(baseline_dir, dvml_dir):
     """Loads both runs and checks that they make a baseline / DVML pair."""
-    runs = {"baseline": run_loader.load_run(baseline_dir), "dvml": run_loader.load_run(dvml_dir)}
+    runs = {"baseline": task.load_run(baseline_dir), "dvml": task.load_run(dvml_dir)}
     if runs["baseline"].config.dvml:
         raise ValueError(f"--baseline_dir {baseline_dir!r} is a DVML run (dvml=True); it must be "
                          "the base-loss baseline (train.py --nodvml).")
@@ -89,11 +89,8 @@ def split_data(run, data_dir, cache):
     directory = data_dir or config.data_dir
     key = (config.dataset, directory, config.resize_size, config.validation_classes, config.seed)
     if key not in cache:
-        cache[key] = data_lib.load_dataset(
-            config.dataset, data_dir=directory, image_size=config.resize_size,
-            validation_classes=config.validation_classes, seed=config.seed)
-    splits = cache[key]
-    return splits, trainer_lib.preprocess_config(config, splits)
+        cache[key] = task.load_splits(config, data_dir=directory)
+    return cache[key], task.preprocess_config(config)
 
 
 def embed_split(model, catalog, preprocess, batch_size):

@@ -1,5 +1,5 @@
-"""An in-process stand-in for TF Serving, backed by `tf.saved_model.load`, for tests and local
-trials where no `tensorflow_model_server` can be installed.
+"""A test double of TF Serving: an in-process PredictionService backed by `tf.saved_model.load`,
+for integration tests of clients (yours and ours) where no `tensorflow_model_server` runs.
 
 It serves the SavedModel versions under a base path (TF Serving's layout, `<base>/<version>/`)
 through the same two front ends as the real server, on 127.0.0.1:
@@ -25,6 +25,7 @@ import threading
 import numpy as np
 import tensorflow as tf
 
+from dvml_tf.export import layout
 from dvml_tf.export import serving_client
 
 INVALID_ARGUMENT = "INVALID_ARGUMENT"
@@ -80,12 +81,8 @@ class SavedModelBackend:
         if os.path.exists(os.path.join(base_path, "saved_model.pb")):
             paths = {1: base_path}
         else:
-            paths = {
-                int(name): os.path.join(base_path, name)
-                for name in (os.listdir(base_path) if os.path.isdir(base_path) else [])
-                if name.isdigit() and os.path.exists(os.path.join(base_path, name,
-                                                                  "saved_model.pb"))
-            }
+            paths = {version: os.path.join(base_path, str(version))
+                     for version in layout.existing_versions(base_path)}
         if not paths:
             raise FileNotFoundError(
                 f"No SavedModel under {base_path!r} (expected <version>/saved_model.pb)."
