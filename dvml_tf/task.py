@@ -58,7 +58,8 @@ def build_model(config, model_class=models.DVMLModel, **overrides):
         weights_path=config.backbone_weights,
         sync_batch_norm=config.sync_batch_norm,
     )
-    metric_loss = losses_lib.get_metric_loss(config.loss, **config.loss_options)
+    metric_loss = losses_lib.get_metric_loss(config.loss, synthesis=config.synthesis,
+                                             **config.loss_options)
     return model_class(
         backbone,
         metric_loss,
@@ -69,6 +70,13 @@ def build_model(config, model_class=models.DVMLModel, **overrides):
         phase1_weights=config.phase1_weights,
         phase2_weights=config.phase2_weights,
         variance_scale=config.variance_scale,
+        reconstruction=config.reconstruction,
+        detach_variance_heads=config.detach_variance_heads,
+        kl_free_bits=config.kl_free_bits,
+        kl_warmup=config.kl_warmup,
+        decoder_centre=config.decoder_centre,
+        variance_transfer=config.variance_transfer,
+        scale_to_intra_class=config.scale_to_intra_class,
         seed=config.seed,
         name="dvml" if config.dvml else "baseline",
         **overrides,

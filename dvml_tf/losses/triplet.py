@@ -7,6 +7,7 @@ from dvml_tf.losses import base
 from dvml_tf.losses import pairwise
 
 MINING_MODES = ("all", "semihard")
+REDUCTIONS = ("all", "active")
 
 
 @keras.saving.register_keras_serializable(package="dvml_tf")
@@ -23,10 +24,14 @@ class TripletLoss(base.MetricLoss):
             is the mean over positive pairs.
         normalize: bool. L2-normalize the embeddings first. Paper §4.1 is silent; the lab's
             Chainer code normalizes.
+        reduction: `"all"` averages the hinge over every triplet (paper Eq. 2 sums them);
+            `"active"` over the triplets with a non-zero loss only, so that the loss does not
+            shrink towards 0 as most triplets become satisfied (its gradient per active triplet
+            stays the same scale; FaceNet-style "batch all" averaging).
         **kwargs: forwarded to `MetricLoss`.
     """
 
-    def __init__(self, margin=0.2, mining="all", normalize=True, **kwargs):
+    def __init__(self, margin=0.2, mining="all", normalize=True, reduction="all", **kwargs):
         super().__init__(normalize=normalize, **kwargs)
         if mining not in MINING_MODES:
             raise ValueError(
@@ -34,8 +39,18 @@ class TripletLoss(base.MetricLoss):
             )
         if margin < 0:
             raise ValueError(f"The triplet margin must be >= 0; got {margin}.")
+        if reduction not in REDUCTIONS:
+            raise ValueError(
+                f"Unknown triplet reduction {reduction!r}; valid: {', '.join(REDUCTIONS)}."
+            )
         self.margin = float(margin)
         self.mining = mining
+        self.reduction = reduction
+
+    def _reduce(self, hinge, valid):
+        if self.reduction == "active":
+            valid = tf.logical_and(valid, hinge > 0)
+        return pairwise.masked_mean(hinge, valid)
 
     def loss_value(self, embeddings, labels, seed):
         distances = pairwise.pairwise_squared_distances(embeddings)
@@ -45,7 +60,7 @@ class TripletLoss(base.MetricLoss):
         if self.mining == "all":
             hinge = tf.nn.relu(self.margin + anchor_positive - anchor_negative)  # [..., a, p, n]
             valid = tf.logical_and(positive[:, :, None], negative[:, None, :])
-            return pairwise.masked_mean(hinge, valid)
+            return self._reduce(hinge, valid)
         # Semi-hard: for each (a, p), the closest negative with D(a, n) > D(a, p).
         big = tf.reduce_max(distances) + 1.0
         semihard = tf.logical_and(negative[:, None, :], anchor_negative > anchor_positive)
@@ -55,9 +70,9 @@ class TripletLoss(base.MetricLoss):
         )
         chosen = tf.where(tf.reduce_any(semihard, axis=-1), closest_semihard, farthest_negative)
         hinge = tf.nn.relu(self.margin + distances - chosen)  # [..., a, p]
-        return pairwise.masked_mean(hinge, positive)
+        return self._reduce(hinge, positive)
 
     def get_config(self):
         config = super().get_config()
-        config.update({"margin": self.margin, "mining": self.mining})
+        config.update({"margin": self.margin, "mining": self.mining, "reduction": self.reduction})
         return config

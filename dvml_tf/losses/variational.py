@@ -1,8 +1,27 @@
-"""The variational terms of DVML: KL to the prior (L1, Eq. 8) and reconstruction (L2, Eq. 9)."""
+"""The variational terms of DVML: KL to the prior (L1, Eq. 8) and reconstruction (L2, Eq. 9).
+
+Besides the paper's reconstruction (a plain Euclidean norm) there is its Gaussian-likelihood
+form on standardized features, `half_squared_error`: the plain norm's gradient e/||e|| acts like
+a likelihood whose variance equals the current error, far above the per-dimension variance of
+the features, which is the regime where a VAE's latent collapses (Lucas et al. 2019).
+"""
 
 import tensorflow as tf
 
 from dvml_tf.losses import pairwise
+
+
+def kl_per_dimension(mean, log_variance):
+    """KL(N(mean, exp(log_variance)) || N(0, 1)) of every sample and dimension, in nats.
+
+    Args:
+        mean: float tensor `[B, J]`.
+        log_variance: float tensor `[B, J]`.
+
+    Returns:
+        Float tensor `[B, J]`.
+    """
+    return 0.5 * (tf.square(mean) + tf.exp(log_variance) - log_variance - 1.0)
 
 
 def kl_divergence(mean, log_variance):
@@ -18,7 +37,7 @@ def kl_divergence(mean, log_variance):
     Returns:
         Float tensor `[B]`.
     """
-    return 0.5 * tf.reduce_sum(tf.square(mean) + tf.exp(log_variance) - log_variance - 1.0, axis=-1)
+    return tf.reduce_sum(kl_per_dimension(mean, log_variance), axis=-1)
 
 
 def reconstruction_distance(target, reconstruction):
@@ -33,3 +52,18 @@ def reconstruction_distance(target, reconstruction):
         Float tensor of the leading shape, e.g. `[T, B]`.
     """
     return pairwise.safe_sqrt(tf.reduce_sum(tf.square(target - reconstruction), axis=-1))
+
+
+def half_squared_error(target, reconstruction):
+    """Half the sum of squares 0.5 ||target - reconstruction||^2 per sample: the negative
+    log-likelihood (up to a constant) of a unit-variance Gaussian decoder, for standardized
+    targets.
+
+    Args:
+        target: float tensor `[..., F]` (broadcast against `reconstruction`).
+        reconstruction: float tensor `[..., F]`.
+
+    Returns:
+        Float tensor of the leading shape.
+    """
+    return 0.5 * tf.reduce_sum(tf.square(target - reconstruction), axis=-1)

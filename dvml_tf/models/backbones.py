@@ -16,7 +16,14 @@ _APPLICATIONS = {
     # EfficientNet normalizes inside its own graph and expects [0, 255].
     "efficientnet_b0": ("EfficientNetB0", None),
 }
-BACKBONES = ("convnet_small", "googlenet", *_APPLICATIONS)
+# Small CPU backbones: name -> the widths of their four conv blocks (the last is F).
+_CONVNETS = {
+    "convnet_small": (32, 64, 128, 128),
+    # F = 512 > J = 128, like the paper's 1024 > 512: z_I is a bottleneck of f(x), so that the
+    # decoder cannot rebuild f(x) from z_I alone and needs z_V.
+    "convnet_wide": (32, 64, 128, 512),
+}
+BACKBONES = (*_CONVNETS, "googlenet", *_APPLICATIONS)
 
 # ImageNet RGB means of the Caffe-trained networks (BVLC GoogLeNet, Keras ResNet50).
 _CAFFE_RGB_MEAN = (123.68, 116.779, 103.939)
@@ -121,10 +128,10 @@ def build_backbone(
     if len(input_shape) != 3 or input_shape[-1] != 3:
         raise ValueError(f"Backbone input shape must be (height, width, 3); got {input_shape}.")
     inputs = keras.Input(shape=input_shape, name="images")
-    if name == "convnet_small":
+    if name in _CONVNETS:
         if pretrained:
-            raise ValueError("convnet_small has no pretrained weights; drop --pretrained.")
-        features = _convnet_small(inputs)
+            raise ValueError(f"{name} has no pretrained weights; drop --pretrained.")
+        features = _convnet_small(inputs, _CONVNETS[name])
     elif name == "googlenet":
         if pretrained:
             raise ValueError(

@@ -10,6 +10,12 @@ loss, reconstructs f(x) from them, and pulls q(z_V | x) towards N(0, I):
 in two phases: phase 1 trains the decoder on a stop-gradient input, phase 2 lets the
 reconstruction gradient reach the heads and the backbone.
 
+Options that make the variance branch informative (each off by default, i.e. the paper; see
+docs/method.md, "Deviations from the paper", and research/dvml_omniglot for what they do):
+a Gaussian reconstruction of standardized features, variance heads on stop-gradient features,
+KL free bits and warm-up, class-centre decoding, cross-class variance transfer and a z_V scale
+matched to the intra-class spread of z_I.
+
 Distribution. Under a `tf.distribute` strategy every term is scaled so that the sum of the
 replicas' gradients (what Keras and our training loop apply) equals the single-device gradient on
 the global batch: per-sample terms are summed locally and divided by the global batch size; the
@@ -28,7 +34,10 @@ from dvml_tf import losses as losses_lib
 PAPER_PHASE1_WEIGHTS = (1.0, 1.0, 0.1, 1.0)
 PAPER_PHASE2_WEIGHTS = (0.8, 1.0, 0.2, 0.8)
 
-# Keys of the per-step logs, in display order.
+# Keys of the per-step logs, in display order. The last three are diagnostics of the variance
+# branch: latent dimensions whose posterior mean varies across the batch (Var > 0.01, in units of
+# the prior), the reconstruction error when the batch's z_V are shuffled (against `recon`: does
+# the decoder use z_V?), and L_syn / L_inv.
 LOG_KEYS = (
     "loss",
     "kl",
@@ -39,10 +48,20 @@ LOG_KEYS = (
     "z_inv_norm",
     "z_var_norm",
     "sigma",
+    "active_units",
+    "recon_shuffled",
+    "syn_to_inv",
 )
+# How f(x) is reconstructed (paper Eq. 9: "norm").
+RECONSTRUCTIONS = ("norm", "standardized_squares")
+# What the decoder adds z_V to (paper Fig. 2: the image's own z_I).
+DECODER_CENTRES = ("own", "class_mean")
+# A latent dimension is active when its posterior mean varies across images by more than this
+# (Var_x(mu_j), in units of the prior's variance).
+ACTIVE_UNIT_VARIANCE = 0.01
 
 # Sub-seeds for the independent random draws of one step.
-_NOISE, _SAMPLING_INV, _SAMPLING_SYN = 1, 2, 3
+_NOISE, _SAMPLING_INV, _SAMPLING_SYN, _PARTNERS, _SHUFFLE = 1, 2, 3, 4, 5
 
 
 # Options that left the product for research/dvml_omniglot. A model.keras or config.json written
@@ -86,12 +105,53 @@ def inference_function(model):
     return tf.function(lambda images: model(images, training=False), reduce_retracing=True)
 
 
-def _replica_context():
-    """Returns (replica context or None, number of replicas, replica id)."""
-    context = tf.distribute.get_replica_context()
-    if context is None or context.num_replicas_in_sync == 1:
-        return None, 1, 0
-    return context, context.num_replicas_in_sync, context.replica_id_in_sync_group
+class _Batch:
+    """One step's batch as seen by one replica: its labels, the global batch's labels, and
+    gathering / reducing across the replicas (identity on one device).
+
+    Args:
+        labels: int tensor [B], this replica's labels.
+    """
+
+    def __init__(self, labels):
+        context = tf.distribute.get_replica_context()
+        if context is None or context.num_replicas_in_sync == 1:
+            context = None
+        self.context = context
+        self.num_replicas = 1 if context is None else context.num_replicas_in_sync
+        self.replica_id = 0 if context is None else context.replica_id_in_sync_group
+        self.labels = tf.reshape(tf.cast(labels, tf.int32), [-1])
+        self.local_size = tf.shape(self.labels)[0]
+        self.global_size = self.local_size * self.num_replicas
+        self.all_labels = self.gather(self.labels)
+        # This replica's rows of the global batch (replicas hold contiguous slices).
+        self.global_index = self.replica_id * self.local_size + tf.range(self.local_size)
+
+    def gather(self, tensor, axis=0):
+        """All replicas' rows of `tensor` along `axis`, in replica order."""
+        if self.context is None:
+            return tensor
+        # all_gather forgets the static shape, which the losses need (embedding dim).
+        shape = tensor.shape.as_list()
+        shape[axis] = None if shape[axis] is None else shape[axis] * self.num_replicas
+        return tf.ensure_shape(self.context.all_gather(tensor, axis=axis), shape)
+
+    def all_reduce_sum(self, tensor):
+        """The sum of `tensor` over the replicas."""
+        if self.context is None:
+            return tensor
+        return self.context.all_reduce(tf.distribute.ReduceOp.SUM, tensor)
+
+    def local_rows(self, tensor, axis=0):
+        """This replica's rows of a global-batch tensor."""
+        start = self.replica_id * self.local_size
+        return tf.gather(tensor, tf.range(start, start + self.local_size), axis=axis)
+
+
+def _intra_class_rms(embeddings, labels):
+    """Root mean square distance of the embeddings to their class mean in the batch (scalar)."""
+    deviations = embeddings - losses_lib.synthesis.class_means(embeddings, labels)
+    return tf.sqrt(tf.reduce_mean(tf.reduce_sum(tf.square(deviations), axis=-1)))
 
 
 @keras.saving.register_keras_serializable(package="dvml_tf")
@@ -122,6 +182,26 @@ class DVMLModel(keras.Model):
         decoder_hidden_dim: int, width of the decoder's tanh layer (512 in the paper).
         variance_scale: float s; z_V = s * (mu + sigma * eps), i.e. a N(0, s^2 I) prior on z_V
             (paper: 1). Below 1 it keeps the synthesized samples near their class centre.
+        reconstruction: one of `RECONSTRUCTIONS`. "norm": ||f(x) - x_hat||, the paper's Eq. 9;
+            "standardized_squares": 0.5 ||f~(x) - x_hat||^2 with f~ the stop-gradient features
+            standardized per dimension by running statistics (a unit-variance Gaussian
+            decoder, whose noise level does not shrink with the error as the plain norm's does).
+        detach_variance_heads: bool. mu and log sigma^2 read stop-gradient f(x), so that the KL
+            and the reconstruction train the variance heads but not the backbone.
+        kl_free_bits: float >= 0, nats per latent dimension below which the KL exerts no
+            pressure (Kingma et al. 2016; on the batch mean of each dimension's KL).
+        kl_warmup: bool. The KL weight rises linearly from 0 to its phase-1 value over phase 1
+            (Bowman et al. 2016), so that the encoder commits to z_V before the penalty applies.
+        decoder_centre: one of `DECODER_CENTRES`. "class_mean": the decoder rebuilds f(x) from
+            stop-gradient(the mean z_I of the other images of x's class in the batch) + z_V(x),
+            so that only z_V can carry x's deviation from its class (the Delta-encoder's design;
+            Schwartz et al. 2018), and the reconstruction never pulls z_I towards instance detail.
+        variance_transfer: bool. L_syn on z_I(x) + z_V(x') with x' a random image of another
+            class in the batch (the paper's premise: intra-class variation is shared across
+            classes), L_syn's gradient stopped at the variance heads.
+        scale_to_intra_class: bool. Multiply z_V (besides `variance_scale`) by the RMS distance
+            of z_I to its class mean in the batch (stop-gradient), so that synthesized samples
+            spread like real ones whatever the scale of z_I.
         seed: int, seeds the z_V noise and the loss's sampling together with the step counter.
         **kwargs: forwarded to `keras.Model` (e.g. `name`).
 
@@ -148,6 +228,13 @@ class DVMLModel(keras.Model):
         phase2_weights=PAPER_PHASE2_WEIGHTS,
         decoder_hidden_dim=512,
         variance_scale=1.0,
+        reconstruction="norm",
+        detach_variance_heads=False,
+        kl_free_bits=0.0,
+        kl_warmup=False,
+        decoder_centre="own",
+        variance_transfer=False,
+        scale_to_intra_class=False,
         seed=0,
         **kwargs,
     ):
@@ -176,6 +263,14 @@ class DVMLModel(keras.Model):
                 raise ValueError(f"{label} must be >= 1; got {value}.")
         if float(variance_scale) <= 0:
             raise ValueError(f"variance_scale must be > 0; got {variance_scale}.")
+        for label, value, valid in (
+            ("reconstruction", reconstruction, RECONSTRUCTIONS),
+            ("decoder_centre", decoder_centre, DECODER_CENTRES),
+        ):
+            if value not in valid:
+                raise ValueError(f"Unknown {label} {value!r}; valid: {', '.join(valid)}.")
+        if float(kl_free_bits) < 0:
+            raise ValueError(f"kl_free_bits must be >= 0; got {kl_free_bits}.")
         if int(phase1_steps) < 0:
             raise ValueError(f"phase1_steps must be >= 0; got {phase1_steps}.")
         for label, weights in (
@@ -197,6 +292,13 @@ class DVMLModel(keras.Model):
         self.phase2_weights = tuple(float(w) for w in phase2_weights)
         self.decoder_hidden_dim = int(decoder_hidden_dim)
         self.variance_scale = float(variance_scale)
+        self.reconstruction = reconstruction
+        self.detach_variance_heads = bool(detach_variance_heads)
+        self.kl_free_bits = float(kl_free_bits)
+        self.kl_warmup = bool(kl_warmup)
+        self.decoder_centre = decoder_centre
+        self.variance_transfer = bool(variance_transfer)
+        self.scale_to_intra_class = bool(scale_to_intra_class)
         self.seed = int(seed)
         self.feature_dim = int(backbone.outputs[0].shape[-1])
 
@@ -239,6 +341,16 @@ class DVMLModel(keras.Model):
             aggregation="only_first_replica",
             name="phase_switch_step",
         )
+        if self.use_dvml and self.reconstruction == "standardized_squares":
+            # Running per-dimension statistics of f(x) that standardize the target.
+            self.feature_mean = self.add_weight(
+                shape=(self.feature_dim,), initializer="zeros", trainable=False,
+                aggregation="only_first_replica", name="feature_mean",
+            )
+            self.feature_variance = self.add_weight(
+                shape=(self.feature_dim,), initializer="ones", trainable=False,
+                aggregation="only_first_replica", name="feature_variance",
+            )
         self.trackers = {key: keras.metrics.Mean(name=key) for key in LOG_KEYS if key != "loss"}
         # Before build(): Keras locks a built model's state.
         self.embedder = self._build_embedder()
@@ -297,94 +409,99 @@ class DVMLModel(keras.Model):
         seed = tf.stack([tf.constant(self.seed, tf.int64), self.step_counter.value])
         return tf.random.experimental.stateless_fold_in(seed, purpose, alg="philox")
 
-    def loss_terms(self, images, labels, training=True):
+    def loss_terms(self, images, labels, training=True, details=False):
         """Computes every DVML loss term on one (per-replica) batch.
 
         Args:
             images: float tensor `[B, H, W, 3]`, this replica's part of the global batch.
             labels: int tensor `[B]`.
-            training: bool, passed to the backbone (batch-norm mode).
+            training: bool, passed to the backbone (batch-norm mode); also updates the running
+                feature statistics of the standardized reconstruction.
+            details: also return the per-sample tensors of the variance branch (diagnostics).
 
         Returns:
-            `(objective, logs)`: `objective` is the scalar to differentiate, already scaled for
-            a cross-replica gradient sum; `logs` maps each key of `LOG_KEYS` to its value on the
-            global batch (unscaled).
+            `(objective, logs)`, plus `details` (a dict: mean, log_variance [B, J],
+            recon [B], recon_shuffled [B]) when asked: `objective` is the scalar to
+            differentiate, already scaled for a cross-replica gradient sum; `logs` maps each key
+            of `LOG_KEYS` to its value on the global batch (unscaled).
         """
-        context, num_replicas, replica_id = _replica_context()
-        labels = tf.reshape(tf.cast(labels, tf.int32), [-1])
-
-        def gather(tensor, axis=0):
-            if context is None:
-                return tensor
-            # all_gather forgets the static shape, which the losses need (embedding dim).
-            shape = tensor.shape.as_list()
-            shape[axis] = None if shape[axis] is None else shape[axis] * num_replicas
-            return tf.ensure_shape(context.all_gather(tensor, axis=axis), shape)
-
+        batch = _Batch(labels)
         features = tf.cast(self.backbone(images, training=training), "float32")
         z_inv = self.embedding_head(features)
-        all_labels = gather(labels)
-        metric_inv = self.metric_loss(
-            gather(z_inv), all_labels, seed=self._step_seed(_SAMPLING_INV)
-        )
+        all_z_inv = batch.gather(z_inv)
+        metric_inv = self.metric_loss(all_z_inv, batch.all_labels,
+                                      seed=self._step_seed(_SAMPLING_INV))
         logs = {
             "metric_inv": metric_inv,
             "z_inv_norm": tf.reduce_mean(tf.norm(z_inv, axis=-1)),
         }
         if not self.use_dvml:
             logs["loss"] = metric_inv
-            return metric_inv / num_replicas, logs
+            return (metric_inv / batch.num_replicas, logs) + (({},) if details else ())
 
-        mean = self.mean_head(features)
-        log_variance = self.log_variance_head(features)
+        head_input = tf.stop_gradient(features) if self.detach_variance_heads else features
+        mean = self.mean_head(head_input)
+        log_variance = self.log_variance_head(head_input)
         sigma = tf.exp(0.5 * log_variance)
-        local_batch = tf.shape(z_inv)[0]
-        global_batch = local_batch * num_replicas
         # Draw the noise of the whole global batch and keep this replica's rows, so that R
         # replicas use exactly the numbers one device would.
         # Philox explicitly: "auto_select" may pick another algorithm under XLA, and the same
         # (seed, step) must give the same noise on every device, with or without XLA.
-        noise = tf.random.stateless_normal(
-            [self.num_samples, global_batch, self.embedding_dim],
-            seed=self._step_seed(_NOISE),
-            alg="philox",
-        )
-        noise = noise[:, replica_id * local_batch : (replica_id + 1) * local_batch]
-        z_var = self.variance_scale * (mean + sigma * noise)  # [T, B, J], reparameterized
-        z_syn, z_syn_metric = self.synthesize(z_inv, z_var, features, noise)
+        noise = batch.local_rows(tf.random.stateless_normal(
+            [self.num_samples, batch.global_size, self.embedding_dim],
+            seed=self._step_seed(_NOISE), alg="philox",
+        ), axis=1)
+        scale = self.variance_scale
+        if self.scale_to_intra_class:
+            scale *= tf.stop_gradient(_intra_class_rms(all_z_inv, batch.all_labels))
+        z_var = scale * (mean + sigma * noise)  # [T, B, J], reparameterized
+        decoder_centre = self._decoder_centre(z_inv, all_z_inv, batch)
+        z_syn, z_syn_metric = self.synthesize(z_inv, z_var, features, noise,
+                                              centre=decoder_centre, batch=batch)
 
         in_phase1 = self.step_counter < self.phase_switch_step
         # Phase 1 cuts the gradient from the decoder at its input (paper §3.5). The gate keeps
         # the value and multiplies the gradient by 0 (phase 1) or 1 (phase 2) without a cond.
         gate = tf.cast(tf.logical_not(in_phase1), "float32")
         frozen = tf.stop_gradient(z_syn)
-        decoder_input = tf.reshape(frozen + gate * (z_syn - frozen), [-1, self.embedding_dim])
-        reconstruction = tf.reshape(
-            self.decoder(decoder_input), [self.num_samples, local_batch, self.feature_dim]
-        )
-        # f(x) is the target, not something to move towards the decoder output.
-        recon_per_sample = losses_lib.reconstruction_distance(
-            tf.stop_gradient(features), reconstruction
-        )
-        kl_per_sample = losses_lib.kl_divergence(mean, log_variance)
-        metric_syn = self.metric_loss(
-            gather(z_syn_metric, axis=1), all_labels, seed=self._step_seed(_SAMPLING_SYN)
-        )
+        decoder_input = frozen + gate * (z_syn - frozen)
+        target, reconstruction_error = self._reconstruction_target(features, batch, training)
+        reconstruction = self._decode(decoder_input)
+        recon_per_sample = reconstruction_error(target, reconstruction)  # [T, B]
+        kl_per_dim = losses_lib.kl_per_dimension(mean, log_variance)  # [B, J]
+        metric_syn = self.metric_loss(batch.gather(z_syn_metric, axis=1), batch.all_labels,
+                                      seed=self._step_seed(_SAMPLING_SYN))
 
         weights = tf.where(
             in_phase1, tf.constant(self.phase1_weights), tf.constant(self.phase2_weights)
         )
-        global_size = tf.cast(global_batch, "float32")
+        kl_weight = weights[0]
+        if self.kl_warmup:
+            ramp = tf.cast(self.step_counter, "float32") / tf.cast(
+                tf.maximum(self.phase_switch_step, 1), "float32")
+            kl_weight *= tf.where(in_phase1, ramp, 1.0)
+        global_size = tf.cast(batch.global_size, "float32")
         objective = (
-            weights[0] * tf.reduce_sum(kl_per_sample) / global_size
+            kl_weight * self._kl_objective(kl_per_dim, batch) / global_size
             + weights[1] * tf.reduce_sum(recon_per_sample) / (global_size * self.num_samples)
-            + (weights[2] * metric_syn + weights[3] * metric_inv) / num_replicas
+            + (weights[2] * metric_syn + weights[3] * metric_inv) / batch.num_replicas
         )
-        kl = tf.reduce_mean(kl_per_sample)
+
+        # Diagnostics, outside the gradient: the batch variance of mu, and the reconstruction
+        # of the first draw with z_V shuffled across the (local) batch.
+        all_mean = tf.stop_gradient(batch.gather(mean))
+        active_units = tf.reduce_sum(tf.cast(
+            tf.math.reduce_variance(all_mean, axis=0) > ACTIVE_UNIT_VARIANCE, "float32"))
+        shuffle = tf.random.experimental.stateless_shuffle(
+            tf.range(batch.local_size), seed=self._step_seed(_SHUFFLE))
+        shuffled_input = tf.stop_gradient(decoder_centre + tf.gather(z_var[0], shuffle))
+        recon_shuffled = tf.stop_gradient(
+            reconstruction_error(target, self._decode(shuffled_input[tf.newaxis])[0]))
+        kl = tf.reduce_mean(tf.reduce_sum(kl_per_dim, axis=-1))
         recon = tf.reduce_mean(recon_per_sample)
         logs.update(
             {
-                "loss": weights[0] * kl
+                "loss": kl_weight * kl
                 + weights[1] * recon
                 + weights[2] * metric_syn
                 + weights[3] * metric_inv,
@@ -394,29 +511,107 @@ class DVMLModel(keras.Model):
                 "phase": tf.where(in_phase1, 1.0, 2.0),
                 "z_var_norm": tf.reduce_mean(tf.norm(z_var, axis=-1)),
                 "sigma": tf.reduce_mean(sigma),
+                "active_units": active_units,
+                "recon_shuffled": tf.reduce_mean(recon_shuffled),
+                "syn_to_inv": tf.math.divide_no_nan(metric_syn, metric_inv),
             }
         )
-        return objective, logs
+        if not details:
+            return objective, logs
+        return objective, logs, {
+            "mean": mean,
+            "log_variance": log_variance,
+            "recon": tf.reduce_mean(recon_per_sample, axis=0),
+            "recon_shuffled": recon_shuffled,
+        }
 
-    def synthesize(self, z_inv, z_var, features, noise):
-        """The synthesized embeddings (paper Eq. 7): z = z_I + z_V.
+    def _decode(self, decoder_input):
+        """The decoder on [T, B, J] inputs -> [T, B, F]."""
+        shape = tf.shape(decoder_input)
+        flat = tf.reshape(decoder_input, [-1, self.embedding_dim])
+        return tf.reshape(self.decoder(flat), [shape[0], shape[1], self.feature_dim])
 
-        A subclass can change how samples are synthesized (research variants do) without
-        touching the rest of the step.
+    def _reconstruction_target(self, features, batch, training):
+        """The reconstruction target (stop-gradient: f(x) is not moved towards the decoder's
+        output) and the per-sample error function of `reconstruction`."""
+        features = tf.stop_gradient(features)
+        if self.reconstruction == "norm":
+            return features, losses_lib.reconstruction_distance
+        mean, variance = self.feature_mean, self.feature_variance
+        if training:
+            # Running statistics of the global batch's features: the first step takes the batch
+            # statistics, later steps an exponential average over about 100 steps.
+            all_features = batch.gather(features)
+            rate = 1.0 / (tf.cast(tf.minimum(self.step_counter, 99), "float32") + 1.0)
+            mean = mean + rate * (tf.reduce_mean(all_features, axis=0) - mean)
+            variance = variance + rate * (
+                tf.math.reduce_variance(all_features, axis=0) - variance)
+            self.feature_mean.assign(mean)
+            self.feature_variance.assign(variance)
+        # A floor relative to the typical variance: near-constant (dead ReLU) dimensions would
+        # otherwise turn round-off into large targets.
+        floor = 1e-3 * tf.reduce_mean(variance) + 1e-8
+        standardized = (features - mean) * tf.math.rsqrt(variance + floor)
+        return standardized, losses_lib.half_squared_error
+
+    def _kl_objective(self, kl_per_dim, batch):
+        """The KL term to differentiate, summed over this replica's samples (the caller divides
+        by the global batch size): with free bits, each dimension whose KL averaged over the
+        global batch is below `kl_free_bits` exerts no pressure."""
+        local_sums = tf.reduce_sum(kl_per_dim, axis=0)  # [J]
+        if self.kl_free_bits <= 0:
+            return tf.reduce_sum(local_sums)
+        global_means = tf.stop_gradient(batch.all_reduce_sum(local_sums)) / tf.cast(
+            batch.global_size, "float32")
+        above = tf.cast(global_means > self.kl_free_bits, "float32")
+        # The floor itself is a constant; it keeps the objective's value the free-bits KL.
+        floor = (1.0 - above) * self.kl_free_bits * tf.cast(batch.local_size, "float32")
+        return tf.reduce_sum(above * local_sums + floor)
+
+    def _decoder_centre(self, z_inv, all_z_inv, batch):
+        """What the decoder adds z_V to: the image's own z_I (paper), or the stop-gradient mean
+        z_I of the other images of its class in the global batch (its own when it has none)."""
+        if self.decoder_centre == "own":
+            return z_inv
+        same = tf.equal(batch.labels[:, None], batch.all_labels[None, :])
+        others = tf.logical_and(same, tf.logical_not(tf.one_hot(
+            batch.global_index, batch.global_size, on_value=True, off_value=False)))
+        weights = tf.cast(others, "float32")
+        count = tf.reduce_sum(weights, axis=1, keepdims=True)
+        leave_one_out = tf.math.divide_no_nan(tf.matmul(weights, all_z_inv), count)
+        return tf.stop_gradient(tf.where(count > 0, leave_one_out, z_inv))
+
+    def synthesize(self, z_inv, z_var, features, noise, centre=None, batch=None):
+        """The synthesized embeddings (paper Eq. 7): z = z_I + z_V, for the decoder and for L_syn.
+
+        The decoder reconstructs f(x) from `centre` + z_V(x) (`decoder_centre`); L_syn is
+        computed on z_I(x) + z_V(x), or on z_I(x) + z_V(x') with x' of another class
+        (`variance_transfer`). A subclass can change how samples are synthesized (the research
+        variants do) without touching the rest of the step.
 
         Args:
             z_inv: float32 `[B, J]`, this replica's z_I.
             z_var: float32 `[T, B, J]`, the reparameterized draws of z_V.
             features: float32 `[B, F]`, the backbone features f(x).
             noise: float32 `[T, B, J]`, the standard normal draws behind `z_var`.
+            centre: float32 `[B, J]`, what the decoder adds z_V to (default: `z_inv`).
+            batch: the step's `_Batch` (labels, gathering across replicas).
 
         Returns:
             `(decoder_input, metric_input)`, both `[T, B, J]`: what the decoder reconstructs
             f(x) from, and what the synthesized metric loss L_syn is computed on.
         """
         del features, noise  # used by subclasses
-        z_syn = z_inv + z_var
-        return z_syn, z_syn
+        centre = z_inv if centre is None else centre
+        decoder_input = centre + z_var
+        if not self.variance_transfer:
+            return decoder_input, z_inv + z_var
+        all_z_var = batch.gather(z_var, axis=1)
+        partners = batch.local_rows(
+            losses_lib.synthesis.other_class_partners(batch.all_labels,
+                                                      self._step_seed(_PARTNERS)))
+        transferred = tf.gather(all_z_var, partners, axis=1)
+        return decoder_input, z_inv + tf.stop_gradient(transferred)
 
     def train_step(self, data):
         images, labels = data[0], data[1]
@@ -471,6 +666,13 @@ class DVMLModel(keras.Model):
                 "phase2_weights": self.phase2_weights,
                 "decoder_hidden_dim": self.decoder_hidden_dim,
                 "variance_scale": self.variance_scale,
+                "reconstruction": self.reconstruction,
+                "detach_variance_heads": self.detach_variance_heads,
+                "kl_free_bits": self.kl_free_bits,
+                "kl_warmup": self.kl_warmup,
+                "decoder_centre": self.decoder_centre,
+                "variance_transfer": self.variance_transfer,
+                "scale_to_intra_class": self.scale_to_intra_class,
                 "seed": self.seed,
             }
         )

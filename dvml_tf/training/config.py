@@ -15,9 +15,12 @@ import json
 
 from dvml_tf.data import DATASETS
 from dvml_tf.losses import METRIC_LOSSES
+from dvml_tf.losses import SYNTHESIS_METHODS
 from dvml_tf.models import BACKBONES
 from dvml_tf.models import PAPER_PHASE1_WEIGHTS
 from dvml_tf.models import PAPER_PHASE2_WEIGHTS
+from dvml_tf.models.dvml_model import DECODER_CENTRES
+from dvml_tf.models.dvml_model import RECONSTRUCTIONS
 from dvml_tf.models.dvml_model import drop_retired_options
 
 STRATEGIES = ("default", "mirrored", "multi_worker")
@@ -90,6 +93,12 @@ class TrainConfig:
         {}, "Keyword arguments of the loss as key=value pairs, e.g. margin=0.3,mining=semihard.",
         group="loss",
     )
+    synthesis: str = _field(
+        "none",
+        "Reference synthesis without a VAE, augmenting the base loss (with or without DVML): "
+        "embedding_expansion (Ko & Gu 2020), symmetrical (Gu & Ko 2020), deviation_transfer.",
+        choices=("none", *SYNTHESIS_METHODS), group="loss",
+    )
     dvml: bool = _field(
         True, "Train DVML (--dvml) or the plain base-loss baseline (--nodvml).", group="dvml"
     )
@@ -104,6 +113,37 @@ class TrainConfig:
     )
     variance_scale: float = _field(
         1.0, "s in z_V = s * (mu + sigma * eps), i.e. a N(0, s^2 I) prior (paper: 1).",
+        group="dvml",
+    )
+    reconstruction: str = _field(
+        "norm",
+        "norm: ||f - x_hat|| (paper Eq. 9); standardized_squares: 0.5 ||f~ - x_hat||^2 on "
+        "per-dimension standardized stop-gradient features (a Gaussian decoder).",
+        choices=RECONSTRUCTIONS, group="dvml",
+    )
+    detach_variance_heads: bool = _field(
+        False, "mu and log sigma^2 read stop-gradient f(x): KL and reconstruction train the "
+        "variance heads, not the backbone.", group="dvml",
+    )
+    kl_free_bits: float = _field(
+        0.0, "Nats per latent dimension below which the KL exerts no pressure (free bits).",
+        group="dvml",
+    )
+    kl_warmup: bool = _field(
+        False, "The KL weight rises linearly from 0 over phase 1.", group="dvml"
+    )
+    decoder_centre: str = _field(
+        "own",
+        "own: the decoder reads z_I(x) + z_V(x) (paper); class_mean: stop-gradient mean z_I of "
+        "the other images of x's class + z_V(x), so only z_V can carry x's deviation.",
+        choices=DECODER_CENTRES, group="dvml",
+    )
+    variance_transfer: bool = _field(
+        False, "L_syn on z_I(x) + z_V(x') with x' of another class (gradient stopped at the "
+        "variance heads).", group="dvml",
+    )
+    scale_to_intra_class: bool = _field(
+        False, "Scale z_V by the RMS distance of z_I to its class mean in the batch.",
         group="dvml",
     )
     # ------------------------------------------------------------------------ optimization
@@ -175,6 +215,13 @@ class TrainConfig:
             raise ValueError("evaluation_split=validation needs validation_classes > 0.")
         if self.variance_scale <= 0:
             raise ValueError(f"variance_scale must be > 0; got {self.variance_scale}.")
+        if self.kl_free_bits < 0:
+            raise ValueError(f"kl_free_bits must be >= 0; got {self.kl_free_bits}.")
+        if self.synthesis in ("embedding_expansion", "symmetrical") and self.images_per_class % 2:
+            raise ValueError(
+                f"synthesis={self.synthesis} pairs adjacent images of a class: it needs an even "
+                f"images_per_class; got {self.images_per_class}."
+            )
         for field in (
             "image_size",
             "resize_size",

@@ -15,16 +15,23 @@ import sys
 import time
 
 import keras
+import numpy as np
 import tensorflow as tf
 from absl import logging
 
 from dvml_tf import data as data_lib
+from dvml_tf import losses as losses_lib
 from dvml_tf import models
 from dvml_tf import task
 from dvml_tf.evaluation import runner
 from dvml_tf.training import distribution
 from dvml_tf.training.config import TrainConfig
 from dvml_tf.utils import atomic
+
+# metrics.json key of the variance branch's diagnostics (`Trainer.variance_diagnostics`).
+DIAGNOSTICS_KEY = "dvml_diagnostics"
+# Training batches the diagnostics are measured on (64 x 2 images each in the Omniglot preset).
+DIAGNOSTIC_BATCHES = 8
 
 
 class NonFiniteLossError(RuntimeError):
@@ -307,16 +314,70 @@ class Trainer:
             batch_size=self.config.eval_batch_size,
             recall_ks=self.config.recall_ks,
         )
+        diagnostics = self.variance_diagnostics() if self.config.dvml else None
         if self.is_chief:
-            atomic.write_json(os.path.join(self.write_dir, task.metrics_file(split)), metrics,
+            record = dict(metrics)
+            if diagnostics is not None:
+                record[DIAGNOSTICS_KEY] = diagnostics
+            atomic.write_json(os.path.join(self.write_dir, task.metrics_file(split)), record,
                               sort_keys=True)
             writer = tf.summary.create_file_writer(os.path.join(self.write_dir, task.LOGS_DIR,
                                                                 split))
             with writer.as_default(step=self.step):
                 for key, value in metrics.items():
                     tf.summary.scalar(f"{split}/{key}", value)
+                for key, value in (diagnostics or {}).items():
+                    if key == "kl_per_dim":
+                        tf.summary.histogram("dvml/kl_per_dim", value)
+                    else:
+                        tf.summary.scalar(f"dvml/{key}", value)
             writer.flush()
         return metrics
+
+    def variance_diagnostics(self, num_batches=DIAGNOSTIC_BATCHES):
+        """Is the variance branch informative? Measured on the first training batches of the
+        sampler, in inference mode, at the end of training.
+
+        Returns:
+            dict: `active_units` (latent dimensions whose posterior mean varies across the
+            images by more than `models.dvml_model.ACTIVE_UNIT_VARIANCE`, in units of the
+            prior), `kl_per_dim` (nats, mean over images, one value per dimension), `kl`
+            (their sum), `recon` and `recon_shuffled` (reconstruction error with each image's
+            own z_V and with the z_V of another image of the batch: a decoder that uses z_V
+            does worse shuffled), `metric_inv`, `metric_syn`, `syn_to_inv`, `images`.
+        """
+        dataset = data_lib.make_train_dataset(self.splits.train, self.sampler, self.preprocess,
+                                              num_steps=num_batches)
+        parts = {"mean": [], "log_variance": [], "recon": [], "recon_shuffled": []}
+        metric_inv, metric_syn = [], []
+        for images, labels in dataset:
+            _, logs, details = self.model.loss_terms(images, labels, training=False,
+                                                     details=True)
+            for key in parts:
+                parts[key].append(details[key].numpy())
+            metric_inv.append(float(logs["metric_inv"]))
+            metric_syn.append(float(logs["metric_syn"]))
+        mean, log_variance = (np.concatenate(parts[k]) for k in ("mean", "log_variance"))
+        kl_per_dim = np.mean(
+            losses_lib.kl_per_dimension(mean, log_variance).numpy(), axis=0).astype(float)
+        diagnostics = {
+            "active_units": int(np.sum(np.var(mean, axis=0) > models.ACTIVE_UNIT_VARIANCE)),
+            "kl": float(np.sum(kl_per_dim)),
+            "kl_per_dim": [round(v, 5) for v in kl_per_dim.tolist()],
+            "recon": float(np.mean(np.concatenate(parts["recon"]))),
+            "recon_shuffled": float(np.mean(np.concatenate(parts["recon_shuffled"]))),
+            "metric_inv": float(np.mean(metric_inv)),
+            "metric_syn": float(np.mean(metric_syn)),
+            "images": len(mean),
+        }
+        diagnostics["syn_to_inv"] = diagnostics["metric_syn"] / max(diagnostics["metric_inv"],
+                                                                    1e-12)
+        logging.info(
+            "DVML diagnostics on %d training images: %d/%d active units, KL %.3f nats, recon "
+            "%.4f (own z_V) vs %.4f (shuffled z_V), L_syn/L_inv %.3f.", len(mean),
+            diagnostics["active_units"], self.config.embedding_dim, diagnostics["kl"],
+            diagnostics["recon"], diagnostics["recon_shuffled"], diagnostics["syn_to_inv"])
+        return diagnostics
 
     def save_model(self):
         """Writes `<model_dir>/model.keras` (atomically) on the chief."""
