@@ -1,0 +1,108 @@
+"""Training runs of the Omniglot studies, each `train.py` (this folder's) in a subprocess.
+
+Shared by `zero_shot.py` and `synthesis.py`. A run is reused when its metrics file exists, so an
+interrupted study continues where it stopped; a run that was interrupted mid-training resumes
+from its last checkpoint (train.py's own resume). Runs are single-threaded: two of them train
+faster side by side than one with two threads on a 2-core machine.
+"""
+
+import json
+import os
+import pathlib
+import re
+import subprocess
+import sys
+import time
+
+HERE = pathlib.Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+TRAIN = HERE / "train.py"
+
+# Per base loss: the batch it needs (N-pair: N classes x 2; the others P x K = 32 x 4).
+LOSS_FLAGS = {
+    "triplet": ["--loss=triplet", "--classes_per_batch=32", "--images_per_class=4"],
+    "npair": ["--loss=npair", "--classes_per_batch=64", "--images_per_class=2"],
+    "triplet2_dws": ["--loss=triplet2_dws", "--classes_per_batch=32", "--images_per_class=4"],
+    "margin_dws": ["--loss=margin_dws", "--classes_per_batch=32", "--images_per_class=4"],
+    "contrastive": ["--loss=contrastive", "--classes_per_batch=32", "--images_per_class=4"],
+}
+# Validation: Omniglot's last 161 background classes = background alphabets 25-29, whole
+# alphabets like the test split (never the test classes).
+VALIDATION_CLASSES = 161
+
+STEP_LINE = re.compile(r"step (\d+)/(\d+) (.*)$")
+VALIDATION_LINE = re.compile(r"step (\d+) validation: (.*)$")
+
+
+def metrics_file(stage):
+    return "metrics.json" if stage == "test" else "metrics_validation.json"
+
+
+def command(model_dir, stage, flags):
+    """The train.py command of one run."""
+    command_ = [sys.executable, str(TRAIN), "--config=omniglot", f"--model_dir={model_dir}",
+                *flags]
+    if stage != "test":
+        command_ += [f"--validation_classes={VALIDATION_CLASSES}", "--evaluation_split=validation"]
+    return command_
+
+
+def _key_values(text):
+    return {key: float(value) for key, value in
+            (pair.split("=", 1) for pair in text.split() if "=" in pair)}
+
+
+def final_training_values(log_text):
+    """The last `step N/N k=v ...` line of a train.log as floats (the last step's DVML
+    diagnostics); {} when the log holds none."""
+    values = {}
+    for line in log_text.splitlines():
+        match = STEP_LINE.search(line)
+        if match and match.group(1) == match.group(2):
+            values = _key_values(match.group(3))
+    return values
+
+
+def validation_curve(log_text):
+    """The `step N validation: k=v ...` lines of a train.log: {step: {metric: value}}."""
+    curve = {}
+    for line in log_text.splitlines():
+        match = VALIDATION_LINE.search(line)
+        if match:
+            curve[int(match.group(1))] = _key_values(match.group(2))
+    return curve
+
+
+def train(model_dir, stage, flags, label=""):
+    """Trains one run to completion (resuming it if a checkpoint exists); raises on failure."""
+    env = {**os.environ, "TF_NUM_INTRAOP_THREADS": "1", "TF_NUM_INTEROP_THREADS": "1",
+           "OMP_NUM_THREADS": "1", "TF_CPP_MIN_LOG_LEVEL": "2"}
+    started = time.time()
+    os.makedirs(model_dir, exist_ok=True)
+    log = pathlib.Path(model_dir) / "train.log"
+    with open(log, "a") as out:
+        result = subprocess.run(command(model_dir, stage, flags), cwd=ROOT, env=env,
+                                stdout=out, stderr=subprocess.STDOUT)
+    if result.returncode:
+        raise RuntimeError(f"{label or model_dir} failed (exit {result.returncode}); see {log}")
+    print(f"done {label or model_dir} in {time.time() - started:.0f} s", flush=True)
+
+
+def run(model_dir, stage, flags, label=""):
+    """Trains one run (or reuses its finished metrics).
+
+    Returns:
+        dict: the metrics file's content, the last training step's values under
+        "train/<name>", and the validation curve (if any) under "curve".
+    """
+    path = pathlib.Path(model_dir) / metrics_file(stage)
+    if not path.exists():
+        train(model_dir, stage, flags, label)
+    log = pathlib.Path(model_dir) / "train.log"
+    text = log.read_text() if log.exists() else ""
+    result = json.loads(path.read_text())
+    result.update({f"train/{key}": value for key, value in final_training_values(text).items()})
+    curve = validation_curve(text)
+    if curve:
+        result["curve"] = curve
+    return result

@@ -1,0 +1,341 @@
+"""DVML where it can work: a non-degenerate configuration, an informative variance branch, and
+synthesized samples measured against reference synthesis methods, under a protocol fixed in
+advance (`PROTOCOL`, written into the results file before the first run).
+
+Stages, in order (each resumes: finished runs are reused, interrupted ones resume from their
+checkpoint):
+
+    S=research/dvml_omniglot/synthesis.py
+    TFDS_DATA_DIR=/path/to/tfds python $S --stage=curve        # baselines' validation curves
+    TFDS_DATA_DIR=/path/to/tfds python $S --stage=validation   # every variant, 2 seeds
+    TFDS_DATA_DIR=/path/to/tfds python $S --stage=test         # selected variants, 3 seeds
+    python $S --stage=report                                    # tables of what is done
+
+`--stage=validation` and `--stage=test` take `--only=LOSS/VARIANT/SEED,...` to run a part (two
+processes of this script may share the work: runs are claimed with a lock file). The selection
+(`select`) applies the rule of `PROTOCOL` to the validation results; the test stage refuses to
+start before the validation stage is complete. Results: research/dvml_omniglot/results/
+omniglot_synthesis.json; the runs live in --workdir.
+"""
+
+import concurrent.futures
+import fcntl
+import json
+import os
+import pathlib
+import platform
+import sys
+import time
+
+import numpy as np
+from absl import app
+from absl import flags
+
+HERE = pathlib.Path(__file__).resolve().parent
+if str(HERE.parents[1]) not in sys.path:
+    sys.path.insert(0, str(HERE.parents[1]))
+
+from research.dvml_omniglot import runs  # noqa: E402
+
+FLAGS = flags.FLAGS
+flags.DEFINE_enum("stage", "report", ["curve", "validation", "test", "report"], "Stage to run.")
+flags.DEFINE_integer("parallel", 2, "Runs at a time (each single-threaded).")
+flags.DEFINE_string("workdir", os.path.expanduser("~/dvml_runs/omniglot_synthesis"),
+                    "Where the runs are written.")
+flags.DEFINE_string("output", str(HERE / "results" / "omniglot_synthesis.json"),
+                    "Results file.")
+flags.DEFINE_list("only", [], "Run only these LOSS/VARIANT/SEED jobs of the stage.")
+
+NETWORK = ["--backbone=convnet_wide", "--embedding_dim=128", "--learning_rate=1e-3",
+           "--log_every=250"]
+# The variance branch made informative, step by step (each adds to the previous one).
+GAUSSIAN = ["--dvml", "--variance_scale=1", "--reconstruction=standardized_squares",
+            "--detach_variance_heads"]
+FREE_BITS = [*GAUSSIAN, "--kl_free_bits=0.1", "--kl_warmup"]
+CENTRE = [*FREE_BITS, "--decoder_centre=class_mean"]
+TRANSFER = [*CENTRE, "--variance_transfer"]
+DVML_VARIANTS = {
+    "dvml_paper": ["--dvml", "--variance_scale=1"],
+    "dvml_preset": ["--dvml", "--variance_scale=0.1"],
+    "dvml_gaussian": GAUSSIAN,
+    "dvml_free_bits": FREE_BITS,
+    "dvml_centre": CENTRE,
+    "dvml_transfer": TRANSFER,
+    "dvml_transfer_scaled": [*TRANSFER, "--scale_to_intra_class"],
+}
+REFERENCE_VARIANTS = {
+    "ref_embedding_expansion": ["--nodvml", "--synthesis=embedding_expansion"],
+    "ref_symmetrical": ["--nodvml", "--synthesis=symmetrical"],
+    "ref_deviation_transfer": ["--nodvml", "--synthesis=deviation_transfer"],
+}
+VARIANTS = {"baseline": ["--nodvml"], **DVML_VARIANTS, **REFERENCE_VARIANTS}
+TRIPLET_REDUCTIONS = {"baseline": ["--nodvml"],
+                      "baseline_active": ["--nodvml", "--loss_options=reduction=active"]}
+
+PROTOCOL = {
+    "question": "Does a DVML variant whose variance branch is informative beat its base-loss "
+                "baseline on unseen classes, and does it clear reference synthesis methods?",
+    "data": "Omniglot, 28 px crops of 32 px images. Validation: train on the first 803 "
+            "background classes, evaluate on the last 161 (background alphabets 25-29, whole "
+            "alphabets). Test: train on all 964 background classes, evaluate once on all "
+            "13,180 images of the 659 evaluation classes.",
+    "network": "convnet_wide (F = 512) -> z_I (J = 128), Adam 1e-3; batches N-pair 64 x 2, "
+               "triplet and triplet2 + DWS 32 x 4; DVML: T = 20, paper weights and phases "
+               "(25 % in phase 1). The baseline uses the same backbone.",
+    "flags": {"common": NETWORK, "losses": {k: runs.LOSS_FLAGS[k] for k in
+                                            ("npair", "triplet", "triplet2_dws")},
+              "variants": VARIANTS, "triplet_reductions": TRIPLET_REDUCTIONS},
+    "steps_rule": "Curve stage: both baselines (N-pair, triplet2 + DWS), seed 0, validation "
+                  "R@1 every 500 steps up to 10,000. Steps = the smallest multiple of 1,000 at "
+                  "which each baseline's validation R@1 is within 0.5 points of its best over "
+                  "the curve; every later run uses that number of steps.",
+    "validation": "Base losses N-pair and triplet2 + DWS, seeds 0 and 1, every variant of "
+                  "`flags.variants`. Triplet reduction (item 6): the triplet baseline with the "
+                  "mean over all triplets vs over active triplets, seeds 0 and 1; the one with "
+                  "the higher mean validation R@1 is used for every triplet run of the test.",
+    "selection": "The DVML variant (dvml_*) and the reference method (ref_*) with the highest "
+                 "mean validation R@1 over both losses and both seeds. Fixed before any run.",
+    "test": "Seeds 0, 1, 2; base losses triplet, N-pair, triplet2 + DWS; baseline vs the "
+            "selected DVML variant vs the selected reference method; each evaluated once.",
+    "success": "The selected DVML variant beats the baseline on the test classes by more than "
+               "twice the larger seed std and by at least 1.5 points of R@1 for at least two "
+               "of the three losses, with active units > 0 and a decoder that uses z_V "
+               "(reconstruction error with shuffled z_V above the error with its own).",
+}
+
+CURVE_MAX_STEPS = 10_000
+CURVE_EVERY = 500
+VALIDATION_SEEDS = (0, 1)
+TEST_SEEDS = (0, 1, 2)
+VALIDATION_LOSSES = ("npair", "triplet2_dws")
+TEST_LOSSES = ("triplet", "npair", "triplet2_dws")
+
+
+# ------------------------------------------------------------------------------ results file
+
+def load_results():
+    path = pathlib.Path(FLAGS.output)
+    results = json.loads(path.read_text()) if path.exists() else {}
+    if results.get("protocol", PROTOCOL) != PROTOCOL:
+        raise SystemExit(f"{path} was written under another protocol; the protocol is fixed "
+                         "once runs exist (write a new results file).")
+    results["protocol"] = PROTOCOL
+    results.setdefault("machine", {"python": platform.python_version(),
+                                   "cpu_count": os.cpu_count(), "machine": platform.machine()})
+    return results
+
+
+def save_results(results):
+    path = pathlib.Path(FLAGS.output)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(results, indent=1, sort_keys=False))
+    os.replace(tmp, path)
+
+
+def _update_results(update):
+    """Read-modify-write of the results file under a lock (several processes write it)."""
+    with open(pathlib.Path(FLAGS.output).with_suffix(".lock"), "a+") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        results = load_results()
+        update(results)
+        save_results(results)
+        return results
+
+
+# ---------------------------------------------------------------------------------- stages
+
+def run_dir(stage, loss, variant, seed):
+    return pathlib.Path(FLAGS.workdir) / stage / f"{loss}_{variant}_seed{seed}"
+
+
+def _claim(directory):
+    """Whether this process may train a run (another process of this script may hold it)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    handle = open(directory / ".claim", "a+")  # noqa: SIM115 (held until the run ends)
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        return None
+    return handle
+
+
+def _summary(metrics):
+    """What the results file keeps of a run."""
+    keep = {key: value for key, value in metrics.items()
+            if not key.startswith("train/") and key not in ("curve", "dvml_diagnostics")}
+    diagnostics = metrics.get("dvml_diagnostics")
+    if diagnostics:
+        keep["diagnostics"] = {k: v for k, v in diagnostics.items() if k != "kl_per_dim"}
+        keep["diagnostics"]["kl_per_dim_max"] = max(diagnostics["kl_per_dim"])
+    keep["last_step"] = {k.removeprefix("train/"): v for k, v in metrics.items()
+                         if k.startswith("train/")}
+    if "curve" in metrics:
+        keep["curve"] = {str(step): values["recall@1"]
+                         for step, values in sorted(metrics["curve"].items())}
+    return keep
+
+
+def execute(stage, jobs):
+    """Runs (or reuses) `jobs` = [(loss, variant, seed, flags)], recording each result."""
+    if FLAGS.only:
+        jobs = [job for job in jobs if "/".join(map(str, job[:3])) in FLAGS.only]
+
+    def one(job):
+        loss, variant, seed, flags_ = job
+        directory = run_dir(stage, loss, variant, seed)
+        claim = _claim(directory)
+        if claim is None:
+            print(f"skip {stage} {loss}/{variant}/{seed}: another process trains it", flush=True)
+            return
+        try:
+            metrics = runs.run(directory, stage, flags_, label=f"{stage} {loss}/{variant}/{seed}")
+        finally:
+            claim.close()
+        _update_results(lambda results: results.setdefault(stage, {}).setdefault(
+            loss, {}).setdefault(variant, {}).__setitem__(str(seed), _summary(metrics)))
+
+    with concurrent.futures.ThreadPoolExecutor(FLAGS.parallel) as pool:
+        list(pool.map(one, jobs))
+
+
+def common_flags(loss, seed, steps):
+    return [*NETWORK, *runs.LOSS_FLAGS[loss], f"--seed={seed}", f"--steps={steps}",
+            f"--checkpoint_every={min(1000, steps)}"]
+
+
+def chosen_steps(results):
+    """The steps rule of the protocol, applied to the curve stage's results."""
+    curves = results.get("curve", {})
+    if set(curves) != set(VALIDATION_LOSSES) or any(
+            str(CURVE_MAX_STEPS) not in curves[loss]["baseline"]["0"]["curve"]
+            for loss in VALIDATION_LOSSES):
+        raise SystemExit("Run --stage=curve to completion first (the steps rule needs it).")
+    chosen = 0
+    for loss in VALIDATION_LOSSES:
+        curve = {int(k): v for k, v in curves[loss]["baseline"]["0"]["curve"].items()}
+        best = max(curve.values())
+        steps = min(s for s, r in curve.items() if s % 1000 == 0 and r >= best - 0.005)
+        chosen = max(chosen, steps)
+    return chosen
+
+
+def validation_means(results):
+    """{variant: mean validation R@1 over the validation losses and seeds} (complete only)."""
+    means = {}
+    for variant in VARIANTS:
+        values = [results.get("validation", {}).get(loss, {}).get(variant, {}).get(str(seed),
+                                                                                 {}).get("recall@1")
+                  for loss in VALIDATION_LOSSES for seed in VALIDATION_SEEDS]
+        if None not in values:
+            means[variant] = float(np.mean(values))
+    return means
+
+
+def select(results):
+    """The selection rule of the protocol; None until the validation stage is complete."""
+    means = validation_means(results)
+    triplet = results.get("validation", {}).get("triplet", {})
+    reduction_means = {
+        name: np.mean([triplet.get(name, {}).get(str(s), {}).get("recall@1", np.nan)
+                       for s in VALIDATION_SEEDS]) for name in TRIPLET_REDUCTIONS}
+    if len(means) < len(VARIANTS) or any(np.isnan(v) for v in reduction_means.values()):
+        return None
+    return {
+        "dvml": max(DVML_VARIANTS, key=means.get),
+        "reference": max(REFERENCE_VARIANTS, key=means.get),
+        "triplet_reduction": max(reduction_means, key=reduction_means.get),
+        "validation_means": means,
+        "triplet_reduction_means": {k: float(v) for k, v in reduction_means.items()},
+    }
+
+
+def stage_curve():
+    jobs = [(loss, "baseline", 0, [*common_flags(loss, 0, CURVE_MAX_STEPS), "--nodvml",
+                                   f"--eval_every={CURVE_EVERY}"])
+            for loss in VALIDATION_LOSSES]
+    execute("curve", jobs)
+    results = _update_results(lambda r: None)
+    print(f"steps chosen by the rule: {chosen_steps(results)}")
+
+
+def stage_validation():
+    results = load_results()
+    steps = chosen_steps(results)
+    jobs = [(loss, variant, seed, [*common_flags(loss, seed, steps), *flags_])
+            for seed in VALIDATION_SEEDS for loss in VALIDATION_LOSSES
+            for variant, flags_ in VARIANTS.items()]
+    jobs += [("triplet", name, seed, [*common_flags("triplet", seed, steps), *flags_])
+             for seed in VALIDATION_SEEDS for name, flags_ in TRIPLET_REDUCTIONS.items()]
+    execute("validation", jobs)
+    selected = select(_update_results(lambda r: r.__setitem__("steps", steps)))
+    if selected:
+        _update_results(lambda r: r.__setitem__("selected", selected))
+        print("selected:", json.dumps(selected, indent=1))
+
+
+def stage_test():
+    results = load_results()
+    selected = results.get("selected") or select(results)
+    if not selected:
+        raise SystemExit("The validation stage is not complete: nothing is selected yet.")
+    steps = results["steps"]
+    methods = {"baseline": VARIANTS["baseline"], "dvml": VARIANTS[selected["dvml"]],
+               "reference": VARIANTS[selected["reference"]]}
+    jobs = []
+    for seed in TEST_SEEDS:
+        for loss in TEST_LOSSES:
+            extra = (TRIPLET_REDUCTIONS[selected["triplet_reduction"]][1:]
+                     if loss == "triplet" else [])
+            for method, flags_ in methods.items():
+                jobs.append((loss, method, seed,
+                             [*common_flags(loss, seed, steps), *flags_, *extra]))
+    execute("test", jobs)
+
+
+# ---------------------------------------------------------------------------------- report
+
+def _cell(values, digits=1):
+    values = [100 * v for v in values]
+    return f"{np.mean(values):.{digits}f} ± {np.std(values):.{digits}f}"
+
+
+def report(results):
+    lines = []
+    for stage in ("validation", "test"):
+        for loss, by_variant in results.get(stage, {}).items():
+            lines.append(f"\n{stage}, {loss}\n| variant | seeds | R@1 | MAP@R | active units "
+                         "| recon (own / shuffled z_V) | L_syn / L_inv |\n|---|---|---|---|---|"
+                         "---|---|")
+            for variant, by_seed in by_variant.items():
+                recall = [m["recall@1"] for m in by_seed.values()]
+                maps = [m["map@r"] for m in by_seed.values()]
+                diagnostics = [m.get("diagnostics") for m in by_seed.values()]
+                if all(diagnostics):
+                    active = np.mean([d["active_units"] for d in diagnostics])
+                    recon = (f"{np.mean([d['recon'] for d in diagnostics]):.3f} / "
+                             f"{np.mean([d['recon_shuffled'] for d in diagnostics]):.3f}")
+                    ratio = f"{np.mean([d['syn_to_inv'] for d in diagnostics]):.2f}"
+                    active = f"{active:.1f}"
+                else:
+                    active = recon = ratio = "—"
+                lines.append(f"| {variant} | {len(recall)} | {_cell(recall)} | {_cell(maps)} | "
+                             f"{active} | {recon} | {ratio} |")
+    return "\n".join(lines)
+
+
+def main(argv):
+    del argv
+    if FLAGS.stage == "curve":
+        stage_curve()
+    elif FLAGS.stage == "validation":
+        stage_validation()
+    elif FLAGS.stage == "test":
+        stage_test()
+    results = _update_results(lambda r: None)
+    print(report(results))
+
+
+if __name__ == "__main__":
+    app.run(main)
