@@ -25,7 +25,6 @@ import os
 import pathlib
 import platform
 import sys
-import time
 
 import numpy as np
 from absl import app
