@@ -61,7 +61,7 @@ DECODER_CENTRES = ("own", "class_mean")
 ACTIVE_UNIT_VARIANCE = 0.01
 
 # Sub-seeds for the independent random draws of one step.
-_NOISE, _SAMPLING_INV, _SAMPLING_SYN, _PARTNERS, _SHUFFLE = 1, 2, 3, 4, 5
+_NOISE, _SAMPLING_INV, _SAMPLING_SYN, _PARTNERS = 1, 2, 3, 4
 
 
 # Options that left the product for research/dvml_omniglot. A model.keras or config.json written
@@ -488,13 +488,14 @@ class DVMLModel(keras.Model):
         )
 
         # Diagnostics, outside the gradient: the batch variance of mu, and the reconstruction
-        # of the first draw with z_V shuffled across the (local) batch.
+        # of the first draw with z_V of other images of the (local) batch.
         all_mean = tf.stop_gradient(batch.gather(mean))
         active_units = tf.reduce_sum(tf.cast(
             tf.math.reduce_variance(all_mean, axis=0) > ACTIVE_UNIT_VARIANCE, "float32"))
-        shuffle = tf.random.experimental.stateless_shuffle(
-            tf.range(batch.local_size), seed=self._step_seed(_SHUFFLE))
-        shuffled_input = tf.stop_gradient(decoder_centre + tf.gather(z_var[0], shuffle))
+        # Rolled by half the batch: in a class-major batch each image gets the z_V of an image
+        # of another class (deterministic and XLA-compatible, unlike a random shuffle).
+        shuffled = tf.roll(z_var[0], shift=batch.local_size // 2, axis=0)
+        shuffled_input = tf.stop_gradient(decoder_centre + shuffled)
         recon_shuffled = tf.stop_gradient(
             reconstruction_error(target, self._decode(shuffled_input[tf.newaxis])[0]))
         kl = tf.reduce_mean(tf.reduce_sum(kl_per_dim, axis=-1))
@@ -537,17 +538,21 @@ class DVMLModel(keras.Model):
         features = tf.stop_gradient(features)
         if self.reconstruction == "norm":
             return features, losses_lib.reconstruction_distance
-        mean, variance = self.feature_mean, self.feature_variance
+        all_features = batch.gather(features)
+        batch_mean = tf.reduce_mean(all_features, axis=0)
+        batch_variance = tf.math.reduce_variance(all_features, axis=0)
         if training:
             # Running statistics of the global batch's features: the first step takes the batch
             # statistics, later steps an exponential average over about 100 steps.
-            all_features = batch.gather(features)
             rate = 1.0 / (tf.cast(tf.minimum(self.step_counter, 99), "float32") + 1.0)
-            mean = mean + rate * (tf.reduce_mean(all_features, axis=0) - mean)
-            variance = variance + rate * (
-                tf.math.reduce_variance(all_features, axis=0) - variance)
+            mean = self.feature_mean + rate * (batch_mean - self.feature_mean)
+            variance = self.feature_variance + rate * (batch_variance - self.feature_variance)
             self.feature_mean.assign(mean)
             self.feature_variance.assign(variance)
+        else:
+            # Inference-mode features (batch norm's moving statistics) differ from the training-
+            # mode ones the running statistics follow: standardize by the batch's own.
+            mean, variance = batch_mean, batch_variance
         # A floor relative to the typical variance: near-constant (dead ReLU) dimensions would
         # otherwise turn round-off into large targets.
         floor = 1e-3 * tf.reduce_mean(variance) + 1e-8

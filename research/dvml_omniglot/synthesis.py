@@ -326,6 +326,7 @@ def report(results):
 
 def main(argv):
     del argv
+    _update_results(lambda r: None)  # the protocol is in the results file before any run
     if FLAGS.stage == "curve":
         stage_curve()
     elif FLAGS.stage == "validation":

@@ -76,3 +76,16 @@ def test_semihard_negative_must_be_strictly_farther():
     loss = losses.TripletLoss(margin=0.5, mining="semihard", normalize=False, dtype="float64")
     assert float(loss(x, labels)) == pytest.approx(5.0)
     assert reference.triplet_semihard(x, labels, 0.5) == pytest.approx(5.0)
+
+
+def test_active_reduction_averages_over_the_non_zero_triplets_only():
+    # The hand case above: 8 valid triplets, 2 of them active (1 and 0.25).
+    x = np.array([[0.0], [1.0], [3.0], [3.5]])
+    labels = np.array([0, 0, 1, 1])
+    loss = losses.TripletLoss(margin=4.0, normalize=False, reduction="active", dtype="float64")
+    assert float(loss(x, labels)) == pytest.approx(1.25 / 2)
+    satisfied = losses.TripletLoss(margin=0.0, normalize=False, reduction="active",
+                                   dtype="float64")
+    assert float(satisfied(np.array([[0.0], [0.1], [5.0], [5.1]]), labels)) == 0.0
+    with pytest.raises(ValueError, match="Unknown triplet reduction"):
+        losses.TripletLoss(reduction="sum")

@@ -46,3 +46,15 @@ def test_reconstruction_gradient_is_finite_when_exact():
         tape.watch(x)
         d = tf.reduce_sum(losses.reconstruction_distance(x, x))
     assert np.all(np.isfinite(tape.gradient(d, x).numpy()))
+
+
+def test_kl_per_dimension_and_half_squared_error_by_hand():
+    mean = np.array([[1.0, 0.0]])
+    log_variance = np.array([[0.0, np.log(4.0)]])
+    # dim 0: 0.5 (1 + 1 - 0 - 1) = 0.5; dim 1: 0.5 (0 + 4 - ln 4 - 1)
+    expected = [0.5, 0.5 * (3.0 - np.log(4.0))]
+    np.testing.assert_allclose(losses.kl_per_dimension(mean, log_variance).numpy(), [expected])
+    np.testing.assert_allclose(losses.kl_divergence(mean, log_variance).numpy(), [sum(expected)])
+    target = np.array([[1.0, 2.0, 3.0]])
+    np.testing.assert_allclose(
+        losses.half_squared_error(target, np.array([[[0.0, 2.0, 5.0]]])).numpy(), [[2.5]])

@@ -9,6 +9,7 @@ from dvml_tf import models
     "name, size, feature_dim",
     [
         ("convnet_small", 28, 128),
+        ("convnet_wide", 28, 512),  # F > J = 128: z_I is a bottleneck of f(x)
         ("googlenet", 64, 1024),
         ("resnet50", 32, 2048),
         ("inception_v3", 75, 2048),
@@ -39,7 +40,7 @@ def test_pretrained_googlenet_explains_there_are_no_keras_weights():
 
 
 def test_unknown_backbone_lists_the_valid_ones():
-    with pytest.raises(ValueError, match="valid backbones: convnet_small, googlenet, resnet50"):
+    with pytest.raises(ValueError, match="valid backbones: convnet_small, convnet_wide, googlenet, resnet50"):
         models.build_backbone("vgg16")
 
 

@@ -50,16 +50,24 @@ def global_batch(images_per_class):
     return images.astype(np.float32), labels.astype(np.int64)
 
 
-def one_step(strategy, loss_name, phase1_steps, images, labels, jit_compile=False):
+# Every option of the variance branch at once (they all act on the global batch).
+OPTIONS = dict(reconstruction="standardized_squares", detach_variance_heads=True,
+               kl_free_bits=0.05, kl_warmup=True, decoder_centre="class_mean",
+               variance_transfer=True, scale_to_intra_class=True)
+
+
+def one_step(strategy, loss_name, phase1_steps, images, labels, jit_compile=False,
+             options=None, synthesis="none"):
     with strategy.scope():
         keras.utils.set_random_seed(0)
         model = models.DVMLModel(
             backbone(),
-            losses.get_metric_loss(loss_name),
+            losses.get_metric_loss(loss_name, synthesis=synthesis),
             embedding_dim=8,
             num_samples=3,
             phase1_steps=phase1_steps,
             seed=1,
+            **(options or {}),
         )
         model.compile(optimizer=keras.optimizers.SGD(0.5))
         model.optimizer.build(model.trainable_variables)
@@ -89,6 +97,7 @@ def hashed_random_ops():
     """Replaces tf.random.stateless_normal / stateless_categorical by integer-hash versions."""
 
     def uniform(count, seed):
+        seed = tf.cast(seed, tf.int64)
         x = tf.range(count, dtype=tf.int64) * 2654435761 + tf.reduce_sum(
             tf.cast(seed, tf.int64) * tf.constant([40503, 2246822519], tf.int64)
         )
@@ -106,8 +115,14 @@ def hashed_random_ops():
         gumbel = tf.reshape(gumbel, [rows, num_samples, classes])
         return tf.cast(tf.argmax(logits[:, None, :] + tf.cast(gumbel, logits.dtype), -1), dtype)
 
+    def stateless_uniform(shape, seed, minval=0.0, maxval=1.0, dtype=tf.float32, **kwargs):
+        count = tf.reduce_prod(shape)
+        values = minval + (maxval - minval) * uniform(count, seed)
+        return tf.cast(tf.reshape(values, shape), dtype)
+
     tf.random.stateless_normal = normal
     tf.random.stateless_categorical = categorical
+    tf.random.stateless_uniform = stateless_uniform
 
 
 def main():
@@ -120,13 +135,19 @@ def main():
     else:
         other, other_jit = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]), False
     results = {}
-    for loss_name in losses.METRIC_LOSSES:
+    cases = [(name, name, {}, "none") for name in losses.METRIC_LOSSES]
+    # The variance-branch options, and a reference synthesis on top, for two losses.
+    cases += [(f"{name}+options", name, OPTIONS, "embedding_expansion")
+              for name in ("npair", "triplet2_dws")]
+    for case, loss_name, options, synthesis in cases:
         k = 2 if loss_name == "npair" else 4
         images, labels = global_batch(k)
         for phase1_steps, phase in ((5, 1), (0, 2)):
-            one = one_step(single, loss_name, phase1_steps, images, labels)
-            two = one_step(other, loss_name, phase1_steps, images, labels, jit_compile=other_jit)
-            results[f"{loss_name}/phase{phase}"] = {
+            one = one_step(single, loss_name, phase1_steps, images, labels, options=options,
+                           synthesis=synthesis)
+            two = one_step(other, loss_name, phase1_steps, images, labels, jit_compile=other_jit,
+                           options=options, synthesis=synthesis)
+            results[f"{case}/phase{phase}"] = {
                 "weights": max(
                     float(np.abs(a - b).max()) for a, b in zip(one[0], two[0], strict=True)
                 ),

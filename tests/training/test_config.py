@@ -37,6 +37,12 @@ def test_unknown_preset_lists_the_valid_ones():
         ({"phase2_weights": (1, 1)}, "phase2_weights must be 4"),
         ({"recall_ks": (0, 1)}, "recall_ks"),
         ({"dataset": "folder", "data_dir": None}, "needs --data_dir"),
+        ({"reconstruction": "l1"}, "Unknown reconstruction 'l1'"),
+        ({"decoder_centre": "median"}, "Unknown decoder_centre"),
+        ({"synthesis": "mixup"}, "Unknown synthesis 'mixup'; valid values: none, embedding"),
+        ({"kl_free_bits": -0.1}, "kl_free_bits must be >= 0"),
+        ({"synthesis": "symmetrical", "loss": "triplet", "images_per_class": 3},
+         "needs an even images_per_class"),
     ],
 )
 def test_invalid_values_name_the_field(changes, match):

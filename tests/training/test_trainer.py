@@ -36,8 +36,14 @@ def test_trains_saves_and_evaluates(tmp_path):
     metrics = trainer.Trainer(config, splits=splits, verbose=False).run()
     run = tmp_path / "run"
     saved = json.loads((run / "metrics.json").read_text())
+    diagnostics = saved.pop(trainer.DIAGNOSTICS_KEY)
     assert saved == pytest.approx(metrics)
     assert set(saved) >= {"nmi", "f1", "recall@1", "recall@2", "recall@4", "recall@8", "map@r"}
+    assert set(diagnostics) >= {"active_units", "kl", "kl_per_dim", "recon", "recon_shuffled",
+                                "metric_inv", "metric_syn", "syn_to_inv"}
+    assert len(diagnostics["kl_per_dim"]) == config.embedding_dim
+    assert sum(diagnostics["kl_per_dim"]) == pytest.approx(diagnostics["kl"], rel=1e-3, abs=1e-4)
+    assert 0 <= diagnostics["active_units"] <= config.embedding_dim
     assert all(0.0 <= v <= 1.0 for v in saved.values())
     assert (run / "model.keras").exists()
     assert json.loads((run / "config.json").read_text())["steps"] == 40
@@ -144,3 +150,45 @@ def test_batch_larger_than_the_classes_is_refused(tmp_path):
         trainer.Trainer(
             tiny_config(tmp_path, classes_per_batch=64), splits=synthetic.splits(), verbose=False
         )
+
+
+def test_null_control_dvml_with_only_the_invariant_loss_equals_the_baseline(tmp_path):
+    """DVML's code path costs nothing by itself: with weights (0, 0, 0, 1) in both phases it
+    trains exactly the baseline (same seed, same batches)."""
+    splits = synthetic.splits()
+    only_inv = (0.0, 0.0, 0.0, 1.0)
+    embeddings = []
+    for name, changes in (("baseline", {"dvml": False}),
+                          ("dvml", {"dvml": True, "phase1_weights": only_inv,
+                                    "phase2_weights": only_inv})):
+        config = tiny_config(tmp_path / name, steps=12, checkpoint_every=12, **changes)
+        run = trainer.Trainer(config, splits=splits, verbose=False)
+        run.train()
+        images = np.stack([splits.test.image(i) for i in range(8)]).astype(np.float32)
+        images = np.repeat(images, 3, axis=-1)
+        embeddings.append(run.model(images).numpy())
+    np.testing.assert_array_equal(embeddings[0], embeddings[1])
+
+
+def test_dvml_diagnostics_aggregate_over_the_images_of_the_first_batches(tmp_path):
+    splits = synthetic.splits()
+    config = tiny_config(tmp_path, steps=10, reconstruction="standardized_squares",
+                         detach_variance_heads=True, decoder_centre="class_mean")
+    run = trainer.Trainer(config, splits=splits, verbose=False)
+    run.train()
+    diagnostics = run.variance_diagnostics(num_batches=2)
+    assert diagnostics["images"] == 2 * config.batch_size
+    # Independently: the posterior means of the same images, in inference mode.
+    from dvml_tf import data as data_lib
+    from dvml_tf import losses
+
+    dataset = data_lib.make_train_dataset(splits.train, run.sampler, run.preprocess,
+                                          num_steps=2)
+    images = np.concatenate([images.numpy() for images, _ in dataset])
+    features = run.model.backbone(images, training=False)
+    mean = run.model.mean_head(features).numpy()
+    log_variance = run.model.log_variance_head(features).numpy()
+    assert diagnostics["active_units"] == int(np.sum(np.var(mean, axis=0) > 0.01))
+    np.testing.assert_allclose(
+        diagnostics["kl_per_dim"],
+        np.mean(losses.kl_per_dimension(mean, log_variance).numpy(), axis=0), atol=2e-5)
