@@ -40,7 +40,8 @@ def test_pretrained_googlenet_explains_there_are_no_keras_weights():
 
 
 def test_unknown_backbone_lists_the_valid_ones():
-    with pytest.raises(ValueError, match="valid backbones: convnet_small, convnet_wide, googlenet, resnet50"):
+    with pytest.raises(ValueError,
+                       match="valid backbones: convnet_small, convnet_wide, googlenet, resnet50"):
         models.build_backbone("vgg16")
 
 

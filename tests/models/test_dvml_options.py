@@ -34,7 +34,7 @@ def parts(model):
 
 
 def test_null_control_dvml_with_only_the_invariant_loss_is_the_baseline():
-    images, labels = batch(num_classes=4, images_per_class=2)
+    images, _ = batch(num_classes=4, images_per_class=2)
     weights = ONLY["inv"]
     results = []
     for use_dvml in (False, True):
