@@ -195,3 +195,7 @@ def flags_markdown():
         meaning = meaning.replace("|", "\\|")
         lines.append(f"| `--{field.name}` | {default} | {meaning} |")
     return "\n".join(lines)
+
+
+if __name__ == "__main__":  # python -m dvml_tf.training.flags: the table of docs/training.md
+    print(flags_markdown())
