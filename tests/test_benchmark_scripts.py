@@ -1,4 +1,5 @@
-"""Smoke tests of the benchmark scripts (step_time, table4, omniglot_zero_shot) at tiny settings."""
+"""Smoke tests of the benchmark scripts at tiny settings (the research scripts' are in
+tests/research/test_scripts.py)."""
 
 import importlib.util
 import json
@@ -8,9 +9,7 @@ import statistics
 import subprocess
 import sys
 
-import numpy as np
 import pytest
-from PIL import Image
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -65,140 +64,3 @@ def test_step_time_small_convnet(tmp_path):
     assert machine["cpu_count"] >= 1 and len(machine["load_average_1_5_15_before"]) == 3
     assert "| convnet_small 28 px | synthetic | 4x2 |" in proc.stdout
     assert "Where DVML's extra time goes" in proc.stdout
-
-
-# -------------------------------------------------------------------------------- table4.py
-
-def _write_folder_dataset(root, num_classes=10, per_class=5, size=16):
-    """Class prototypes plus noise as PNG files, one sub-folder per class."""
-    rng = np.random.default_rng(0)
-    for c in range(num_classes):
-        prototype = rng.uniform(0, 255, (size, size, 3))
-        directory = root / f"class_{c:02d}"
-        directory.mkdir(parents=True)
-        for i in range(per_class):
-            pixels = np.clip(prototype + rng.normal(0, 40, prototype.shape), 0, 255)
-            Image.fromarray(pixels.astype(np.uint8)).save(directory / f"{i}.png")
-
-
-@pytest.fixture(scope="module")
-def tiny_runs(tmp_path_factory):
-    from dvml_tf.training import trainer as trainer_lib
-    from dvml_tf.training.config import TrainConfig
-
-    root = tmp_path_factory.mktemp("table4")
-    folder = root / "images"
-    _write_folder_dataset(folder)
-    dirs = {}
-    for name, dvml in (("baseline", False), ("dvml", True)):
-        dirs[name] = root / name
-        config = TrainConfig(
-            config="table4_test", dataset="folder", data_dir=str(folder), image_size=12,
-            resize_size=16, embedding_dim=16, loss="triplet", dvml=dvml, num_samples=2,
-            classes_per_batch=4, images_per_class=2, steps=2, log_every=1, checkpoint_every=2,
-            eval_batch_size=16, model_dir=str(dirs[name]))
-        trainer_lib.Trainer(config, verbose=False).run()
-    return folder, dirs
-
-
-@pytest.mark.slow
-def test_table4_on_tiny_runs(tiny_runs, tmp_path, capsys):
-    from dvml_tf import data as data_lib
-    from dvml_tf.evaluation import runner
-    from dvml_tf.evaluation import variance_analysis as va
-    from dvml_tf.training import run_loader
-
-    folder, dirs = tiny_runs
-    output = tmp_path / "table4.json"
-    table4 = _load_script("table4")
-    record = table4.main([f"--baseline_dir={dirs['baseline']}", f"--dvml_dir={dirs['dvml']}",
-                          "--num_pairs=10", "--num_directions=4", f"--output={output}"])
-    assert json.loads(output.read_text())["markdown"] == record["markdown"]
-    printed = capsys.readouterr().out
-    assert "| Train | Triplet p-value |" in printed and "| 76.00 ± 1.25 |" in printed
-    assert "| Test | DVML+Triplet (rel. dev.) |" in printed and "| 57.08 |" in printed
-
-    # Reference: the test split of the DVML run and the train split of the baseline, embedded
-    # with the runner's own functions (model(images) for z_I, the backbone for f(x)) and the
-    # preprocessing written out here (resize 16, centre crop 12).
-    splits = data_lib.load_dataset("folder", data_dir=folder, image_size=16)
-    preprocess = data_lib.PreprocessConfig(resize_size=16, crop_size=12)
-    dvml_model = run_loader.load_run(dirs["dvml"]).model
-    z, labels = runner.compute_embeddings(runner.model_embed_fn(dvml_model),
-                                          data_lib.make_eval_dataset(splits.test, preprocess, 7))
-    assert record["results"]["test"]["dvml"]["embedding"]["relative_deviation"][
-        "relative_deviation_percent"] == pytest.approx(
-        va.relative_deviation(z, labels)["relative_deviation_percent"], rel=1e-4)
-    baseline_model = run_loader.load_run(dirs["baseline"]).model
-    f, labels = runner.compute_embeddings(runner.backbone_embed_fn(baseline_model),
-                                          data_lib.make_eval_dataset(splits.train, preprocess, 7))
-    expected = va.ks_class_pvalues(f, labels, num_pairs=10, num_directions=4,
-                                   null_reference=True)
-    ks = record["results"]["train"]["baseline"]["backbone"]["ks"]
-    assert ks["num_classes"] == 5 and ks["num_pairs"] == 10
-    for key in ("p_value_mean_percent", "p_value_std_percent", "null_p_value_mean_percent"):
-        assert ks[key] == pytest.approx(expected[key], abs=1e-6)
-
-
-@pytest.mark.slow
-def test_table4_rejects_swapped_runs(tiny_runs, tmp_path):
-    _, dirs = tiny_runs
-    table4 = _load_script("table4")
-    with pytest.raises(ValueError, match=r"--baseline_dir .* is a DVML run"):
-        table4.main([f"--baseline_dir={dirs['dvml']}", f"--dvml_dir={dirs['baseline']}",
-                     f"--output={tmp_path / 'out.json'}"])
-
-
-# --------------------------------------------------------------------- omniglot_zero_shot.py
-# Run as a subprocess: the script defines absl flags (steps, seeds, ...) that train.py's flags,
-# imported by other tests of the same worker, would collide with.
-
-
-def _finished_run(run_dir, recall_at_1, log_line):
-    run_dir.mkdir(parents=True)
-    metrics = {"nmi": 0.9, "f1": 0.7, "recall@1": recall_at_1, "recall@2": 0.95,
-               "recall@4": 0.97, "recall@8": 0.99, "map@r": 0.5}
-    (run_dir / "metrics.json").write_text(json.dumps(metrics))
-    (run_dir / "train.log").write_text(
-        "I1127 trainer.py:292] step 250/500 kl=9.0 sigma=0.5 loss=3.0\n"
-        f"I1127 trainer.py:292] step 500/500 {log_line}\n"
-        "I1127 trainer.py:300] Test metrics: ...\n")
-
-
-def test_zero_shot_collects_finished_runs_with_their_diagnostics(tmp_path):
-    workdir, output = tmp_path / "bench", tmp_path / "results.json"
-    for seed, (base, dvml) in enumerate([(0.80, 0.83), (0.82, 0.85)]):
-        _finished_run(workdir / "test" / f"npair_baseline_seed{seed}", base,
-                      "metric_inv=0.3 z_inv_norm=5.1 loss=0.3")
-        _finished_run(workdir / "test" / f"npair_dvml_seed{seed}", dvml,
-                      f"metric_inv=0.4 kl=0.1{seed} sigma=1.0 z_var_norm=1.1 phase=2 loss=1.1")
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "omniglot_zero_shot.py"), "--stage=test",
-         "--losses=npair", "--variants=baseline,dvml", "--seeds=0,1", f"--workdir={workdir}",
-         f"--output={output}"],
-        capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "done" not in proc.stdout  # every run was reused, none trained
-
-    report = json.loads(output.read_text())
-    assert report["npair"]["baseline"]["recall@1"] == [0.80, 0.82]
-    assert report["npair"]["dvml"]["recall@1"] == [0.83, 0.85]
-    # Diagnostics come from the last step's line only, per seed.
-    assert report["npair"]["dvml"]["train/kl"] == [0.10, 0.11]
-    assert report["npair"]["dvml"]["train/phase"] == [2.0, 2.0]
-    assert "train/kl" not in report["npair"]["baseline"]
-    assert report["config"]["seeds"] == [0, 1]
-    assert report["config"]["variants"]["baseline"] == ["--nodvml"]
-    # mean ± std (population) in percent, and "—" where a baseline has no KL.
-    assert "| npair | dvml | 90.0 ± 0.0 | 70.0 ± 0.0 | 84.0 ± 1.0 |" in proc.stdout
-    assert "| npair | baseline | 5.10 ± 0.00 | — |" in proc.stdout
-
-
-def test_zero_shot_rejects_unknown_variants(tmp_path):
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "omniglot_zero_shot.py"),
-         "--variants=baseline,dvml_typo", f"--workdir={tmp_path}"],
-        capture_output=True, text=True, timeout=120)
-    assert proc.returncode != 0
-    assert "dvml_typo" in proc.stderr
-    assert not list(tmp_path.iterdir())  # nothing trained or written

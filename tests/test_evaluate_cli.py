@@ -63,8 +63,7 @@ def test_writes_metrics_figures_and_projector_and_agrees_with_tfsim(trained_fold
 def test_the_exported_saved_model_scores_what_the_run_scored(trained_folder_run, tmp_path):
     from dvml_tf.export import exporter
 
-    exporter.export_run(trained_folder_run, tmp_path / "export", litert_models=False,
-                        latency_runs=1)
+    exporter.export_run(trained_folder_run, tmp_path / "export", litert_models=False)
     config = json.loads((trained_folder_run / "config.json").read_text())
     output = tmp_path / "served.json"
     result = evaluate(f"--saved_model={tmp_path}/export/saved_model", "--dataset=folder",
@@ -87,8 +86,10 @@ def test_bad_inputs_give_clear_errors(tmp_path):
     assert "exactly one of --model_dir and --saved_model" in result.stderr
 
 
-def test_a_saved_model_without_the_export_signatures_is_refused(tmp_path):
+def test_a_saved_model_not_written_by_export_py_is_refused(tmp_path):
     import tensorflow as tf
+
+    from dvml_tf.export import layout
 
     class NotAnExport(tf.Module):
         @tf.function(input_signature=[tf.TensorSpec([None, 4], tf.float32)])
@@ -98,6 +99,14 @@ def test_a_saved_model_without_the_export_signatures_is_refused(tmp_path):
     module = NotAnExport()
     tf.saved_model.save(module, str(tmp_path / "foreign" / "1"),
                         signatures={"serving_default": module.double})
+    # Without the export report inside the version folder: which dataset, which distance?
+    result = evaluate(f"--saved_model={tmp_path}/foreign", "--dataset=omniglot")
+    assert result.returncode != 0
+    assert "was not written by dvml_tf's export.py" in result.stderr
+    assert "Traceback" not in result.stderr
+    # With a report but without the signatures export.py writes.
+    layout.write_version_report(tmp_path / "foreign" / "1",
+                                {"model": {"dataset": "omniglot", "normalized": True}})
     result = evaluate(f"--saved_model={tmp_path}/foreign", "--dataset=omniglot")
     assert result.returncode != 0
     assert "needs the 'serving_default' and 'embed_bytes' signatures" in result.stderr

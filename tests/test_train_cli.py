@@ -11,19 +11,19 @@ import tensorflow_datasets as tfds
 from absl.testing import flagsaver
 from PIL import Image
 
-import train
+import train  # noqa: F401  (defines train.py's flags, as running the script does)
+from dvml_tf.training import cli
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-def run_main(module, *flags):
-    """Runs `module.main` as `python <module>.py <flags>` would; returns the SystemExit text."""
-    argv = [f"{module.__name__}.py", *flags]
+def run_main(*flags):
+    """Runs train.py's main as `python train.py <flags>` would; returns the SystemExit text."""
     with flagsaver.flagsaver():
-        module.FLAGS.unparse_flags()
-        module.FLAGS(argv)
+        cli.FLAGS.unparse_flags()
+        argv = cli.FLAGS(["train.py", *flags])  # what absl hands to main: name + positionals
         try:
-            module.main([argv[0]])
+            cli.main(argv)
         except SystemExit as exit_:
             return str(exit_)
     return None
@@ -50,7 +50,7 @@ def write_folder(root, num_classes=8, per_class=5, size=20):
 def test_train_py_end_to_end_on_mocked_omniglot(tmp_path):
     run = tmp_path / "run"
     with tfds.testing.mock_data(num_examples=2000):
-        assert run_main(train, *tiny_training_flags(run)) is None
+        assert run_main(*tiny_training_flags(run)) is None
     metrics = json.loads((run / "metrics.json").read_text())
     assert set(metrics) == {"nmi", "f1", "recall@1", "recall@2", "recall@4", "recall@8", "map@r"}
     assert all(0.0 <= value <= 1.0 for value in metrics.values())
@@ -59,15 +59,15 @@ def test_train_py_end_to_end_on_mocked_omniglot(tmp_path):
     assert (run / "model.keras").exists()
     # Rerunning the finished command trains nothing more and evaluates again.
     with tfds.testing.mock_data(num_examples=2000):
-        assert run_main(train, *tiny_training_flags(run)) is None
+        assert run_main(*tiny_training_flags(run)) is None
 
 
 def test_train_py_resolves_presets_and_flags():
     with flagsaver.flagsaver():
-        train.FLAGS.unparse_flags()
-        train.FLAGS(["train.py", "--dataset=sop", "--nodvml", "--steps=10",
-                     "--loss_options=l2_reg=0.01,normalize=False", "--recall_ks=1,10"])
-        config = train.resolve_config(train.FLAGS)
+        cli.FLAGS.unparse_flags()
+        cli.FLAGS(["train.py", "--dataset=sop", "--nodvml", "--steps=10",
+                   "--loss_options=l2_reg=0.01,normalize=False", "--recall_ks=1,10"])
+        config = cli.config_from_flags()
     assert config.config == "sop" and config.dataset == "sop"
     assert config.backbone == "inception_v3" and config.embedding_dim == 512  # paper recipe
     assert not config.dvml and config.steps == 10 and config.recall_ks == (1, 10)
@@ -79,7 +79,12 @@ def test_train_py_resolves_presets_and_flags():
     "flags, message",
     [
         (["--dataset=folder"], "needs --data_dir"),
-        (["--loss_options=margin"], "expected key=value"),
+        (["--loss_options=margin"], "train.py: error: --loss_options: expected key=value"),
+        (["--phase1_weights=a,b,c,d"],
+         "train.py: error: --phase1_weights: expected comma-separated numbers, got 'a'"),
+        (["--recall_ks=1,x"],
+         "train.py: error: --recall_ks: expected comma-separated integers, got 'x'"),
+        (["stray", "--steps=3"], "train.py: error: unexpected arguments: stray"),
         (["--loss=triplet", "--loss_options=margin=abc"], "Invalid loss_options {'margin': 'abc'}"),
         (["--loss=triplet", "--loss_options=temperature=0.1"], "Unrecognized keyword"),
         (["--loss=triplet", "--loss_options=mining=hardest"], "Unknown triplet mining"),
@@ -88,7 +93,7 @@ def test_train_py_resolves_presets_and_flags():
     ],
 )
 def test_train_py_bad_values_exit_with_a_clear_message(tmp_path, flags, message):
-    error = run_main(train, f"--model_dir={tmp_path}/run", *flags)
+    error = run_main(f"--model_dir={tmp_path}/run", *flags)
     assert error is not None and message in error
 
 
@@ -100,10 +105,10 @@ def test_train_py_unknown_flag_values_list_the_valid_ones():
 
 
 def test_train_py_missing_or_empty_folder(tmp_path):
-    error = run_main(train, "--dataset=folder", f"--data_dir={tmp_path}/absent",
+    error = run_main("--dataset=folder", f"--data_dir={tmp_path}/absent",
                      f"--model_dir={tmp_path}/run")
     assert "absent" in error
     (tmp_path / "empty").mkdir()
-    error = run_main(train, "--dataset=folder", f"--data_dir={tmp_path}/empty",
+    error = run_main("--dataset=folder", f"--data_dir={tmp_path}/empty",
                      f"--model_dir={tmp_path}/run2")
     assert "empty" in error

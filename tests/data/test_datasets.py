@@ -11,12 +11,12 @@ import tensorflow_datasets as tfds
 
 from dvml_tf.data import datasets
 from dvml_tf.data import load_dataset
-from dvml_tf.data import stored_form
+from dvml_tf.data import raw_form_of
 from dvml_tf.data.catalog import ImageCatalog
 from dvml_tf.data.catalog import materialize
-from dvml_tf.data.conversion import NO_CONVERSION
-from dvml_tf.data.conversion import OMNIGLOT_INK
-from dvml_tf.data.conversion import StoredForm
+from dvml_tf.data.raw_form import NO_CONVERSION
+from dvml_tf.data.raw_form import OMNIGLOT_INK
+from dvml_tf.data.raw_form import RawForm
 
 # name -> (label boundary, number of label ids) of the zero-shot split, from the paper's §4.
 SPLITS = {"omniglot": (964, 1623), "cub200": (100, 200), "cars196": (98, 196),
@@ -94,8 +94,8 @@ def test_image_size_holds_other_datasets_decoded(no_network):
         omniglot = load_dataset("omniglot", image_size=105)
     assert splits.train.storage == "decoded" and splits.train.images.shape[1:] == (24, 24, 3)
     assert omniglot.train.images.shape[1:] == (105, 105, 1)
-    assert splits.stored_form == StoredForm(NO_CONVERSION, 24)
-    assert omniglot.stored_form == StoredForm(OMNIGLOT_INK, 105, (105, 105))
+    assert splits.raw_form == RawForm(NO_CONVERSION, 24)
+    assert omniglot.raw_form == RawForm(OMNIGLOT_INK, 105, (105, 105))
 
 
 def test_image_size_keeps_large_datasets_encoded(no_network, caplog):
@@ -104,7 +104,7 @@ def test_image_size_keeps_large_datasets_encoded(no_network, caplog):
         splits = load_dataset("cars196", image_size=24)
     assert splits.train.storage == "encoded"
     assert "keeping them encoded" in caplog.text
-    assert splits.stored_form == StoredForm() and not splits.stored_form.resized
+    assert splits.raw_form == RawForm() and not splits.raw_form.resized
 
 
 def test_omniglot_ink_becomes_bright_on_black():
@@ -113,10 +113,12 @@ def test_omniglot_ink_becomes_bright_on_black():
     image[20:80, 45:55] = 0
     buffer = tf.io.encode_png(image).numpy()
     catalog = ImageCatalog(np.array([0]), sources=[buffer], num_channels=3)
-    out = materialize(catalog, 105, OMNIGLOT_INK).images[0, ..., 0]
+    out = materialize(catalog, RawForm(OMNIGLOT_INK, 105)).images[0, ..., 0]
     assert out[50, 52] == 255 and out[5, 5] == 0 and out[50, 10] == 0
-    small = materialize(catalog, 32, OMNIGLOT_INK).images[0, ..., 0]
+    small = materialize(catalog, RawForm(OMNIGLOT_INK, 32)).images[0, ..., 0]
     assert small.max() > 200 and small[:5].max() == 0
+    with pytest.raises(ValueError, match="nothing to materialize"):
+        materialize(catalog, RawForm(OMNIGLOT_INK))  # kept encoded: no stored size
 
 
 def test_unknown_name_lists_the_valid_ones():
@@ -186,19 +188,19 @@ def test_omniglot_validation_holds_out_the_last_classes_whole_alphabets():
     assert set(random_pick.validation.classes) | set(random_pick.train.classes) == set(range(10))
 
 
-def test_stored_form_is_the_loaders_memory_rule():
-    assert stored_form("omniglot", 32).resized
-    assert stored_form("cub200", 256).resized
-    assert not stored_form("sop", 256).resized
+def test_raw_form_of_is_the_loaders_memory_rule():
+    assert raw_form_of("omniglot", 32).resized
+    assert raw_form_of("cub200", 256).resized
+    assert not raw_form_of("sop", 256).resized
     with pytest.raises(ValueError, match="num_images"):
-        stored_form("folder", 256)
-    assert stored_form("omniglot") == StoredForm(OMNIGLOT_INK, 32, (105, 105))
-    assert stored_form("cars196") == StoredForm()
-    assert stored_form("folder", 32, num_images=10) == StoredForm(NO_CONVERSION, 32)
+        raw_form_of("folder", 256)
+    assert raw_form_of("omniglot") == RawForm(OMNIGLOT_INK, 32, (105, 105))
+    assert raw_form_of("cars196") == RawForm()
+    assert raw_form_of("folder", 32, num_images=10) == RawForm(NO_CONVERSION, 32)
     # SOP's 120,053 images: 256 px is 23.6 GB, 64 px 1.5 GB.
-    assert stored_form("sop", 64).size == 64
+    assert raw_form_of("sop", 64).stored_size == 64
     with pytest.raises(ValueError, match="valid datasets"):
-        stored_form("mnist")
+        raw_form_of("mnist")
 
 
 def _tfds_records(tfds_name, split, label_key="label"):
@@ -255,7 +257,7 @@ def test_raw_splits_align_row_by_row_with_the_converted_splits(name, no_network)
         converted = load_dataset(name, **kwargs)
         raw = load_dataset(name, raw=True, **kwargs)
     assert raw.raw and not converted.raw
-    assert raw.stored_form == converted.stored_form
+    assert raw.raw_form == converted.raw_form
     assert raw.num_channels == 3 and raw.grayscale == converted.grayscale == (name == "omniglot")
     assert raw.splits().keys() == converted.splits().keys()
     if "validation_classes" in kwargs:
@@ -271,5 +273,5 @@ def test_raw_splits_align_row_by_row_with_the_converted_splits(name, no_network)
             assert image.dtype == np.uint8 and image.shape[-1] == 3
             if name == "omniglot":
                 assert image.shape == (105, 105, 3)
-            stored = raw.stored_form.convert(image).numpy()
+            stored = raw.raw_form.to_stored(image).numpy()
             np.testing.assert_array_equal(stored, catalog.image(i), err_msg=f"{split} row {i}")

@@ -266,9 +266,9 @@ def test_raw_folder_splits_align_row_by_row_with_the_converted_splits(mixed_fold
     root, expected, _ = mixed_folder
     converted = load_dataset("folder", data_dir=root, image_size=image_size)
     raw = load_dataset("folder", data_dir=root, image_size=image_size, raw=True)
-    assert raw.raw and raw.stored_form == converted.stored_form
-    assert raw.stored_form.resized == (image_size is not None)
-    assert raw.stored_form.conversion == "none" and raw.stored_form.raw_size is None
+    assert raw.raw and raw.raw_form == converted.raw_form
+    assert raw.raw_form.resized == (image_size is not None)
+    assert raw.raw_form.conversion == "none" and raw.raw_form.raw_size is None
     assert raw.train.storage == "files" and raw.test.storage == "mixed"
     rows = []
     for split in ("train", "test"):
@@ -277,7 +277,7 @@ def test_raw_folder_splits_align_row_by_row_with_the_converted_splits(mixed_fold
         for i in range(raw_catalog.num_images):
             image = raw_catalog.image(i)
             rows.append(image)
-            stored = raw.stored_form.convert(image).numpy()
+            stored = raw.raw_form.to_stored(image).numpy()
             np.testing.assert_array_equal(stored, catalog.image(i), err_msg=f"{split} row {i}")
     # Raw: the decoded files at their original size, in catalog order.
     assert len(rows) == len(expected)

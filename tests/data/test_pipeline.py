@@ -9,14 +9,12 @@ import time
 
 import numpy as np
 import pytest
-import tensorflow as tf
 from PIL import Image
 
 from dvml_tf.data.catalog import ImageCatalog
 from dvml_tf.data.pipeline import load_thumbnails
 from dvml_tf.data.pipeline import make_eval_dataset
 from dvml_tf.data.pipeline import make_train_dataset
-from dvml_tf.data.pipeline import raw_calibration_dataset
 from dvml_tf.data.preprocessing import PreprocessConfig
 from dvml_tf.data.sampler import ClassBalancedSampler
 
@@ -127,63 +125,6 @@ def test_thumbnails():
     np.testing.assert_array_equal(thumbs[:, 0, 0, 0], [12, 0, 28])
     with pytest.raises(ValueError, match="indices must be in"):
         load_thumbnails(catalog, [60])
-
-
-def raw_photo_catalog(num_classes=6, per_class=3):
-    """Encoded raw RGB photos of several sizes (some already 20 x 20); returns the catalog and
-    the decoded images."""
-    rng = np.random.default_rng(5)
-    sizes = [(20, 20), (31, 26), (14, 40)]
-    images = [rng.integers(0, 256, (*sizes[i % 3], 3), np.uint8)
-              for i in range(num_classes * per_class)]
-    labels = np.repeat(np.arange(num_classes) * 3 + 2, per_class)
-    return ImageCatalog(labels, sources=[png_bytes(image) for image in images]), images
-
-
-def test_raw_calibration_images_are_the_samplers_first_draws_raw_and_deterministic():
-    catalog, images = raw_photo_catalog()
-    sampler = ClassBalancedSampler(catalog.labels, classes_per_batch=4, images_per_class=2,
-                                   seed=3)
-    generate = raw_calibration_dataset(catalog, sampler, num_images=19, start_step=2)
-    samples = list(generate())
-    assert len(samples) == 19
-    assert all(len(s) == 1 and s[0].dtype == np.uint8 and s[0].shape[0] == 1
-               and s[0].shape[-1] == 3 for s in samples)
-    drawn = np.concatenate([sampler.batch_indices(step) for step in (2, 3, 4)])[:19]
-    for (sample,), index in zip(samples, drawn, strict=True):
-        np.testing.assert_array_equal(sample[0], images[index])  # raw: size and pixels kept
-    again = list(raw_calibration_dataset(catalog, sampler, num_images=19, start_step=2)())
-    for (first,), (second,) in zip(samples, again, strict=True):
-        np.testing.assert_array_equal(first, second)
-    assert all(np.array_equal(a[0], b[0]) for a, b in zip(samples, list(generate()), strict=True))
-
-
-def test_raw_calibration_images_at_a_fixed_size_are_resized_as_the_loader_does():
-    catalog, images = raw_photo_catalog()
-    sampler = ClassBalancedSampler(catalog.labels, classes_per_batch=3, images_per_class=2)
-    samples = [s[0][0] for s in raw_calibration_dataset(catalog, sampler, 12, image_size=20)()]
-    drawn = np.concatenate([sampler.batch_indices(step) for step in range(2)])
-    for sample, index in zip(samples, drawn, strict=True):
-        image = images[index]
-        assert sample.shape == (20, 20, 3) and sample.dtype == np.uint8
-        if image.shape[:2] == (20, 20):
-            np.testing.assert_array_equal(sample, image)
-        else:
-            shrinks = max(image.shape[:2]) > 20
-            expected = tf.image.resize(image.astype(np.float32), [20, 20],
-                                       antialias=shrinks).numpy()
-            np.testing.assert_array_equal(sample, np.round(np.clip(expected, 0, 255)))
-
-
-def test_raw_calibration_rejects_bad_input():
-    catalog, _ = raw_photo_catalog()
-    sampler = ClassBalancedSampler(catalog.labels, 2, 2)
-    with pytest.raises(ValueError, match="raw RGB images"):
-        raw_calibration_dataset(constant_catalog(channels=1), sampler)
-    with pytest.raises(ValueError, match="built on 18 labels"):
-        raw_calibration_dataset(constant_catalog(), sampler)
-    with pytest.raises(ValueError, match="num_images must be an integer >= 1"):
-        raw_calibration_dataset(catalog, sampler, num_images=0)
 
 
 def test_sampler_must_match_the_catalog():

@@ -3,7 +3,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from dvml_tf import models
 from dvml_tf.evaluation import runner
+from dvml_tf.export import layout
 
 
 def test_compute_embeddings_keeps_dataset_order_and_labels():
@@ -22,10 +24,27 @@ def test_compute_embeddings_of_an_empty_split_is_an_error():
         runner.compute_embeddings(lambda x: x, empty.batch(4))
 
 
-def test_model_embed_fn_runs_in_inference_mode():
+def test_inference_function_runs_in_inference_mode():
+    # The one embedding wrapper of evaluation and export (the runner's model_embed_fn and
+    # backbone_embed_fn before): models.inference_function(model or model.backbone).
     model = keras.Sequential([keras.Input((3,)), keras.layers.Dropout(0.99)])
     x = np.ones((4, 3), np.float32)
-    np.testing.assert_array_equal(runner.model_embed_fn(model)(x).numpy(), x)
+    np.testing.assert_array_equal(models.inference_function(model)(x).numpy(), x)
+    backbone = keras.Sequential([keras.Input((3,)), keras.layers.BatchNormalization()])
+    backbone.layers[0].moving_mean.assign([1.0, 2.0, 3.0])
+    expected = (x - [1.0, 2.0, 3.0]) / np.sqrt(1.0 + backbone.layers[0].epsilon)
+    np.testing.assert_allclose(models.inference_function(backbone)(x).numpy(), expected,
+                               rtol=1e-6)
+
+
+def test_distance_metric_is_cosine_exactly_for_normalized_embeddings():
+    assert runner.distance_metric(True) == "cosine"
+    assert runner.distance_metric(False) == "euclidean"
+
+
+def test_default_recall_ks_are_the_presets():
+    assert runner.default_recall_ks("sop") == (1, 10, 100, 1000)
+    assert runner.default_recall_ks("omniglot") == (1, 2, 4, 8)
 
 
 def test_tables_list_the_metrics_in_the_papers_order_in_percent():
@@ -47,3 +66,30 @@ def test_encoded_images_reads_files_and_bytes(tmp_path):
     decoded = data.ImageCatalog([0], images=np.zeros((1, 2, 2, 3), np.uint8))
     with pytest.raises(ValueError, match="decoded pixels"):
         runner.encoded_images(decoded, [0])
+
+
+def _foreign_saved_model(path):
+    class NotAnExport(tf.Module):
+        @tf.function(input_signature=[tf.TensorSpec([None, 4], tf.float32)])
+        def double(self, x):
+            return {"y": 2.0 * x}
+
+    module = NotAnExport()
+    tf.saved_model.save(module, str(path), signatures={"serving_default": module.double})
+    return path
+
+
+def test_a_saved_model_without_the_export_report_is_a_clear_error(tmp_path):
+    _foreign_saved_model(tmp_path / "E" / "saved_model" / "3")
+    with pytest.raises(FileNotFoundError, match=r"export_report\.json not found: .*3 was not "
+                                                r"written by dvml_tf's export\.py"):
+        runner.embed_saved_model(tmp_path / "E", dataset="omniglot")
+    with pytest.raises(ValueError, match="train or test split"):
+        runner.embed_saved_model(tmp_path / "E", split="validation")
+
+
+def test_load_embed_bytes_checks_the_signatures(tmp_path):
+    path = _foreign_saved_model(tmp_path / "1")
+    layout.write_version_report(path, {"model": {"dataset": "omniglot", "normalized": True}})
+    with pytest.raises(ValueError, match="needs the 'serving_default' and 'embed_bytes'"):
+        runner.load_embed_bytes(str(path))

@@ -7,16 +7,17 @@ import pytest
 import tensorflow as tf
 
 from dvml_tf import data as data_lib
+from dvml_tf import task
 from dvml_tf.export import litert
-from dvml_tf.export import measure
-from dvml_tf.export import raw_data
-from dvml_tf.export import raw_input
-from dvml_tf.training import trainer
+from dvml_tf.export import verify
+from dvml_tf.testing import synthetic_data
 from dvml_tf.training.config import TrainConfig
 
 
 def _keras(model, images, spec):
-    return model(raw_input.to_model_input(tf.constant(images), spec), training=False).numpy()
+    raw_form, preprocess = spec
+    return model(raw_form.to_model_input(tf.constant(images), preprocess),
+                 training=False).numpy()
 
 
 @pytest.fixture(scope="module")
@@ -26,12 +27,13 @@ def omniglot():
     for loss in ("npair", "triplet"):
         config = TrainConfig(embedding_dim=16, loss=loss, classes_per_batch=4)
         keras.utils.set_random_seed(0)
-        model = trainer.build_model(config)
-        spec = raw_input.raw_input_spec(config)
-        splits = raw_data.synthetic_raw_splits(spec, train_classes=30, test_classes=4,
-                                               images_per_class=4)
-        calibration = litert.calibration_images(splits.train, spec, 100, classes_per_batch=4)
-        models = {q: litert.convert_embedding_model(model, spec, q, calibration)
+        model = task.build_model(config)
+        spec = task.raw_form(config), task.preprocess_config(config)
+        splits = synthetic_data.synthetic_raw_splits(*spec, train_classes=30, test_classes=4,
+                                                     images_per_class=4)
+        calibration = litert.int8_calibration_images(splits.train, *spec, 100,
+                                                     classes_per_batch=4)
+        models = {q: litert.convert_embedding_model(model, *spec, q, calibration)
                   for q in litert.QUANTIZATIONS}
         out[loss] = (config, model, spec, splits, calibration, models)
     return out
@@ -45,7 +47,7 @@ def test_float_model_matches_keras(omniglot, loss):
     assert runner.input_shape == (1, 105, 105, 3) and runner.input["dtype"] == np.uint8
     out = runner(images)
     assert np.isfinite(out).all()
-    assert measure.cosine_rows(_keras(model, images, spec), out).min() >= 0.9999
+    assert verify.cosine_rows(_keras(model, images, spec), out).min() >= 0.9999
     if model.normalize_embeddings:
         np.testing.assert_allclose(np.linalg.norm(out, axis=1), 1.0, atol=1e-5)
 
@@ -56,9 +58,9 @@ def test_quantized_models_stay_close_to_keras(omniglot, loss):
     images = splits.test.images
     reference = _keras(model, images, spec)
     dynamic = litert.LiteRTModel(models[litert.DYNAMIC_RANGE])(images)
-    assert measure.cosine_rows(reference, dynamic).min() >= 0.999
+    assert verify.cosine_rows(reference, dynamic).min() >= 0.999
     int8 = litert.LiteRTModel(models[litert.INT8], normalize=model.normalize_embeddings)(images)
-    assert measure.cosine_rows(reference, int8).min() >= 0.99
+    assert verify.cosine_rows(reference, int8).min() >= 0.99
     if model.normalize_embeddings:
         np.testing.assert_allclose(np.linalg.norm(int8, axis=1), 1.0, atol=1e-5)
     # int8 weights: about a quarter of the float32 flatbuffer.
@@ -95,30 +97,33 @@ def test_photo_dataset_models_take_the_loaders_square_images():
     config = TrainConfig(dataset="cub200", image_size=28, resize_size=32, embedding_dim=8,
                          backbone="convnet_small", classes_per_batch=4)
     keras.utils.set_random_seed(1)
-    model = trainer.build_model(config)
-    spec = raw_input.raw_input_spec(config)
-    assert spec.litert_input_size == (32, 32) and not spec.ink
-    runner = litert.LiteRTModel(litert.convert_embedding_model(model, spec, litert.FLOAT32))
+    model = task.build_model(config)
+    raw_form, preprocess = task.raw_form(config), task.preprocess_config(config)
+    spec = raw_form, preprocess
+    assert raw_form.fixed_size(preprocess) == (32, 32) and not raw_form.ink
+    assert litert.input_signature(raw_form, preprocess)[0].shape == (1, 32, 32, 3)
+    runner = litert.LiteRTModel(litert.convert_embedding_model(model, raw_form, preprocess,
+                                                               litert.FLOAT32))
     assert runner.input_shape == (1, 32, 32, 3)
-    # A raw photo of another size, as litert_inputs prepares it (the loader's resize).
+    # A raw photo of another size, as fixed_size_images prepares it (the loader's resize).
     rng = np.random.default_rng(0)
     photos = rng.integers(0, 256, (3, 45, 61, 3), dtype=np.uint8)
     catalog = data_lib.ImageCatalog([0, 0, 1], images=photos)
-    small = litert.litert_inputs(catalog, [0, 1, 2], spec)
+    small = data_lib.fixed_size_images(catalog, [0, 1, 2], raw_form.fixed_size(preprocess))
     assert small.shape == (3, 32, 32, 3)
     reference = _keras(model, photos, spec)
-    assert measure.cosine_rows(reference, runner(small)).min() >= 0.9999
+    assert verify.cosine_rows(reference, runner(small)).min() >= 0.9999
 
 
 def test_bad_input_is_a_clear_error(omniglot):
     _, model, spec, splits, _, models = omniglot["npair"]
     with pytest.raises(ValueError, match="calibration_images"):
-        litert.convert_embedding_model(model, spec, litert.INT8)
+        litert.convert_embedding_model(model, *spec, litert.INT8)
     with pytest.raises(ValueError, match=r"uint8 \[N, 105, 105, 3\]"):
-        litert.convert_embedding_model(model, spec, litert.INT8,
+        litert.convert_embedding_model(model, *spec, litert.INT8,
                                        np.zeros((4, 28, 28, 3), np.uint8))
     with pytest.raises(ValueError, match="valid: float32, dynamic_range, int8"):
-        litert.convert_embedding_model(model, spec, "float16")
+        litert.convert_embedding_model(model, *spec, "float16")
     runner = litert.LiteRTModel(models[litert.FLOAT32])
     with pytest.raises(ValueError, match=r"uint8 \[N, 105, 105, 3\]"):
         runner(splits.test.images.astype(np.float32))

@@ -11,12 +11,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from dvml_tf import task
+from dvml_tf.export import inference as inference_lib
 from dvml_tf.export import litert
-from dvml_tf.export import raw_data
-from dvml_tf.export import raw_input
 from dvml_tf.export import retrieval
-from dvml_tf.export import saved_model
-from dvml_tf.training import trainer
+from dvml_tf.testing import synthetic_data
 from dvml_tf.training.config import TrainConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -29,18 +28,18 @@ def export_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("E")
     config = TrainConfig(embedding_dim=16, loss="triplet")
     keras.utils.set_random_seed(0)
-    model = trainer.build_model(config)
-    spec = raw_input.raw_input_spec(config)
-    splits = raw_data.synthetic_raw_splits(spec, train_classes=2, test_classes=5,
-                                           images_per_class=3)
+    model = task.build_model(config)
+    spec = task.raw_form(config), task.preprocess_config(config)
+    splits = synthetic_data.synthetic_raw_splits(*spec, train_classes=2, test_classes=5,
+                                                 images_per_class=3)
     test = splits.test
     test.class_names = tuple(f"glyph_{i}" for i in range(int(test.labels.max()) + 1))
-    gallery, labels = raw_data.embed_catalog(saved_model.EmbeddingModel(model), test, spec)
+    gallery, labels = inference_lib.embed_raw(inference_lib.inference_model(model, *spec), test)
     (folder / "retrieval.tflite").write_bytes(
-        retrieval.convert_retrieval_model(model, spec, gallery, top_k=4, gallery_labels=labels))
+        retrieval.convert_retrieval_model(model, *spec, gallery, top_k=4, gallery_labels=labels))
     retrieval.write_gallery_json(folder / "retrieval_gallery.json", labels, catalog=test,
                                  dataset="omniglot", top_k=4, normalized=True)
-    (folder / "model.tflite").write_bytes(litert.convert_embedding_model(model, spec))
+    (folder / "model.tflite").write_bytes(litert.convert_embedding_model(model, *spec))
     (folder / "export_report.json").write_text(json.dumps({"model": {"normalized": True}}))
     return folder, test, gallery
 

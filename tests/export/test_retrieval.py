@@ -6,11 +6,10 @@ import keras
 import numpy as np
 import pytest
 
-from dvml_tf.export import raw_data
-from dvml_tf.export import raw_input
+from dvml_tf import task
+from dvml_tf.export import inference as inference_lib
 from dvml_tf.export import retrieval
-from dvml_tf.export import saved_model
-from dvml_tf.training import trainer
+from dvml_tf.testing import synthetic_data
 from dvml_tf.training.config import TrainConfig
 
 TOP_K = 5
@@ -20,12 +19,14 @@ TOP_K = 5
 def retriever(request):
     config = TrainConfig(embedding_dim=16, loss=request.param)
     keras.utils.set_random_seed(0)
-    model = trainer.build_model(config)
-    spec = raw_input.raw_input_spec(config)
-    splits = raw_data.synthetic_raw_splits(spec, train_classes=2, test_classes=6,
-                                           images_per_class=3)
-    gallery, labels = raw_data.embed_catalog(saved_model.EmbeddingModel(model), splits.test, spec)
-    content = retrieval.convert_retrieval_model(model, spec, gallery, TOP_K, gallery_labels=labels)
+    model = task.build_model(config)
+    spec = task.raw_form(config), task.preprocess_config(config)
+    splits = synthetic_data.synthetic_raw_splits(*spec, train_classes=2, test_classes=6,
+                                                 images_per_class=3)
+    gallery, labels = inference_lib.embed_raw(inference_lib.inference_model(model, *spec),
+                                              splits.test)
+    content = retrieval.convert_retrieval_model(model, *spec, gallery, TOP_K,
+                                                gallery_labels=labels)
     return model, spec, splits, gallery, labels, retrieval.Retriever(content)
 
 
@@ -43,11 +44,11 @@ def _brute_force(query, gallery, normalized):
 def test_top_k_equals_a_brute_force_search(retriever):
     model, spec, splits, gallery, _, runner = retriever
     normalized = model.normalize_embeddings
-    queries = raw_data.synthetic_raw_images(spec, 3, seed=7)
+    raw_form, preprocess = spec
+    queries = synthetic_data.synthetic_raw_images(raw_form, preprocess, 3, seed=7)
     queries = np.concatenate([queries, splits.test.images[[0, 7]]])
-    embedder = saved_model.EmbeddingModel(model)
     for image in queries:
-        query = embedder(raw_input.to_model_input(image[np.newaxis], spec)).numpy()[0]
+        query = model.embedder(raw_form.to_model_input(image[np.newaxis], preprocess)).numpy()[0]
         order, scores = _brute_force(query, gallery, normalized)
         indices, got = runner.query(image)
         assert indices.dtype == np.int32 and indices.shape == (TOP_K,)
@@ -88,18 +89,18 @@ def test_gallery_json_describes_every_row(retriever, tmp_path):
 def test_bad_gallery_or_k_is_a_clear_error(retriever):
     model, spec, _, gallery, _, runner = retriever
     with pytest.raises(ValueError, match=r"top_k must be in \[1, 18\]"):
-        retrieval.convert_retrieval_model(model, spec, gallery, 19)
+        retrieval.convert_retrieval_model(model, *spec, gallery, 19)
     with pytest.raises(ValueError, match=r"gallery_embeddings must be \[N >= 1, 16\]"):
-        retrieval.convert_retrieval_model(model, spec, gallery[:, :8], 3)
+        retrieval.convert_retrieval_model(model, *spec, gallery[:, :8], 3)
     with pytest.raises(ValueError, match=r"uint8 \[1, 105, 105, 3\]"):
         runner.query(np.zeros((28, 28, 3), np.uint8))
     with pytest.raises(ValueError, match=r"gallery_labels must be integers \[18\]"):
-        retrieval.convert_retrieval_model(model, spec, gallery, 3, gallery_labels=np.zeros(17))
+        retrieval.convert_retrieval_model(model, *spec, gallery, 3, gallery_labels=np.zeros(17))
 
 
 def test_a_retriever_without_labels_says_so(retriever):
     model, spec, splits, gallery, _, _ = retriever
-    runner = retrieval.Retriever(retrieval.convert_retrieval_model(model, spec, gallery, 2))
+    runner = retrieval.Retriever(retrieval.convert_retrieval_model(model, *spec, gallery, 2))
     assert not runner.has_labels
     assert runner.query(splits.test.images[0])[0].shape == (2,)
     with pytest.raises(ValueError, match="without gallery_labels"):

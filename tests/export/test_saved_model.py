@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from dvml_tf.export import measure
-from dvml_tf.export import raw_data
-from dvml_tf.export import raw_input
+from dvml_tf import data as data_lib
+from dvml_tf import task
 from dvml_tf.export import saved_model
-from dvml_tf.training import trainer
+from dvml_tf.export import verify
+from dvml_tf.testing import synthetic_data
 from dvml_tf.training.config import TrainConfig
 
 CONFIG = TrainConfig(embedding_dim=16, loss="triplet", images_per_class=2)
@@ -25,13 +25,14 @@ CONFIG = TrainConfig(embedding_dim=16, loss="triplet", images_per_class=2)
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     keras.utils.set_random_seed(0)
-    model = trainer.build_model(CONFIG)
-    spec = raw_input.raw_input_spec(CONFIG)
+    model = task.build_model(CONFIG)
+    raw_form, preprocess = task.raw_form(CONFIG), task.preprocess_config(CONFIG)
     path = str(tmp_path_factory.mktemp("export") / "1")
-    saved_model.write_saved_model(model, spec, path)
-    images = raw_data.synthetic_raw_images(spec, 6, seed=0)
-    reference = model(raw_input.to_model_input(tf.constant(images), spec), training=False).numpy()
-    return model, spec, path, images, reference
+    saved_model.write_saved_model(model, raw_form, preprocess, path)
+    images = synthetic_data.synthetic_raw_images(raw_form, preprocess, 6, seed=0)
+    reference = model(raw_form.to_model_input(tf.constant(images), preprocess),
+                      training=False).numpy()
+    return model, (raw_form, preprocess), path, images, reference
 
 
 def test_signatures_take_raw_uint8_and_bytes(exported):
@@ -63,10 +64,13 @@ def test_both_signatures_match_keras(exported):
     _, _, path, images, reference = exported
     loaded = tf.saved_model.load(path)
     served = loaded.signatures["serving_default"](images=tf.constant(images))["embedding"]
-    assert measure.cosine_rows(reference, served.numpy()).min() >= 0.99999
+    assert verify.cosine_rows(reference, served.numpy()).min() >= 0.99999
+    # The SavedModel runs the Keras model's own layers: the very same numbers.
+    assert np.max(np.abs(served.numpy() - reference)) == 0.0
     png = [tf.io.encode_png(image).numpy() for image in images]
     from_png = loaded.signatures["embed_bytes"](image_bytes=tf.constant(png))["embedding"]
     np.testing.assert_array_equal(from_png.numpy(), served.numpy())
+    assert np.max(np.abs(from_png.numpy() - reference)) == 0.0
     # JPEG: the embedding of the decoded JPEG pixels.
     jpeg = tf.io.encode_jpeg(images[0]).numpy()
     decoded = tf.io.decode_jpeg(jpeg, channels=3)[tf.newaxis]
@@ -104,7 +108,7 @@ def test_both_signatures_in_a_fresh_process(exported, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip().endswith("False")  # no dvml_tf code is needed to serve
     for name in ("a.npy", "b.npy"):
-        assert measure.cosine_rows(reference, np.load(tmp_path / name)).min() >= 0.99999
+        assert verify.cosine_rows(reference, np.load(tmp_path / name)).min() >= 0.99999
 
 
 @pytest.mark.slow
@@ -131,7 +135,7 @@ def test_saved_model_cli_shows_and_runs_the_signatures(exported, tmp_path):
             capture_output=True, text=True, timeout=300, env=env)
         assert ran.returncode == 0, ran.stderr[-3000:]
         out = np.load(tmp_path / key / "embedding.npy")
-        assert measure.cosine_rows(reference, out).min() >= 0.99999, signature
+        assert verify.cosine_rows(reference, out).min() >= 0.99999, signature
 
 
 def test_wrong_dtype_or_shape_is_a_clear_error(exported):
@@ -167,14 +171,20 @@ def test_corrupt_or_empty_bytes_are_a_clear_error(exported, contents, message):
         embed_bytes(image_bytes=tf.constant([good, contents]))
 
 
-def test_embedding_model_is_the_inference_path(exported):
-    model, spec, _, images, reference = exported
-    embedder = saved_model.EmbeddingModel(model)
-    assert embedder.normalize and embedder.image_size == 28 and embedder.embedding_dim == 16
-    out = embedder(raw_input.to_model_input(tf.constant(images), spec)).numpy()
-    np.testing.assert_allclose(out, reference, atol=1e-6)
-    raw = saved_model.EmbeddingModel(model, normalize=False)(
-        raw_input.to_model_input(tf.constant(images), spec)).numpy()
+def test_serves_the_models_own_embedder(exported):
+    model, (raw_form, preprocess), _, images, reference = exported
+    inference, endpoints = saved_model.serving_functions(model, raw_form, preprocess)
+    assert set(endpoints) == {"serving_default", "embed_bytes"}
+    preprocessor, embedder = inference.layers
+    assert isinstance(preprocessor, data_lib.RawImagePreprocessor)
+    assert embedder is model.embedder  # the inference path is the model's, not a copy
+    assert model.normalize_embeddings and model.embedding_dim == 16
+    assert tuple(embedder.inputs[0].shape[1:]) == (28, 28, 3)
+    model_input = raw_form.to_model_input(tf.constant(images), preprocess)
+    np.testing.assert_array_equal(embedder(model_input).numpy(), reference)
+    serve, _ = endpoints["serving_default"]
+    np.testing.assert_array_equal(serve(tf.constant(images))["embedding"].numpy(), reference)
+    raw = model.unnormalized_embedder()(model_input).numpy()
     np.testing.assert_allclose(raw / np.linalg.norm(raw, axis=1, keepdims=True), reference,
                                atol=1e-5)
-    assert json.dumps(spec.to_dict())  # serializable for the report
+    assert json.dumps(raw_form.to_dict())  # serializable for the report

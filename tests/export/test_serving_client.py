@@ -1,4 +1,5 @@
-"""REST and gRPC clients against the loopback servers backed by an exported SavedModel."""
+"""REST and gRPC clients against the test servers (`dvml_tf.testing.serving`) backed by an
+exported SavedModel."""
 
 import sys
 
@@ -7,13 +8,12 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from dvml_tf.export import loopback_server
-from dvml_tf.export import measure
-from dvml_tf.export import raw_data
-from dvml_tf.export import raw_input
+from dvml_tf import task
 from dvml_tf.export import saved_model
 from dvml_tf.export import serving_client
-from dvml_tf.training import trainer
+from dvml_tf.export import verify
+from dvml_tf.testing import serving
+from dvml_tf.testing import synthetic_data
 from dvml_tf.training.config import TrainConfig
 
 
@@ -21,15 +21,15 @@ from dvml_tf.training.config import TrainConfig
 def served(tmp_path_factory):
     config = TrainConfig(embedding_dim=16)
     keras.utils.set_random_seed(0)
-    model = trainer.build_model(config)
-    spec = raw_input.raw_input_spec(config)
+    model = task.build_model(config)
+    raw_form, preprocess = task.raw_form(config), task.preprocess_config(config)
     base = tmp_path_factory.mktemp("saved_model")
-    saved_model.write_saved_model(model, spec, str(base / "1"))
-    images = raw_data.synthetic_raw_images(spec, 4, seed=3)
-    reference = model(raw_input.to_model_input(tf.constant(images), spec), training=False)
-    backend = loopback_server.SavedModelBackend(base)
-    grpc_server = loopback_server.serve_grpc(base, backend=backend)
-    rest_server = loopback_server.serve_rest(base, backend=backend)
+    saved_model.write_saved_model(model, raw_form, preprocess, str(base / "1"))
+    images = synthetic_data.synthetic_raw_images(raw_form, preprocess, 4, seed=3)
+    reference = model(raw_form.to_model_input(tf.constant(images), preprocess), training=False)
+    backend = serving.SavedModelBackend(base)
+    grpc_server = serving.serve_grpc(base, backend=backend)
+    rest_server = serving.serve_rest(base, backend=backend)
     yield images, reference.numpy(), grpc_server, rest_server
     grpc_server.stop()
     rest_server.stop()
@@ -45,7 +45,7 @@ def test_rest_client_embeds_images_and_bytes(served):
     assert client.status()["model_version_status"][0]["state"] == "AVAILABLE"
     embeddings = client.embed(images)
     assert embeddings.dtype == np.float32 and embeddings.shape == (4, 16)
-    assert measure.cosine_rows(reference, embeddings).min() >= 0.99999
+    assert verify.cosine_rows(reference, embeddings).min() >= 0.99999
     np.testing.assert_allclose(client.embed_bytes(_png(images)), embeddings, atol=1e-6)
     versioned = serving_client.RestClient(rest.address, version=1)
     np.testing.assert_allclose(versioned.embed(images[:1]), embeddings[:1], atol=1e-6)
@@ -57,7 +57,7 @@ def test_grpc_client_embeds_images_and_bytes(served):
         embeddings = client.embed(images)
         from_bytes = client.embed_bytes(_png(images))
     assert embeddings.dtype == np.float32 and embeddings.shape == (4, 16)
-    assert measure.cosine_rows(reference, embeddings).min() >= 0.99999
+    assert verify.cosine_rows(reference, embeddings).min() >= 0.99999
     np.testing.assert_array_equal(from_bytes, embeddings)
 
 

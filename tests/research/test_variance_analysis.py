@@ -11,7 +11,7 @@ import pytest
 from scipy import stats
 from scipy.spatial.distance import pdist
 
-from dvml_tf.evaluation import variance_analysis as va
+from research.dvml_omniglot import variance_analysis as va
 
 
 def _scipy_ks(x, y):

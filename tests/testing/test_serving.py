@@ -1,4 +1,5 @@
-"""The loopback servers: TF Serving's base-path layout and versions, the REST formats, errors."""
+"""`dvml_tf.testing.serving`, the test double of TF Serving: TF Serving's base-path layout and
+versions, the REST formats, errors."""
 
 import base64
 import json
@@ -11,11 +12,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from dvml_tf.export import loopback_server
-from dvml_tf.export import raw_data
-from dvml_tf.export import raw_input
+from dvml_tf import task
 from dvml_tf.export import saved_model
-from dvml_tf.training import trainer
+from dvml_tf.testing import serving
+from dvml_tf.testing import synthetic_data
 from dvml_tf.training.config import TrainConfig
 
 
@@ -23,17 +23,18 @@ from dvml_tf.training.config import TrainConfig
 def base(tmp_path_factory):
     """Two versions from two different models (different seeds)."""
     config = TrainConfig(embedding_dim=8)
-    spec = raw_input.raw_input_spec(config)
+    raw_form, preprocess = task.raw_form(config), task.preprocess_config(config)
     base = tmp_path_factory.mktemp("base")
-    images = raw_data.synthetic_raw_images(spec, 3, seed=5)
+    images = synthetic_data.synthetic_raw_images(raw_form, preprocess, 3, seed=5)
     references = {}
     for version in (1, 2):
         keras.utils.set_random_seed(version)
-        model = trainer.build_model(config)
-        saved_model.write_saved_model(model, spec, str(base / str(version)))
-        references[version] = model(raw_input.to_model_input(tf.constant(images), spec)).numpy()
-    backend = loopback_server.SavedModelBackend(base, model_name="dvml")
-    server = loopback_server.serve_rest(base, backend=backend)
+        model = task.build_model(config)
+        saved_model.write_saved_model(model, raw_form, preprocess, str(base / str(version)))
+        references[version] = model(
+            raw_form.to_model_input(tf.constant(images), preprocess)).numpy()
+    backend = serving.SavedModelBackend(base, model_name="dvml")
+    server = serving.serve_rest(base, backend=backend)
     yield backend, server, images, references, base
     server.stop()
 
@@ -54,19 +55,19 @@ def test_latest_version_by_default_and_a_version_on_request(base):
     for version, expected in ((None, references[2]), (1, references[1])):
         out = backend.predict("dvml", version, "", {"images": images})["embedding"]
         np.testing.assert_allclose(out, expected, atol=1e-5)
-    with pytest.raises(loopback_server.PredictError, match="no version 3") as error:
+    with pytest.raises(serving.PredictError, match="no version 3") as error:
         backend.predict("dvml", 3, "", {"images": images})
     assert error.value.code == "NOT_FOUND"
 
 
 def test_a_single_saved_model_folder_is_version_1(base, tmp_path):
     _, _, images, references, path = base
-    single = loopback_server.SavedModelBackend(path / "1", "m")
+    single = serving.SavedModelBackend(path / "1", "m")
     assert list(single.models) == [1]
     out = single.predict("m", None, "serving_default", {"images": images})["embedding"]
     np.testing.assert_allclose(out, references[1], atol=1e-5)
     with pytest.raises(FileNotFoundError, match="No SavedModel"):
-        loopback_server.SavedModelBackend(tmp_path)
+        serving.SavedModelBackend(tmp_path)
 
 
 def test_rest_row_and_columnar_formats(base):

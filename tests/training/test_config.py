@@ -64,3 +64,16 @@ def test_differences_ignore_where_and_how_often_but_not_what():
 def test_from_dict_rejects_unknown_fields():
     with pytest.raises(ValueError, match="Unknown configuration fields: colour"):
         TrainConfig.from_dict({"colour": "red"})
+
+
+def test_from_dict_reads_configs_written_before_the_research_options_left():
+    old = TrainConfig().to_dict()
+    # config.json of a run trained before the research variants moved to research/: the paper's
+    # values load (and are dropped), a research variant is refused with a pointer.
+    loaded = TrainConfig.from_dict({**old, "normalize_before_sum": False,
+                                    "synthesis_gradient": "full"})
+    assert loaded == TrainConfig()
+    with pytest.raises(ValueError, match=r"synthesis_gradient='stop'.*research/dvml_omniglot"):
+        TrainConfig.from_dict({**old, "synthesis_gradient": "stop"})
+    with pytest.raises(ValueError, match="normalize_before_sum=True"):
+        TrainConfig.from_dict({**old, "normalize_before_sum": True})

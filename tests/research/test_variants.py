@@ -1,0 +1,134 @@
+"""The research variants of the synthesis (research/dvml_omniglot/variants.py): what L_syn's
+gradient does to the variance heads ("stop", "reverse"), the unit-norm centre ("unit"), and
+that they build, save and load like the product model."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from dvml_tf import models
+from dvml_tf import task
+from dvml_tf.training.config import TrainConfig
+from research.dvml_omniglot import variants
+
+FEATURE_DIM, EMBEDDING_DIM = 12, 6
+ONLY_SYN = (0.0, 0.0, 1.0, 0.0)
+
+
+def tiny_backbone(image_size=4):
+    inputs = keras.Input((image_size, image_size, 3))
+    x = keras.layers.Flatten()(keras.layers.Rescaling(1.0 / 255.0)(inputs))
+    features = keras.layers.Dense(FEATURE_DIM, activation="relu", name="features")(x)
+    return keras.Model(inputs, features, name="tiny_backbone")
+
+
+def make_model(variant=None, seed=0, **kwargs):
+    """The product DVMLModel (variant None) or a research variant, same initial weights."""
+    keras.utils.set_random_seed(seed)
+    kwargs.setdefault("metric_loss", "npair")
+    kwargs.setdefault("embedding_dim", EMBEDDING_DIM)
+    kwargs.setdefault("num_samples", 3)
+    if variant is None:
+        model = models.DVMLModel(tiny_backbone(), **kwargs)
+    else:
+        model = variants.ResearchDVMLModel(tiny_backbone(), research_variant=variant, **kwargs)
+    model.compile(optimizer=keras.optimizers.SGD(0.01))
+    return model
+
+
+def batch(num_classes=4, images_per_class=2, seed=0):
+    rng = np.random.default_rng(seed)
+    images = rng.uniform(0, 255, size=(num_classes * images_per_class, 4, 4, 3))
+    labels = np.repeat(np.arange(num_classes), images_per_class)
+    return tf.constant(images, tf.float32), tf.constant(labels)
+
+
+def test_synthesis_gradient_modes_reach_the_variance_heads_as_documented():
+    images, labels = batch()
+
+    def head_gradients(variant):
+        model = make_model(variant, phase1_steps=0, phase1_weights=ONLY_SYN,
+                           phase2_weights=ONLY_SYN)
+        with tf.GradientTape() as tape:
+            objective, _ = model.loss_terms(images, labels)
+        variables = {"mean": model.mean_head.kernel, "backbone": model.backbone.weights[0],
+                     "z_inv": model.embedding_head.kernel}
+        return {k: g.numpy() if g is not None else None
+                for k, g in tape.gradient(objective, variables).items()}
+
+    # The product model is the "full" gradient: L_syn reaches the heads as it reaches z_I.
+    full, stop, reverse = head_gradients(None), head_gradients("stop"), head_gradients("reverse")
+    assert np.abs(full["mean"]).sum() > 0
+    assert stop["mean"] is None or np.abs(stop["mean"]).sum() == 0
+    np.testing.assert_allclose(reverse["mean"], -full["mean"], rtol=1e-5, atol=1e-8)
+    # The adversary is the heads only: the backbone and z_I learn from L_syn as before.
+    np.testing.assert_allclose(reverse["z_inv"], full["z_inv"], rtol=1e-5, atol=1e-8)
+    np.testing.assert_allclose(stop["z_inv"], full["z_inv"], rtol=1e-5, atol=1e-8)
+    np.testing.assert_allclose(reverse["backbone"], stop["backbone"], rtol=1e-5, atol=1e-8)
+
+
+def test_stop_and_reverse_change_gradients_not_values():
+    images, labels = batch()
+    _, paper = make_model(phase1_steps=0).loss_terms(images, labels)
+    for variant in ("stop", "reverse"):
+        _, logs = make_model(variant, phase1_steps=0).loss_terms(images, labels)
+        for key in ("loss", "kl", "recon", "metric_inv", "metric_syn", "z_var_norm"):
+            assert float(logs[key]) == pytest.approx(float(paper[key]), rel=1e-6), (variant, key)
+
+
+def test_unit_centre_shapes_the_synthesized_samples():
+    images, labels = batch()
+    _, paper = make_model(phase1_steps=0).loss_terms(images, labels)
+    unit_model = make_model("unit", phase1_steps=0)
+    _, unit = unit_model.loss_terms(images, labels)
+    assert float(unit["metric_syn"]) != float(paper["metric_syn"])
+    # What is synthesized, on an independent computation: normalize(z_I) + z_V, for the decoder
+    # and for L_syn alike.
+    z_inv = tf.constant([[3.0, 4.0], [0.0, -2.0]])
+    z_var = tf.constant(np.random.default_rng(0).normal(size=(5, 2, 2)), tf.float32)
+    decoder_input, metric_input = unit_model.synthesize(z_inv, z_var, None, None)
+    expected = np.array([[0.6, 0.8], [0.0, -1.0]]) + z_var.numpy()
+    np.testing.assert_allclose(decoder_input.numpy(), expected, rtol=1e-6)
+    np.testing.assert_allclose(metric_input.numpy(), expected, rtol=1e-6)
+    # The variance scale still scales z_V only; KL is measured against N(0, s^2 I).
+    _, scaled = make_model("unit", phase1_steps=0, variance_scale=0.1).loss_terms(images, labels)
+    assert float(scaled["z_var_norm"]) == pytest.approx(0.1 * float(unit["z_var_norm"]), 1e-5)
+    assert float(scaled["kl"]) == pytest.approx(float(unit["kl"]), 1e-6)
+
+
+def test_an_unknown_variant_is_a_clear_error():
+    with pytest.raises(ValueError, match="Unknown research_variant 'half'; valid: unit, stop, "
+                                         "reverse"):
+        make_model("half")
+
+
+def test_inference_is_the_product_models():
+    images, _ = batch()
+    product = make_model(seed=2)
+    for variant in variants.VARIANTS:
+        model = make_model(variant, seed=2)
+        np.testing.assert_array_equal(model(images).numpy(), product(images).numpy())
+        assert model.embedder is not product.embedder
+
+
+def test_a_variant_saves_and_loads_with_its_variant(tmp_path):
+    images, labels = batch()
+    model = make_model("reverse", phase1_steps=1)
+    model.train_step((images, labels))
+    model.save(tmp_path / "model.keras")
+    loaded = keras.saving.load_model(tmp_path / "model.keras")
+    assert type(loaded) is variants.ResearchDVMLModel and loaded.research_variant == "reverse"
+    assert int(loaded.step_counter.numpy()) == 1
+    np.testing.assert_allclose(loaded(images).numpy(), model(images).numpy(), rtol=1e-6)
+    assert model.get_config()["research_variant"] == "reverse"
+
+
+def test_model_builder_builds_the_variant_from_a_configuration():
+    assert variants.model_builder(None) is None  # the product model
+    config = TrainConfig(embedding_dim=8, variance_scale=0.3)
+    model = variants.model_builder("stop")(config)
+    assert type(model) is variants.ResearchDVMLModel and model.research_variant == "stop"
+    assert model.embedding_dim == 8 and model.variance_scale == 0.3
+    product = task.build_model(config)
+    assert type(product) is models.DVMLModel
