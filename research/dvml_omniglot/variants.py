@@ -36,7 +36,10 @@ class ResearchDVMLModel(models.DVMLModel):
         super().__init__(*args, **kwargs)
         self.research_variant = research_variant
 
-    def synthesize(self, z_inv, z_var, features, noise):
+    def synthesize(self, z_inv, z_var, features, noise, centre=None, batch=None):
+        # The variants predate the product's decoder-centre and transfer options: they
+        # synthesize around the image's own z_I.
+        del centre, batch
         if self.research_variant == "unit":
             z_syn = tf.math.l2_normalize(z_inv, axis=-1) + z_var
             return z_syn, z_syn
