@@ -52,6 +52,7 @@ def test_train_py_end_to_end_on_mocked_omniglot(tmp_path):
     with tfds.testing.mock_data(num_examples=2000):
         assert run_main(*tiny_training_flags(run)) is None
     metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics.pop("dvml_diagnostics")["images"] > 0  # the variance branch's diagnostics
     assert set(metrics) == {"nmi", "f1", "recall@1", "recall@2", "recall@4", "recall@8", "map@r"}
     assert all(0.0 <= value <= 1.0 for value in metrics.values())
     config = json.loads((run / "config.json").read_text())

@@ -101,7 +101,8 @@ def other_class_partners(labels, seed):
         int32 tensor [B].
     """
     batch = tf.shape(labels)[0]
-    scores = tf.random.stateless_uniform([batch, batch], seed=tf.cast(seed, tf.int64))
+    scores = tf.random.stateless_uniform([batch, batch], seed=tf.cast(seed, tf.int64),
+                                         alg="philox")
     other = tf.not_equal(labels[:, None], labels[None, :])
     return tf.argmax(tf.where(other, scores, -1.0), axis=-1, output_type=tf.int32)
 
@@ -182,11 +183,12 @@ class SyntheticAugmentation(base.MetricLoss):
 
     def loss_value(self, embeddings, labels, seed):
         seed = tf.cast(seed, tf.int64)
-        synthetic = self.synthesize(embeddings, labels,
-                                    tf.random.experimental.stateless_fold_in(seed, 1))
+        # Philox explicitly: "auto_select" may pick another algorithm under XLA.
+        synthetic = self.synthesize(
+            embeddings, labels, tf.random.experimental.stateless_fold_in(seed, 1, alg="philox"))
         if self.normalize:  # the base loss trains on the unit sphere: so do its synthetic points
             synthetic = tf.math.l2_normalize(synthetic, axis=-1)
-        base_seed = tf.random.experimental.stateless_fold_in(seed, 2)
+        base_seed = tf.random.experimental.stateless_fold_in(seed, 2, alg="philox")
         if self.images_per_class is not None:
             # A fixed per-class layout (N-pair): average over the real and synthetic batches.
             batches = tf.concat([embeddings[tf.newaxis], synthetic], axis=0)
