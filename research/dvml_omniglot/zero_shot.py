@@ -21,19 +21,18 @@ over seeds).
 
 import concurrent.futures
 import json
-import os
 import pathlib
-import re
-import subprocess
 import sys
-import time
 
 import numpy as np
 from absl import app
 from absl import flags
 
-ROOT = pathlib.Path(__file__).resolve().parents[2]
 HERE = pathlib.Path(__file__).resolve().parent
+if str(HERE.parents[1]) not in sys.path:
+    sys.path.insert(0, str(HERE.parents[1]))
+
+from research.dvml_omniglot import runs  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("stage", "validation", ["validation", "test"], "Model selection or final test.")
@@ -41,24 +40,13 @@ flags.DEFINE_list("losses", ["triplet", "npair", "triplet2_dws"], "Base losses."
 flags.DEFINE_list("variants", ["baseline", "dvml"], "Variants (see VARIANTS).")
 flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds.")
 flags.DEFINE_integer("steps", 3000, "Training steps per run.")
-flags.DEFINE_integer("validation_classes", 161,
-                     "Held-out background classes (validation stage); Omniglot holds out the last "
-                     "ones, i.e. whole alphabets: 161 = background alphabets 25-29.")
 flags.DEFINE_integer("parallel", 2, "Runs at a time (each single-threaded).")
 flags.DEFINE_string("workdir", "/tmp/dvml_omniglot_benchmark", "Where the runs are written.")
 flags.DEFINE_string("output", None,
                     "JSON output; default research/dvml_omniglot/results/omniglot_<stage>.json")
 flags.DEFINE_multi_string("extra", [], "Extra train.py flags for every run, e.g. --extra=--lr=...")
 
-# Per base loss: the batch it needs (N-pair: N classes x 2; the others P x K = 32 x 4) and its
-# options. All three use L2-normalized embeddings except paper-faithful N-pair.
-LOSSES = {
-    "triplet": ["--loss=triplet", "--classes_per_batch=32", "--images_per_class=4"],
-    "npair": ["--loss=npair", "--classes_per_batch=64", "--images_per_class=2"],
-    "triplet2_dws": ["--loss=triplet2_dws", "--classes_per_batch=32", "--images_per_class=4"],
-    "margin_dws": ["--loss=margin_dws", "--classes_per_batch=32", "--images_per_class=4"],
-    "contrastive": ["--loss=contrastive", "--classes_per_batch=32", "--images_per_class=4"],
-}
+LOSSES = runs.LOSS_FLAGS
 
 PAPER = "1,1,0.1,1", "0.8,1,0.2,0.8"
 
@@ -97,64 +85,14 @@ def run_dir(stage, loss, variant, seed):
     return pathlib.Path(FLAGS.workdir) / stage / f"{loss}_{variant}_seed{seed}"
 
 
-def command(stage, loss, variant, seed):
-    flags_ = [
-        sys.executable, str(HERE / "train.py"), "--config=omniglot",
-        f"--model_dir={run_dir(stage, loss, variant, seed)}", f"--steps={FLAGS.steps}",
-        f"--seed={seed}", "--log_every=250", f"--checkpoint_every={FLAGS.steps}",
-        *LOSSES[loss], *VARIANTS[variant], *FLAGS.extra,
-    ]
-    if stage == "validation":
-        flags_ += [f"--validation_classes={FLAGS.validation_classes}",
-                   "--evaluation_split=validation"]
-    return flags_
-
-
-def metrics_path(stage, loss, variant, seed):
-    name = "metrics.json" if stage == "test" else "metrics_validation.json"
-    return run_dir(stage, loss, variant, seed) / name
-
-
-STEP_LINE = re.compile(r"step (\d+)/(\d+) (.*)$")
-
-
-def final_training_values(log_text):
-    """The last `step N/N k=v ...` line of a train.log as floats (the DVML diagnostics: kl,
-    sigma, z_var_norm, z_inv_norm, ...); {} when the log holds none."""
-    values = {}
-    for line in log_text.splitlines():
-        match = STEP_LINE.search(line)
-        if match and match.group(1) == match.group(2):
-            values = {key: float(value) for key, value in
-                      (pair.split("=", 1) for pair in match.group(3).split() if "=" in pair)}
-    return values
-
-
 def run(stage, loss, variant, seed):
     """Trains one run (or reuses its finished metrics); returns its metrics with the final
     training diagnostics under "train/<name>"."""
-    path = metrics_path(stage, loss, variant, seed)
-    if not path.exists():
-        train(stage, loss, variant, seed)
-    log = run_dir(stage, loss, variant, seed) / "train.log"
-    training = final_training_values(log.read_text()) if log.exists() else {}
-    return {**json.loads(path.read_text()),
-            **{f"train/{key}": value for key, value in training.items()}}
-
-
-def train(stage, loss, variant, seed):
-    env = {**os.environ, "TF_NUM_INTRAOP_THREADS": "1", "TF_NUM_INTEROP_THREADS": "1",
-           "OMP_NUM_THREADS": "1", "TF_CPP_MIN_LOG_LEVEL": "2"}
-    started = time.time()
-    os.makedirs(run_dir(stage, loss, variant, seed), exist_ok=True)
-    log = run_dir(stage, loss, variant, seed) / "train.log"
-    with open(log, "w") as out:
-        result = subprocess.run(command(stage, loss, variant, seed), cwd=ROOT, env=env,
-                                stdout=out, stderr=subprocess.STDOUT)
-    if result.returncode:
-        raise RuntimeError(f"{loss}/{variant}/seed {seed} failed; see {log}")
-    print(f"done {stage} {loss} {variant} seed {seed} in {time.time() - started:.0f} s",
-          flush=True)
+    flags_ = [f"--steps={FLAGS.steps}", f"--seed={seed}", "--log_every=250",
+              f"--checkpoint_every={FLAGS.steps}", *LOSSES[loss], *VARIANTS[variant],
+              *FLAGS.extra]
+    return runs.run(run_dir(stage, loss, variant, seed), stage, flags_,
+                    label=f"{stage} {loss} {variant} seed {seed}")
 
 
 METRIC_KEYS = ["nmi", "f1", "recall@1", "recall@2", "recall@4", "recall@8"]
@@ -201,7 +139,7 @@ def main(argv):
     report = dict(results)
     report["config"] = {
         "stage": FLAGS.stage, "steps": FLAGS.steps, "seeds": [int(s) for s in FLAGS.seeds],
-        "validation_classes": FLAGS.validation_classes if FLAGS.stage == "validation" else 0,
+        "validation_classes": runs.VALIDATION_CLASSES if FLAGS.stage == "validation" else 0,
         "variants": {v: VARIANTS[v] for v in FLAGS.variants},
         "losses": {loss: LOSSES[loss] for loss in FLAGS.losses}, "extra": FLAGS.extra,
         "command": " ".join(sys.argv),

@@ -191,3 +191,83 @@ def test_train_records_the_research_variant_and_refuses_another(tmp_path):
     unknown = subprocess.run([*command, "--research_variant=sideways"], capture_output=True,
                              text=True, timeout=600, env=env, cwd=tmp_path)
     assert unknown.returncode != 0 and "unit|stop|reverse" in unknown.stderr
+
+
+# ---------------------------------------------------------------------------- synthesis.py
+
+def _validation_run(run_dir, recall_at_1, curve=None, diagnostics=None):
+    run_dir.mkdir(parents=True)
+    metrics = {"recall@1": recall_at_1, "recall@2": 0.95, "map@r": 0.5}
+    if diagnostics:
+        metrics["dvml_diagnostics"] = diagnostics
+    name = "metrics.json" if run_dir.parent.name == "test" else "metrics_validation.json"
+    (run_dir / name).write_text(json.dumps(metrics))
+    lines = [f"I1130 trainer.py:303] step {step} validation: recall@1={value} map@r=0.5"
+             for step, value in (curve or {}).items()]
+    (run_dir / "train.log").write_text("\n".join(lines) + "\n")
+
+
+def test_synthesis_applies_the_protocols_rules_to_finished_runs(tmp_path):
+    """The steps rule, the selection rule and the test stage's jobs, on fabricated runs (every
+    run exists, so nothing trains)."""
+    script = str(HERE / "synthesis.py")
+    workdir, output = tmp_path / "runs", tmp_path / "results.json"
+    common = [f"--workdir={workdir}", f"--output={output}"]
+    curve = {"npair": {1000: 0.80, 2000: 0.85, 3000: 0.90, 9000: 0.903, 10000: 0.90},
+             "triplet2_dws": {1000: 0.88, 2000: 0.91, 10000: 0.912}}
+    for loss, points in curve.items():
+        _validation_run(workdir / "curve" / f"{loss}_baseline_seed0", 0.9, points)
+    proc = subprocess.run([sys.executable, script, "--stage=curve", *common],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # npair: best 0.903, first multiple of 1,000 within 0.5 points = 3000; triplet2_dws: 2000.
+    assert "steps chosen by the rule: 3000" in proc.stdout
+    assert json.loads(output.read_text())["protocol"]["selection"].startswith("The DVML")
+
+    diagnostics = {"active_units": 3, "recon": 1.0, "recon_shuffled": 1.5, "kl": 2.0,
+                   "kl_per_dim": [1.0, 1.0], "syn_to_inv": 1.1, "metric_inv": 0.1,
+                   "metric_syn": 0.11, "images": 8}
+    # (Read from the protocol, not imported: the script's absl flags would join this process's.)
+    variants = json.loads(output.read_text())["protocol"]["flags"]["variants"]
+    scores = {"baseline": 0.90, "dvml_transfer": 0.93, "ref_symmetrical": 0.92}
+    for seed in (0, 1):
+        for loss in ("npair", "triplet2_dws"):
+            for variant in variants:
+                _validation_run(workdir / "validation" / f"{loss}_{variant}_seed{seed}",
+                                scores.get(variant, 0.85) + 0.001 * seed,
+                                diagnostics=diagnostics if variant.startswith("dvml") else None)
+        for name, value in (("baseline", 0.90), ("baseline_active", 0.91)):
+            _validation_run(workdir / "validation" / f"triplet_{name}_seed{seed}", value)
+    proc = subprocess.run([sys.executable, script, "--stage=validation", *common],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(output.read_text())
+    assert results["steps"] == 3000
+    assert results["selected"]["dvml"] == "dvml_transfer"
+    assert results["selected"]["reference"] == "ref_symmetrical"
+    assert results["selected"]["triplet_reduction"] == "baseline_active"
+    summary = results["validation"]["npair"]["dvml_transfer"]["1"]
+    assert summary["recall@1"] == pytest.approx(0.931)
+    assert summary["diagnostics"]["kl_per_dim_max"] == 1.0
+
+    # The test stage runs exactly the selected methods: all exist, so it only collects them.
+    for seed in (0, 1, 2):
+        for loss in ("triplet", "npair", "triplet2_dws"):
+            for method in ("baseline", "dvml", "reference"):
+                _validation_run(workdir / "test" / f"{loss}_{method}_seed{seed}", 0.8)
+    proc = subprocess.run([sys.executable, script, "--stage=test", *common],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(output.read_text())
+    assert set(results["test"]["triplet"]) == {"baseline", "dvml", "reference"}
+    assert "| dvml | 3 | 80.0 ± 0.0 |" in proc.stdout
+
+
+def test_synthesis_test_stage_refuses_before_validation_is_complete(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, str(HERE / "synthesis.py"), "--stage=test", f"--workdir={tmp_path}",
+         f"--output={tmp_path / 'results.json'}"],
+        capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "not complete" in proc.stderr + proc.stdout
+    assert not (tmp_path / "test").exists()
