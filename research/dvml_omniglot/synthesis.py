@@ -2,8 +2,8 @@
 synthesized samples measured against reference synthesis methods, under a protocol fixed in
 advance (`PROTOCOL`, written into the results file before the first run).
 
-Stages, in order (each resumes: finished runs are reused, interrupted ones resume from their
-checkpoint):
+Stages, in order (each resumes: runs recorded in the results file are not trained again, runs
+whose folder holds their metrics are collected, interrupted ones resume from their checkpoint):
 
     S=research/dvml_omniglot/synthesis.py
     TFDS_DATA_DIR=/path/to/tfds python $S --stage=curve        # baselines' validation curves
@@ -180,6 +180,11 @@ def execute(stage, jobs):
     """Runs (or reuses) `jobs` = [(loss, variant, seed, flags)], recording each result."""
     if FLAGS.only:
         jobs = [job for job in jobs if "/".join(map(str, job[:3])) in FLAGS.only]
+    # A run recorded in the results file is done, even when its folder is gone (another
+    # machine or session): the results file, committed, is what the study resumes from.
+    recorded = load_results().get(stage, {})
+    jobs = [job for job in jobs
+            if str(job[2]) not in recorded.get(job[0], {}).get(job[1], {})]
 
     def one(job):
         loss, variant, seed, flags_ = job
