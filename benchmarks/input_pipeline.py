@@ -13,7 +13,7 @@ Cases:
 
 Run from the repository root:
 
-    TFDS_DATA_DIR=../shared/tfds python benchmarks/input_pipeline.py
+    TFDS_DATA_DIR=/path/to/tfds python benchmarks/input_pipeline.py
 
 It prints a Markdown table and writes benchmarks/results/input_pipeline.json.
 

@@ -27,7 +27,7 @@ and reconstruction on T x B rows, L_syn on [T, B, D], and Adam's update of the e
 Full scale (about 15 min on 2 idle cores; other processes make the figures noisy, so the load
 average before and after is recorded):
 
-    TFDS_DATA_DIR=../shared/tfds python benchmarks/step_time.py
+    TFDS_DATA_DIR=/path/to/tfds python benchmarks/step_time.py
 
 Quick check:
 

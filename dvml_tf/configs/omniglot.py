@@ -1,6 +1,6 @@
 """Omniglot on a CPU: DVML + N-pair, the default of `python train.py`.
 
-    TFDS_DATA_DIR=../shared/tfds python train.py        # offline copy; online, just train.py
+    TFDS_DATA_DIR=/path/to/tfds python train.py       # offline copy; online, just train.py
 
 Trains on the 964 background classes (19,280 images, 28 px, grayscale tiled to 3 channels) and
 evaluates on all 13,180 images of the 659 unseen evaluation classes.

@@ -32,7 +32,7 @@ How tensorflow-similarity 0.17.1 defines the two metrics (read from its source,
   "cosine", matching `knn`.
 
 tensorflow-similarity's losses do not work under Keras 3, but its Indexer, NMSLib search and
-retrieval metrics do (see stack.md §2). Importing it takes 5-20 s (umap, numba).
+retrieval metrics do (tensorflow-similarity 0.17.1). Importing it takes 5-20 s (umap, numba).
 """
 
 import numpy as np

@@ -639,7 +639,7 @@ class DVMLModel(keras.Model):
 
     def _update_trackers(self, logs):
         # Keras's own "loss" tracker must carry the total: a second tracker named "loss" would be
-        # shadowed by it (stack.md §1).
+        # shadowed by it (Keras 3 reports the built-in tracker under that key).
         if self.compiled and self._loss_tracker is not None and "loss" in logs:
             self._loss_tracker.update_state(logs["loss"])
         for key, value in logs.items():

@@ -1,6 +1,6 @@
 """Plain numpy (float64, explicit loops) references for the metric losses.
 
-Written from the formulas in ../shared/reference/dvml-paper.md §6, independently of
+Written from the formulas of the paper (DVML §3.1 and its cited losses), independently of
 dvml_tf.losses: loops over anchors/pairs instead of masks and broadcasting.
 """
 
