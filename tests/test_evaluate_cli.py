@@ -111,3 +111,23 @@ def test_a_saved_model_not_written_by_export_py_is_refused(tmp_path):
     assert result.returncode != 0
     assert "needs the 'serving_default' and 'embed_bytes' signatures" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_unwritable_outputs_are_refused_before_evaluating(trained_folder_run, tmp_path):
+    (tmp_path / "a_file").write_text("notes")
+    result = evaluate(f"--model_dir={trained_folder_run}",
+                      f"--output_json={tmp_path}/a_file/metrics.json")
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"evaluate.py: error: --output_json: Cannot write {tmp_path}/a_file/metrics.json: "
+        f"{tmp_path}/a_file is a file, not a folder.")
+    assert "Traceback" not in result.stderr
+    assert "R@1" not in result.stdout  # nothing was evaluated
+    result = evaluate(f"--model_dir={trained_folder_run}", f"--plots={tmp_path}/a_file",
+                      "--recall_ks=1,2")
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"evaluate.py: error: --plots: {tmp_path}/a_file is a file, not a folder.")
+    result = evaluate(f"--model_dir={trained_folder_run}", "--recall_ks=1,x")
+    assert result.stderr.strip().splitlines()[-1] == (
+        "evaluate.py: error: --recall_ks: expected comma-separated integers, got 'x' in '1,x'.")
+    assert (tmp_path / "a_file").read_text() == "notes"
