@@ -1,6 +1,7 @@
 """train.py end to end, in-process (absl flags parsed as on the command line)."""
 
 import json
+import logging as std_logging
 import os
 import pathlib
 import signal
@@ -22,14 +23,20 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 def run_main(*flags):
     """Runs train.py's main as `python train.py <flags>` would; returns the SystemExit text."""
-    with flagsaver.flagsaver():
-        cli.FLAGS.unparse_flags()
-        argv = cli.FLAGS(["train.py", *flags])  # what absl hands to main: name + positionals
-        try:
-            cli.main(argv)
-        except SystemExit as exit_:
-            return str(exit_)
-    return None
+    # Restoring the flags restores --verbosity too, which sets the absl logger's level to
+    # WARNING: keep the level it had, so that later tests of the same process still see INFO.
+    level = std_logging.getLogger("absl").level
+    try:
+        with flagsaver.flagsaver():
+            cli.FLAGS.unparse_flags()
+            argv = cli.FLAGS(["train.py", *flags])  # what absl hands to main: name + positionals
+            try:
+                cli.main(argv)
+            except SystemExit as exit_:
+                return str(exit_)
+        return None
+    finally:
+        std_logging.getLogger("absl").setLevel(level)
 
 
 def tiny_training_flags(model_dir):
@@ -55,6 +62,7 @@ def test_train_py_end_to_end_on_mocked_omniglot(tmp_path):
     with tfds.testing.mock_data(num_examples=2000):
         assert run_main(*tiny_training_flags(run)) is None
     metrics = json.loads((run / "metrics.json").read_text())
+    assert "active_units" in metrics.pop("dvml_diagnostics")  # a DVML run's diagnostics
     assert set(metrics) == {"nmi", "f1", "recall@1", "recall@2", "recall@4", "recall@8", "map@r"}
     assert all(0.0 <= value <= 1.0 for value in metrics.values())
     config = json.loads((run / "config.json").read_text())
