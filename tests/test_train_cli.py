@@ -21,22 +21,26 @@ from dvml_tf.training import cli
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(autouse=True)
+def keep_the_absl_log_level():
+    """Restoring the flags (flagsaver) restores --verbosity too, which sets the absl logger's
+    level to WARNING: keep the level it had, so that later tests of the same process that
+    capture INFO logs still see them."""
+    level = std_logging.getLogger("absl").level
+    yield
+    std_logging.getLogger("absl").setLevel(level)
+
+
 def run_main(*flags):
     """Runs train.py's main as `python train.py <flags>` would; returns the SystemExit text."""
-    # Restoring the flags restores --verbosity too, which sets the absl logger's level to
-    # WARNING: keep the level it had, so that later tests of the same process still see INFO.
-    level = std_logging.getLogger("absl").level
-    try:
-        with flagsaver.flagsaver():
-            cli.FLAGS.unparse_flags()
-            argv = cli.FLAGS(["train.py", *flags])  # what absl hands to main: name + positionals
-            try:
-                cli.main(argv)
-            except SystemExit as exit_:
-                return str(exit_)
-        return None
-    finally:
-        std_logging.getLogger("absl").setLevel(level)
+    with flagsaver.flagsaver():
+        cli.FLAGS.unparse_flags()
+        argv = cli.FLAGS(["train.py", *flags])  # what absl hands to main: name + positionals
+        try:
+            cli.main(argv)
+        except SystemExit as exit_:
+            return str(exit_)
+    return None
 
 
 def tiny_training_flags(model_dir):
