@@ -6,6 +6,7 @@ A script with more flags (the research variants) defines them next to these and 
 
 import signal
 import sys
+import threading
 
 import tensorflow as tf
 from absl import flags
@@ -42,7 +43,8 @@ def run(config, model_builder=None, adapt_classes_per_batch=False):
     Returns:
         The final metrics (dict).
     """
-    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _raise_terminated) if main_thread else None
     try:
         logging.info("Configuration:\n%s", config.to_json())
         return trainer.Trainer(config, model_builder=model_builder,
@@ -64,7 +66,8 @@ def run(config, model_builder=None, adapt_classes_per_batch=False):
         print(message, file=sys.stderr, flush=True)
         sys.exit(trainer.EXIT_TERMINATED)
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        if main_thread:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 def config_from_flags(flag_values=FLAGS):

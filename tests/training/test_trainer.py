@@ -1,5 +1,6 @@
 import json
 import os
+import signal
 
 import numpy as np
 import pytest
@@ -33,7 +34,9 @@ def tiny_config(tmp_path, **changes):
 def test_trains_saves_and_evaluates(tmp_path):
     config = tiny_config(tmp_path, validation_classes=4, eval_every=20)
     splits = synthetic.splits(validation_classes=4)
+    handler = signal.getsignal(signal.SIGTERM)
     metrics = trainer.Trainer(config, splits=splits, verbose=False).run()
+    assert signal.getsignal(signal.SIGTERM) == handler  # training's SIGTERM handler is gone
     run = tmp_path / "run"
     saved = json.loads((run / "metrics.json").read_text())
     diagnostics = saved.pop(trainer.DIAGNOSTICS_KEY)
