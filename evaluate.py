@@ -53,10 +53,13 @@ def main(argv):
         recall_ks = (flags_lib.parse_list(FLAGS.recall_ks, int, "recall_ks")
                      if FLAGS.recall_ks else None)
         # Before the evaluation runs, not after it.
-        for path, directory in ((FLAGS.output_json, False), (FLAGS.plots, True),
-                                (FLAGS.projector, True)):
+        for flag, directory in (("output_json", False), ("plots", True), ("projector", True)):
+            path = FLAGS[flag].value
             if path:
-                atomic.check_writable(path, directory=directory)
+                try:
+                    atomic.check_writable(path, directory=directory)
+                except (ValueError, PermissionError) as error:
+                    raise type(error)(f"--{flag}: {error}") from None
         if FLAGS.model_dir:
             embedded = runner.embed_run(FLAGS.model_dir, FLAGS.split, FLAGS.data_dir,
                                         FLAGS.batch_size, dataset=FLAGS.dataset)

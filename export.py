@@ -77,7 +77,7 @@ def main(argv):
             calibration_images=FLAGS.int8_calibration_images,
             source=run.source,
         )
-    except (FileNotFoundError, FileExistsError, ValueError) as error:
+    except (FileNotFoundError, FileExistsError, ValueError, PermissionError) as error:
         # A clear one-line error instead of a traceback for what the user can fix.
         logging.error("%s", error)
         sys.exit(f"export.py: error: {error}")

@@ -3,6 +3,7 @@
 data -> models (backbone, DVML heads, decoder) -> losses -> training -> evaluation -> export.
 """
 
+from dvml_tf.evaluation.callbacks import RetrievalMetricsCallback
 from dvml_tf.losses import METRIC_LOSSES
 from dvml_tf.losses import ContrastiveLoss
 from dvml_tf.losses import MarginDWSLoss
@@ -25,6 +26,7 @@ __all__ = [
     "MarginDWSLoss",
     "MetricLoss",
     "NPairLoss",
+    "RetrievalMetricsCallback",
     "Triplet2DWSLoss",
     "TripletLoss",
     "build_backbone",

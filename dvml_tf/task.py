@@ -12,8 +12,9 @@ flipped, which files a run folder holds) exists once:
     raw_form = task.raw_form(config, raw_splits)    # the exports' input form
     run = task.load_run("runs/omniglot_npair_dvml_seed0")   # a trained run folder
 
-A run folder (`model_dir`) holds `config.json`, `checkpoints/`, `logs/`, `model.keras` and
-`metrics.json` (`metrics_validation.json` for model selection).
+A run folder (`model_dir`) holds `config.json`, `dataset.json` (the identity of the data it
+trains on), `checkpoints/`, `logs/`, `model.keras` and `metrics.json` (`metrics_validation.json`
+for model selection).
 """
 
 import dataclasses
@@ -30,6 +31,7 @@ from dvml_tf import models
 from dvml_tf.training.config import TrainConfig
 
 CONFIG_FILE = "config.json"
+DATASET_FILE = "dataset.json"
 MODEL_FILE = "model.keras"
 CHECKPOINT_DIR = "checkpoints"
 LOGS_DIR = "logs"

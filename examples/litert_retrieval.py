@@ -13,6 +13,11 @@ holding a uint8 [H, W, 3] array is used as is.
 Query mode runs `retrieval.tflite` (gallery embeddings and labels inside) and prints the top
 results with their labels and the class names of `retrieval_gallery.json`; embed mode runs an
 embedding model and prints the vector's size, norm and first values.
+
+A LiteRT file may be older than `export_report.json` (a re-export with `--skip_litert` keeps the
+LiteRT files of the earlier export; the report lists them under `files_from_earlier_exports`):
+the demo then says so and reads the report of the export that wrote the file, kept in
+`saved_model/<version>/assets.extra/export_report.json`.
 """
 
 import argparse
@@ -52,7 +57,44 @@ def run(model_path, image_path):
     return runner(images=load_image(image_path, int(height), int(width)))
 
 
+def _read_json(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def report_for(export_dir, file_name):
+    """The export report that describes `file_name` of E, and a note when it is not E's own.
+
+    Args:
+        export_dir: the export folder.
+        file_name: e.g. "model_int8.tflite".
+
+    Returns:
+        (report dict or None, note str or None).
+    """
+    report = _read_json(os.path.join(export_dir, "export_report.json"))
+    if not isinstance(report, dict):
+        return None, None
+    earlier = (report.get("files_from_earlier_exports") or {}).get(file_name)
+    if earlier is None:
+        return report, None
+    version = earlier.get("version")
+    own = _read_json(os.path.join(export_dir, "saved_model", str(version), "assets.extra",
+                                  "export_report.json"))
+    note = (f"note: {file_name} was written by the export of version {version}; "
+            f"export_report.json describes version {report.get('version')}")
+    if isinstance(own, dict):
+        return own, note + f": using version {version}'s report."
+    return None, note + f", and version {version}'s report is gone."
+
+
 def query(export_dir, image_path, top):
+    _, note = report_for(export_dir, "retrieval.tflite")
+    if note:
+        print(note)
     outputs = run(os.path.join(export_dir, "retrieval.tflite"), image_path)
     with open(os.path.join(export_dir, "retrieval_gallery.json")) as f:
         gallery = json.load(f)
@@ -76,11 +118,18 @@ def query(export_dir, image_path, top):
 def embed(export_dir, image_path, model_name):
     path = os.path.join(export_dir, model_name)
     embedding = run(path, image_path)["embedding"][0].astype(np.float64)
-    report_path = os.path.join(export_dir, "export_report.json")
-    normalized = False
-    if os.path.exists(report_path):
-        with open(report_path) as f:
-            normalized = json.load(f)["model"]["normalized"]
+    report, note = report_for(export_dir, model_name)
+    if note:
+        print(note)
+    if report is not None:
+        normalized = report["model"]["normalized"]
+    else:
+        # The gallery sidecar is written with the LiteRT files, by the same export.
+        gallery = _read_json(os.path.join(export_dir, "retrieval_gallery.json")) or {}
+        normalized = bool(gallery.get("normalized", False))
+        if note:
+            print(f"note: {'normalizing' if normalized else 'not normalizing'} as "
+                  "retrieval_gallery.json says.")
     if normalized and "int8" in model_name:
         # The full-integer model stops before the L2 normalization (see export_report.json).
         embedding = embedding / max(np.linalg.norm(embedding), 1e-12)

@@ -18,16 +18,16 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": ""}
 
 
-
-def run_metrics(run):
-    """The evaluation metrics of a run's metrics.json (without the DVML diagnostics)."""
-    metrics = json.loads((run / "metrics.json").read_text())
-    metrics.pop("dvml_diagnostics", None)
-    return metrics
-
 def evaluate(*flags):
     return subprocess.run([sys.executable, "evaluate.py", *flags], cwd=ROOT, env=ENV,
                           capture_output=True, text=True, timeout=600)
+
+
+def run_metrics(run):
+    """The metrics of a run's metrics.json (without the DVML diagnostics train.py adds)."""
+    metrics = json.loads((run / "metrics.json").read_text())
+    metrics.pop(trainer.DIAGNOSTICS_KEY, None)
+    return metrics
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +79,7 @@ def test_the_exported_saved_model_scores_what_the_run_scored(trained_folder_run,
     # Encoded files through embed_bytes (decode, conversion and preprocessing in the graph)
     # give the same metrics as the loader + Keras path of train.py.
     assert json.loads(output.read_text()) == pytest.approx(run_metrics(trained_folder_run),
-                                                           abs=1e-6)
+                                                          abs=1e-6)
 
 
 def test_bad_inputs_give_clear_errors(tmp_path):
@@ -118,3 +118,23 @@ def test_a_saved_model_not_written_by_export_py_is_refused(tmp_path):
     assert result.returncode != 0
     assert "needs the 'serving_default' and 'embed_bytes' signatures" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_unwritable_outputs_are_refused_before_evaluating(trained_folder_run, tmp_path):
+    (tmp_path / "a_file").write_text("notes")
+    result = evaluate(f"--model_dir={trained_folder_run}",
+                      f"--output_json={tmp_path}/a_file/metrics.json")
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"evaluate.py: error: --output_json: Cannot write {tmp_path}/a_file/metrics.json: "
+        f"{tmp_path}/a_file is a file, not a folder.")
+    assert "Traceback" not in result.stderr
+    assert "R@1" not in result.stdout  # nothing was evaluated
+    result = evaluate(f"--model_dir={trained_folder_run}", f"--plots={tmp_path}/a_file",
+                      "--recall_ks=1,2")
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"evaluate.py: error: --plots: {tmp_path}/a_file is a file, not a folder.")
+    result = evaluate(f"--model_dir={trained_folder_run}", "--recall_ks=1,x")
+    assert result.stderr.strip().splitlines()[-1] == (
+        "evaluate.py: error: --recall_ks: expected comma-separated integers, got 'x' in '1,x'.")
+    assert (tmp_path / "a_file").read_text() == "notes"

@@ -1,9 +1,13 @@
 """train.py end to end, in-process (absl flags parsed as on the command line)."""
 
 import json
+import logging as std_logging
+import os
 import pathlib
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -15,6 +19,16 @@ import train  # noqa: F401  (defines train.py's flags, as running the script doe
 from dvml_tf.training import cli
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def keep_the_absl_log_level():
+    """Restoring the flags (flagsaver) restores --verbosity too, which sets the absl logger's
+    level to WARNING: keep the level it had, so that later tests of the same process that
+    capture INFO logs still see them."""
+    level = std_logging.getLogger("absl").level
+    yield
+    std_logging.getLogger("absl").setLevel(level)
 
 
 def run_main(*flags):
@@ -52,7 +66,7 @@ def test_train_py_end_to_end_on_mocked_omniglot(tmp_path):
     with tfds.testing.mock_data(num_examples=2000):
         assert run_main(*tiny_training_flags(run)) is None
     metrics = json.loads((run / "metrics.json").read_text())
-    assert metrics.pop("dvml_diagnostics")["images"] > 0  # the variance branch's diagnostics
+    assert "active_units" in metrics.pop("dvml_diagnostics")  # a DVML run's diagnostics
     assert set(metrics) == {"nmi", "f1", "recall@1", "recall@2", "recall@4", "recall@8", "map@r"}
     assert all(0.0 <= value <= 1.0 for value in metrics.values())
     config = json.loads((run / "config.json").read_text())
@@ -86,7 +100,12 @@ def test_train_py_resolves_presets_and_flags():
         (["--recall_ks=1,x"],
          "train.py: error: --recall_ks: expected comma-separated integers, got 'x'"),
         (["stray", "--steps=3"], "train.py: error: unexpected arguments: stray"),
-        (["--loss=triplet", "--loss_options=margin=abc"], "Invalid loss_options {'margin': 'abc'}"),
+        (["--loss=triplet", "--loss_options=margin=abc"],
+         "train.py: error: --loss_options: margin must be a number, got 'abc' (loss=triplet"),
+        (["--loss=triplet", "--loss_options=normalize=maybe"],
+         "train.py: error: --loss_options: normalize must be True or False, got 'maybe'"),
+        (["--loss=triplet", "--loss_options=mining=3"],
+         "train.py: error: --loss_options: mining must be a string, got 3"),
         (["--loss=triplet", "--loss_options=temperature=0.1"], "Unrecognized keyword"),
         (["--loss=triplet", "--loss_options=mining=hardest"], "Unknown triplet mining"),
         (["--loss=npair", "--images_per_class=4"], "needs images_per_class=2"),
@@ -113,3 +132,93 @@ def test_train_py_missing_or_empty_folder(tmp_path):
     error = run_main("--dataset=folder", f"--data_dir={tmp_path}/empty",
                      f"--model_dir={tmp_path}/run2")
     assert "empty" in error
+
+
+SMALL_FOLDER_RUN = ["--dataset=folder", "--backbone=convnet_small", "--nopretrained",
+                    "--image_size=16", "--resize_size=18", "--embedding_dim=8", "--num_samples=2",
+                    "--steps=2", "--checkpoint_every=2", "--eval_every=0", "--eval_batch_size=64"]
+
+
+def test_a_small_catalogue_gets_a_smaller_preset_batch_with_a_note(tmp_path, caplog):
+    data = write_folder(tmp_path / "catalogue", num_classes=10)  # 5 training classes
+    run = tmp_path / "run"
+    with caplog.at_level("WARNING"):
+        assert run_main(*SMALL_FOLDER_RUN, f"--data_dir={data}", f"--model_dir={run}") is None
+    assert ("classes_per_batch lowered from 64 (preset folder) to 5: the training split has 5 "
+            "classes with at least 2 images") in caplog.text
+    assert json.loads((run / "config.json").read_text())["classes_per_batch"] == 5
+    assert (run / "metrics.json").exists()
+    # Given on the command line, a value too large stays an error naming the flag.
+    error = run_main(*SMALL_FOLDER_RUN, f"--data_dir={data}", f"--model_dir={tmp_path}/run2",
+                     "--classes_per_batch=64")
+    assert error.startswith("train.py: error: --classes_per_batch=64 exceeds the 5 training "
+                            "classes with at least 2 images")
+
+
+def test_a_model_dir_that_is_a_file_is_a_clear_error(tmp_path):
+    (tmp_path / "taken").write_text("notes")
+    taken = tmp_path / "taken"
+    assert run_main(f"--model_dir={taken}") == (
+        f"train.py: error: --model_dir: {taken} is a file, not a folder.")
+    assert run_main(f"--model_dir={taken}/run") == (
+        f"train.py: error: --model_dir: Cannot write {taken}/run: {taken} is a file, not a "
+        "folder.")
+    assert (tmp_path / "taken").read_text() == "notes"
+
+
+def test_pretrained_weights_without_network_are_a_clear_error(tmp_path, monkeypatch):
+    from tests.models.test_backbones import offline
+
+    offline(monkeypatch, tmp_path / "keras")
+    data = write_folder(tmp_path / "catalogue", num_classes=4, per_class=2)
+    flags = [flag for flag in SMALL_FOLDER_RUN if flag != "--nopretrained"]
+    error = run_main(*flags, "--backbone=mobilenet_v2", "--pretrained", "--image_size=32",
+                     "--resize_size=36", f"--data_dir={data}", f"--model_dir={tmp_path}/run")
+    assert error.startswith("train.py: error: Could not download the ImageNet weights of "
+                            "--backbone=mobilenet_v2"), error
+    assert "--nopretrained" in error and str(tmp_path / "keras" / "models") in error
+
+
+@pytest.mark.slow
+def test_sigterm_saves_a_checkpoint_at_the_current_step_and_the_same_command_resumes(tmp_path):
+    import tensorflow as tf
+
+    data = write_folder(tmp_path / "catalogue")
+    run, log_path = tmp_path / "run", tmp_path / "train.log"
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": ""}
+
+    def command(steps):
+        # No periodic checkpoint: the one found afterwards is SIGTERM's.
+        return [sys.executable, "train.py", *SMALL_FOLDER_RUN, f"--data_dir={data}",
+                f"--model_dir={run}", f"--steps={steps}", "--checkpoint_every=100000",
+                "--log_every=2", "--classes_per_batch=4"]
+
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(command(100000), cwd=ROOT, env=env, stdout=log, stderr=log)
+    try:
+        deadline = time.time() + 300
+        while "step 4/100000" not in log_path.read_text():
+            assert process.poll() is None and time.time() < deadline, log_path.read_text()[-3000:]
+            time.sleep(0.05)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=300) == 143
+    finally:
+        process.kill()  # never leave a 100,000-step run behind
+    log = log_path.read_text()
+    assert "Traceback" not in log
+    saved = tf.train.latest_checkpoint(str(run / "checkpoints"))
+    step = int(saved.rsplit("-", 1)[-1])
+    assert step >= 4
+    # The checkpoint holds the step it is named after (the one reached, not a multiple of
+    # --checkpoint_every), and the last line says so.
+    assert tf.train.load_checkpoint(saved).get_tensor(
+        "model/step_counter/.ATTRIBUTES/VARIABLE_VALUE") == step
+    assert log.rstrip().splitlines()[-1] == (
+        f"train.py: terminated (SIGTERM) at step {step}; checkpoint {saved} saved. Rerun the "
+        "same command to resume.")
+
+    rerun = subprocess.run(command(step + 2), cwd=ROOT, env=env, capture_output=True, text=True,
+                           timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert f"Resumed from {saved} at step {step}" in rerun.stderr
+    assert (run / "metrics.json").exists()

@@ -46,6 +46,8 @@ Interface:
 * `make_train_dataset(catalog, sampler, config, start_step=0, num_steps=None, ...)` ->
   (float32 [P*K, S, S, 3] in [0, 255], int64 [P*K]); `make_eval_dataset(catalog, config,
   batch_size)`; `load_thumbnails(catalog, indices, size)`.
+* `dataset_identity(splits)` / `identity_changes(old, new)` (module `identity`): what was loaded,
+  independent of where it lies, and how two such records differ (a resumed run's check).
 """
 
 from dvml_tf.data.catalog import DatasetSplits
@@ -57,6 +59,8 @@ from dvml_tf.data.datasets import is_grayscale
 from dvml_tf.data.datasets import load_dataset
 from dvml_tf.data.datasets import raw_form_of
 from dvml_tf.data.folder import load_folder
+from dvml_tf.data.identity import dataset_identity
+from dvml_tf.data.identity import identity_changes
 from dvml_tf.data.pipeline import load_thumbnails
 from dvml_tf.data.pipeline import make_eval_dataset
 from dvml_tf.data.pipeline import make_train_dataset
@@ -90,8 +94,10 @@ __all__ = [
     "calibration_images",
     "carve_validation",
     "convert_raw",
+    "dataset_identity",
     "decode_image",
     "fixed_size_images",
+    "identity_changes",
     "is_grayscale",
     "load_dataset",
     "load_folder",

@@ -306,6 +306,8 @@ class DatasetSplits:
             `raw_form.to_stored`.
         raw_form: `RawForm`, how the loader stores (or, for raw splits, would store) the
             images: conversion kind, load-time resize, fixed raw size.
+        identity: optional dict, what the loader loaded, independent of where it lies (see
+            `data.identity`): a resumed run compares it with the one it was trained on.
     """
 
     name: str
@@ -316,6 +318,7 @@ class DatasetSplits:
     grayscale: bool = False
     raw: bool = False
     raw_form: RawForm = dataclasses.field(default_factory=RawForm)
+    identity: dict | None = None
 
     def splits(self):
         """Returns: dict split name -> `ImageCatalog` (validation only when present)."""

@@ -226,7 +226,11 @@ def _load_tfds(name, data_dir):
         split: ImageCatalog(labels, sources=images, num_channels=3,
                             class_names=class_names, name=split)
         for split, (images, labels) in (("train", train), ("test", test))}
-    return DatasetSplits(name=name, train=catalogs["train"], test=catalogs["test"])
+    identity = {"dataset": name, "tfds": f"{builder.name}/{builder.version}",
+                **{split: {"images": int(catalog.num_images), "classes": int(catalog.num_classes)}
+                   for split, catalog in catalogs.items()}}
+    return DatasetSplits(name=name, train=catalogs["train"], test=catalogs["test"],
+                         identity=identity)
 
 
 def _read_split(builder, split, spec, keep=None):

@@ -10,9 +10,23 @@ uses (`catalog.decode_image`), so a bad file is skipped here (counted and logged
 crashing an epoch. Images TF cannot decode correctly but PIL can (1/4/8-bit palette BMPs, which
 TF reads as their raw palette indices or rejects, and whatever else TF rejects) are converted to
 RGB once and kept in memory as PNG bytes; all other images stay on disk and are read by path.
+
+Symbolic links. A class folder is listed without ever leaving it for another part of the
+dataset: a link (to a folder or a file) is followed only when its target lies inside the class
+folder that holds it, or entirely outside the dataset folder (an external photo store linked in).
+A link that leads back to the class folder or above it (`class_03/loop -> ..`, `a -> .`), into
+another class folder or elsewhere in the dataset folder, a folder already listed (any loop, also
+outside the dataset), a file already listed (one image, one label) and a broken link are
+skipped; the count and the first of them are logged. So every image file is listed once, under
+the class folder it is in, and a listing always ends.
+
+The identity of what was loaded (`DatasetSplits.identity`: the class names of each split and,
+per class, the number of images and a digest of their paths relative to the class folder and
+their sizes) lets a resumed run check that it trains on the same images, wherever they moved.
 """
 
 import concurrent.futures
+import hashlib
 import io
 import os
 import struct
@@ -64,8 +78,8 @@ def load_folder(data_dir, check_images=True):
                          f"{({'train', 'test'} - set(explicit)).pop()}/ folder: give both (each "
                          "with class sub-folders) or neither (class sub-folders directly).")
     if explicit:
-        train_classes = _class_dirs(split_dirs["train"])
-        test_classes = _class_dirs(split_dirs["test"])
+        train_classes = _class_dirs(split_dirs["train"], root)
+        test_classes = _class_dirs(split_dirs["test"], root)
         overlap = sorted(set(train_classes) & set(test_classes))
         if overlap:
             raise ValueError(f"Classes {overlap[:10]} appear in both {split_dirs['train']!r} and "
@@ -88,25 +102,30 @@ def load_folder(data_dir, check_images=True):
                          f"({len(train_classes)} train, {len(test_classes)} test); at least 2 "
                          "are needed, with at least one in each split.")
 
-    paths, labels, ignored = [], [], 0
+    listing = _Listing(root, class_dirs)
+    paths, labels, relative = [], [], []
     for label, class_dir in enumerate(class_dirs):
-        files, other = _image_files(class_dir)
-        ignored += other
+        files = listing.image_files(class_dir)
         paths.extend(files)
         labels.extend([label] * len(files))
+        relative.extend(os.path.relpath(path, class_dir) for path in files)
     labels = np.asarray(labels, np.int64)
-    if ignored:
-        logging.info("folder %s: ignored %d files without an image extension %s.", root, ignored,
-                     IMAGE_EXTENSIONS)
+    if listing.ignored:
+        logging.info("folder %s: ignored %d files without an image extension %s.", root,
+                     listing.ignored, IMAGE_EXTENSIONS)
+    listing.report()
 
     sources = np.array([os.fsencode(p) for p in paths], dtype=object)
     is_path = np.ones(len(paths), bool)
+    keep = np.arange(len(paths))
     if check_images and paths:
         ok, converted = check_image_files(paths)
         for index, png in converted.items():
             sources[index], is_path[index] = png, False
         keep = np.flatnonzero(ok)
         sources, is_path, labels = sources[keep], is_path[keep], labels[keep]
+    identity = folder_identity(class_names, len(train_classes), labels,
+                               [relative[i] for i in keep], [paths[i] for i in keep])
     if not len(labels):
         raise ValueError(f"data_dir {root!r} holds no decodable image ({IMAGE_EXTENSIONS}) in "
                          f"its {len(class_names)} class folders.")
@@ -124,28 +143,155 @@ def load_folder(data_dir, check_images=True):
         splits[split] = ImageCatalog(labels[mask], sources=sources[mask],
                                      source_is_path=is_path[mask], class_names=class_names,
                                      name=split)
-    return DatasetSplits(name="folder", train=splits["train"], test=splits["test"])
+    return DatasetSplits(name="folder", train=splits["train"], test=splits["test"],
+                         identity=identity)
 
 
-def _class_dirs(path):
-    """Sorted names of the non-hidden sub-folders of `path`."""
-    return sorted(e.name for e in os.scandir(path)
-                  if e.is_dir() and not e.name.startswith("."))
-
-
-def _image_files(class_dir):
-    """All image files below a class folder (recursively, sorted) and the count of other files."""
-    files, other = [], 0
-    for directory, subdirs, names in os.walk(class_dir, followlinks=True):
-        subdirs[:] = sorted(d for d in subdirs if not d.startswith("."))
-        for name in sorted(names):
-            if name.startswith("."):
+def _class_dirs(path, root=None):
+    """Sorted names of the non-hidden sub-folders of `path`, without links that lead back to
+    the dataset folder `root` (default: `path`) or to a class folder listed before."""
+    root_real = os.path.realpath(root or path)
+    names, reals = [], {}
+    for entry in sorted(os.scandir(path), key=lambda e: e.name):
+        try:
+            if entry.name.startswith(".") or not entry.is_dir():
                 continue
-            if name.lower().endswith(IMAGE_EXTENSIONS):
-                files.append(os.path.join(directory, name))
-            else:
-                other += 1
-    return files, other
+        except OSError:  # e.g. a link that points to itself
+            continue
+        real = os.path.realpath(entry.path)
+        if _within(root_real, real):
+            logging.warning("folder %s: skipped %s -> %s: it leads back to the dataset folder.",
+                            root_real, entry.path, real)
+        elif real in reals:
+            logging.warning("folder %s: skipped %s: it is the same folder as class %r.",
+                            root_real, entry.path, reals[real])
+        else:
+            names.append(entry.name)
+            reals[real] = entry.name
+    return names
+
+
+def _within(path, folder):
+    """Whether `path` is `folder` or lies below it (both real, absolute paths)."""
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+class _Listing:
+    """Lists the image files of the class folders of one dataset, following symbolic links only
+    where they cannot list a file twice or under another class (see the module docstring).
+
+    Args:
+        root: the dataset folder.
+        class_dirs: every class folder of the dataset.
+    """
+
+    def __init__(self, root, class_dirs):
+        self.root = os.path.realpath(root)
+        self.class_reals = {os.path.realpath(d) for d in class_dirs}
+        self.seen_dirs = set()  # (st_dev, st_ino) of every folder listed
+        self.seen_files = set()  # real paths of every image file listed
+        self.skipped = []  # (path, reason)
+        self.ignored = 0
+
+    def _link_problem(self, target, class_real):
+        """Why a link to `target` (a real path) inside the class folder `class_real` is not
+        followed, or None."""
+        if _within(class_real, target) or _within(self.root, target):
+            return "leads back to its class folder or above it"
+        if any(_within(target, other) or _within(other, target)
+               for other in self.class_reals if other != class_real):
+            return "leads into another class folder"
+        if _within(target, self.root) and not _within(target, class_real):
+            return "leads elsewhere in the dataset folder"
+        return None
+
+    def image_files(self, class_dir):
+        """The image files below one class folder, depth first, each folder's files sorted
+        before its sub-folders (sorted): the order of `os.walk`."""
+        files = []
+        class_real = os.path.realpath(class_dir)
+        stack = [(class_dir, class_real)]
+        while stack:
+            directory, real = stack.pop()
+            try:
+                info = os.stat(directory)
+                entries = sorted(os.scandir(directory), key=lambda e: e.name)
+            except OSError as error:
+                self.skipped.append((directory, f"cannot be read ({error.strerror})"))
+                continue
+            if (info.st_dev, info.st_ino) in self.seen_dirs:
+                self.skipped.append((directory, "is a folder already listed"))
+                continue
+            self.seen_dirs.add((info.st_dev, info.st_ino))
+            subdirs = []
+            for entry in entries:
+                if entry.name.startswith("."):
+                    continue
+                target = os.path.join(real, entry.name)
+                if entry.is_symlink():
+                    target = os.path.realpath(entry.path)
+                    if not os.path.exists(target):
+                        self.skipped.append((entry.path, "is a broken link"))
+                        continue
+                    problem = self._link_problem(target, class_real)
+                    if problem:
+                        self.skipped.append((entry.path, f"-> {target} {problem}"))
+                        continue
+                try:
+                    is_dir = entry.is_dir()
+                except OSError:
+                    is_dir = False
+                if is_dir:
+                    subdirs.append((entry.path, target))
+                elif not entry.name.lower().endswith(IMAGE_EXTENSIONS):
+                    self.ignored += 1
+                elif target in self.seen_files:
+                    self.skipped.append((entry.path, f"is {target}, already listed"))
+                else:
+                    self.seen_files.add(target)
+                    files.append(entry.path)
+            stack.extend(reversed(subdirs))
+        return files
+
+    def report(self):
+        """Logs what was skipped (count and the first paths with the reason)."""
+        if self.skipped:
+            shown = "; ".join(f"{path} {reason}" for path, reason in self.skipped[:_LISTED_PATHS])
+            more = " ..." if len(self.skipped) > _LISTED_PATHS else ""
+            logging.warning("folder %s: skipped %d symbolic link(s) or folder(s) that would list "
+                            "files twice or under another class: %s%s", self.root,
+                            len(self.skipped), shown, more)
+
+
+def folder_identity(class_names, num_train, labels, relative_paths, paths):
+    """What a folder dataset is, independent of where it lies: per split, per class (by name),
+    the number of images and a digest of their paths relative to the class folder and sizes.
+
+    Args:
+        class_names: names indexed by label.
+        num_train: the first `num_train` labels are training classes.
+        labels: int array, the label of each kept image.
+        relative_paths: each kept image's path relative to its class folder.
+        paths: each kept image's path (for its size).
+
+    Returns:
+        dict (JSON-serializable).
+    """
+    digests = [hashlib.sha256() for _ in class_names]
+    counts = np.bincount(np.asarray(labels, np.int64), minlength=len(class_names))
+    for label, relative, path in zip(labels, relative_paths, paths, strict=True):
+        try:
+            size = os.path.getsize(path)
+        except OSError:
+            size = -1
+        digests[label].update(f"{relative}\0{size}\n".encode())
+    identity = {"dataset": "folder"}
+    for split, labels_of_split in (("train", range(num_train)),
+                                   ("test", range(num_train, len(class_names)))):
+        identity[split] = {class_names[c]: {"images": int(counts[c]),
+                                            "files": digests[c].hexdigest()[:16]}
+                           for c in labels_of_split if counts[c]}
+    return identity
 
 
 def _needs_pil(path):

@@ -231,9 +231,11 @@ class RawForm:
         dims = tf.concat([shape, [0, 0, 0, 0]], axis=0)[1:4]
         matches = tf.logical_or(tf.equal(tf.constant(expected), -1), tf.equal(dims, expected))
         valid = tf.logical_and(rank_ok, tf.reduce_all(matches))
-        check = tf.debugging.Assert(
-            valid, [f"{name}: `images` must be {self.describe()}; got shape", shape], summarize=8
-        )
+        # One string, so that the message reads as one sentence (Assert brackets each item).
+        got = tf.strings.reduce_join(tf.strings.as_string(shape), separator=", ")
+        message = tf.strings.join([f"{name}: `images` must be {self.describe()}; got shape [",
+                                   got, "]"])
+        check = tf.debugging.Assert(valid, [message])
         with tf.control_dependencies([check]):
             return tf.identity(images)
 

@@ -1,8 +1,10 @@
 """Evaluation on numpy embeddings: exact chunked kNN, Recall@K / MAP@R / NMI / F1, k-means,
 figures, TensorBoard projector files and an optional tensorflow-similarity cross-check.
 
-Nothing here depends on the model or data modules. scikit-learn (clustering, t-SNE), matplotlib
-(`plots`) and tensorflow-similarity (`tfsim_check`) are imported only when used.
+The metrics depend on neither the model nor the data modules; `RetrievalMetricsCallback`
+(`callbacks`: the metrics on held-out data during `model.fit`) and the runner do, and are
+imported when first used. scikit-learn (clustering, t-SNE), matplotlib (`plots`) and
+tensorflow-similarity (`tfsim_check`) are imported only when used.
 """
 
 from dvml_tf.evaluation.knn import iter_nearest_neighbors
@@ -16,6 +18,7 @@ from dvml_tf.evaluation.metrics import relevant_counts
 from dvml_tf.evaluation.projector import write_projector
 
 __all__ = [
+    "RetrievalMetricsCallback",
     "evaluate_embeddings",
     "iter_nearest_neighbors",
     "kmeans_cluster",
@@ -33,6 +36,7 @@ __all__ = [
 ]
 
 _LAZY = {
+    "RetrievalMetricsCallback": "dvml_tf.evaluation.callbacks",
     "kmeans_cluster": "dvml_tf.evaluation.clustering",
     "plot_tsne": "dvml_tf.evaluation.plots",
     "plot_central_latent_space": "dvml_tf.evaluation.plots",

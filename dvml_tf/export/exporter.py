@@ -20,6 +20,11 @@ inside E and moved into place (each file by an atomic rename, the report last) o
 complete; files of E that the export does not write are never touched. Exports into one E take
 turns (a lock file), so concurrent exports land as distinct versions. A staging folder left by
 a killed export is reported and removed by the next export.
+
+Artifacts of an earlier export that this one does not rewrite (the LiteRT models after a
+re-export with `--skip_litert`, an older `verification.json`) stay in E, and the report says so:
+`files_from_earlier_exports` maps each such file to its role and the version of the export that
+wrote it (whose report is `saved_model/<version>/assets.extra/export_report.json`).
 """
 
 import contextlib
@@ -178,6 +183,45 @@ def remove_stale_staging(export_dir):
     return removed
 
 
+def earlier_artifacts(export_dir, written):
+    """The artifact files in E written by earlier exports and not by this one.
+
+    Read from E's current export_report.json (its `files` and its own
+    `files_from_earlier_exports`), plus verification.json (its `saved_model_version`).
+
+    Args:
+        export_dir: the export folder.
+        written: the file names this export writes.
+
+    Returns:
+        dict file name -> {"role": ..., "version": int or None}, for the files that exist.
+    """
+    earlier = {}
+    report_path = os.path.join(export_dir, layout.REPORT_FILE)
+    try:
+        with open(report_path) as f:
+            previous = json.load(f)
+    except (OSError, ValueError):
+        previous = {}
+    if isinstance(previous, dict):
+        for name, info in (previous.get("files_from_earlier_exports") or {}).items():
+            if isinstance(info, dict):
+                earlier[name] = {"role": info.get("role"), "version": info.get("version")}
+        for role, path in (previous.get("files") or {}).items():
+            if role != "saved_model" and isinstance(path, str):
+                earlier[path] = {"role": role, "version": previous.get("version")}
+    verification = os.path.join(export_dir, layout.VERIFICATION_FILE)
+    if os.path.isfile(verification):
+        try:
+            with open(verification) as f:
+                version = json.load(f).get("saved_model_version")
+        except (OSError, ValueError, AttributeError):
+            version = None
+        earlier[layout.VERIFICATION_FILE] = {"role": "verification", "version": version}
+    return {name: info for name, info in sorted(earlier.items())
+            if name not in written and os.path.isfile(os.path.join(export_dir, name))}
+
+
 def _signature_contracts(model, raw_form, preprocess, litert_written, top_k):
     height, width = raw_form.raw_size or (None, None)
     normalized = bool(model.normalize_embeddings)
@@ -297,7 +341,7 @@ def export_model(
                 "started": time.strftime("%Y-%m-%d %H:%M:%S")})
             report = _write_artifacts(model, config, raw_form, preprocess, raw_splits, staging,
                                       version, litert_models, gallery_split, top_k,
-                                      calibration_images, source)
+                                      calibration_images, source, export_dir)
             _move_into_place(staging, export_dir, version, report)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
@@ -306,7 +350,8 @@ def export_model(
 
 
 def _write_artifacts(model, config, raw_form, preprocess, raw_splits, staging, version,
-                     litert_models, gallery_split, top_k, calibration_images, source):
+                     litert_models, gallery_split, top_k, calibration_images, source,
+                     export_dir):
     """Writes every artifact into `staging` (same names as in E); returns the report."""
     version_dir = os.path.join(staging, layout.SAVED_MODEL_DIR, str(version))
     saved_model_lib.write_saved_model(model, raw_form, preprocess, version_dir)
@@ -341,6 +386,14 @@ def _write_artifacts(model, config, raw_form, preprocess, raw_splits, staging, v
             for name, path in files.items() if isinstance(path, str)
         },
     }
+    written = {path for path in files.values() if isinstance(path, str)}
+    earlier = earlier_artifacts(export_dir, written)
+    if earlier:
+        report["files_from_earlier_exports"] = earlier
+        logging.warning("%s keeps files of earlier exports that this one does not rewrite: %s "
+                        "(export_report.json lists them under files_from_earlier_exports).",
+                        export_dir, ", ".join(f"{name} (version {info['version']})"
+                                              for name, info in earlier.items()))
     layout.write_version_report(version_dir, report)
     return report
 

@@ -87,16 +87,20 @@ def check_image_bytes(image_bytes):
     """
     # (Its rank cannot be checked here: the signature declares [None], so TF folds tf.rank to 1.)
     bad = tf.where(tf.logical_not(_looks_like_image(image_bytes)))[:, 0]
-    content_check = tf.debugging.Assert(
-        tf.equal(tf.size(bad), 0),
-        [
-            f"{EMBED_BYTES}: could not decode image: `{IMAGE_BYTES_KEY}` at index",
-            bad,
-            "is empty or not a JPEG/PNG/GIF/BMP/WebP file; send the encoded file's bytes "
-            "(REST: {\"b64\": base64 of the file}).",
-        ],
-        summarize=16,
-    )
+    several = tf.size(bad) > 1
+    shown = tf.strings.reduce_join(tf.strings.as_string(bad[:16]), separator=", ")
+    shown = tf.where(tf.size(bad) > 16, shown + ", ...", shown)
+    # One string, so that the message reads as one sentence (Assert prints each data item in
+    # its own brackets); no quotes in it, which Assert would escape.
+    message = tf.strings.join([
+        f"{EMBED_BYTES}: could not decode image: {IMAGE_BYTES_KEY} at ",
+        tf.where(several, "indices ", "index "), shown,
+        tf.where(several, " are empty or not JPEG/PNG/GIF/BMP/WebP files",
+                 " is empty or not a JPEG/PNG/GIF/BMP/WebP file"),
+        "; send the bytes of the encoded file (REST: an object with the key b64 holding them "
+        "base64-encoded).",
+    ])
+    content_check = tf.debugging.Assert(tf.equal(tf.size(bad), 0), [message])
     with tf.control_dependencies([content_check]):
         return tf.identity(image_bytes)
 

@@ -154,10 +154,11 @@ def verify_export(export_dir, model, config, raw_splits, split="test", parity_im
         latency_runs: timed runs per latency figure (batch 1); 0 skips latency.
 
     Returns:
-        dict: `parity_vs_keras`, `recall_at_1` (when LiteRT models exist), `latency_ms_per_image`
-        (when asked), `bounds` and `checks` (name -> bool).
+        dict: `saved_model_version` (the version measured), `parity_vs_keras`, `recall_at_1`
+        (when LiteRT models exist), `latency_ms_per_image` (when asked), `bounds` and `checks`
+        (name -> bool).
     """
-    version_dir, _ = layout.resolve_saved_model(export_dir)
+    version_dir, version = layout.resolve_saved_model(export_dir)
     raw_form = task.raw_form(config, raw_splits)
     preprocess = task.preprocess_config(config)
     normalized = bool(model.normalize_embeddings)
@@ -210,7 +211,7 @@ def verify_export(export_dir, model, config, raw_splits, split="test", parity_im
         if recall_max_images != 0:
             recall = _recall(model, raw_form, preprocess, catalog, paths, normalized,
                              recall_max_images)
-    result = {"parity_vs_keras": parities}
+    result = {"saved_model_version": version, "parity_vs_keras": parities}
     if recall is not None:
         result["recall_at_1"] = recall
     if latency:

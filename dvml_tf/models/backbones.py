@@ -4,6 +4,10 @@ Every backbone carries its own input normalization as its first layer, so the da
 the exported serving graph feed raw pixel values and cannot get the normalization wrong.
 """
 
+import os
+import re
+import urllib.error
+
 import keras
 
 from dvml_tf.models import googlenet
@@ -100,6 +104,46 @@ def synchronize_batch_norm(model):
     return clone
 
 
+def keras_weights_cache():
+    """Where keras.applications caches downloaded weights: $KERAS_HOME/models or
+    ~/.keras/models."""
+    home = os.environ.get("KERAS_HOME") or os.path.join(os.path.expanduser("~"), ".keras")
+    return os.path.join(home, "models")
+
+
+def _is_download_failure(error):
+    """Whether keras.applications failed to fetch its weights file (offline, HTTP error,
+    truncated download): `keras.utils.get_file` raises a bare Exception for those."""
+    text = str(error)
+    return (isinstance(error, (urllib.error.URLError, ConnectionError, TimeoutError))
+            or "URL fetch failure" in text or "corrupted file" in text)
+
+
+def download_failure_message(name, constructor, error):
+    """The advice when the ImageNet weights of a backbone cannot be downloaded.
+
+    Args:
+        name: our backbone name.
+        constructor: the keras.applications constructor name.
+        error: the exception Keras raised.
+
+    Returns:
+        str.
+    """
+    match = re.search(r"URL fetch failure on (\S+?): (.*)", str(error), re.S)
+    url, reason = (match[1], match[2].strip()) if match else (None, str(error).strip())
+    source = f" from {url}" if url else ""
+    file_name = os.path.basename(url) if url else "its weights file"
+    return (
+        f"Could not download the ImageNet weights of --backbone={name} "
+        f"(keras.applications.{constructor}){source}: {reason}. Offline? Train from scratch "
+        f"with --nopretrained, or pass weights of this backbone with --nopretrained "
+        f"--backbone_weights=FILE.weights.h5, or copy {file_name} (downloaded on a machine "
+        f"with network access) into {keras_weights_cache()}/ (the Keras cache; set KERAS_HOME "
+        "to use another folder) and rerun."
+    )
+
+
 def build_backbone(
     name, input_shape=(224, 224, 3), pretrained=False, weights_path=None, sync_batch_norm=False
 ):
@@ -109,7 +153,7 @@ def build_backbone(
         name: one of `BACKBONES`.
         input_shape: tuple `(height, width, 3)` of the (cropped) input images.
         pretrained: bool. Load ImageNet weights from `keras.applications` (downloaded once to
-            ~/.keras/models on a machine with internet access).
+            ~/.keras/models, or $KERAS_HOME/models, on a machine with internet access).
         weights_path: optional path of a `.weights.h5` file for this backbone (e.g. GoogLeNet
             weights ported by the user); loaded after building.
         sync_batch_norm: bool. Synchronize batch-norm statistics across replicas
@@ -122,6 +166,8 @@ def build_backbone(
     Raises:
         ValueError: unknown name, bad input shape, or `pretrained` for a backbone without
             published Keras weights.
+        FileNotFoundError: the ImageNet weights cannot be downloaded (offline); the message
+            names the URL, the Keras cache folder and the alternatives.
     """
     if name not in BACKBONES:
         raise ValueError(f"Unknown backbone {name!r}; valid backbones: {', '.join(BACKBONES)}.")
@@ -150,12 +196,18 @@ def build_backbone(
             x = keras.layers.Rescaling(1.0 / 127.5, offset=-1.0, name="normalize")(inputs)
         else:
             x = inputs
-        network = getattr(keras.applications, constructor)(
-            include_top=False,
-            weights="imagenet" if pretrained else None,
-            input_shape=input_shape,
-            pooling="avg",
-        )
+        try:
+            network = getattr(keras.applications, constructor)(
+                include_top=False,
+                weights="imagenet" if pretrained else None,
+                input_shape=input_shape,
+                pooling="avg",
+            )
+        except Exception as error:
+            if pretrained and _is_download_failure(error):
+                raise FileNotFoundError(
+                    download_failure_message(name, constructor, error)) from None
+            raise
         features = network(x)
     backbone = keras.Model(inputs, features, name=f"backbone_{name}")
     if weights_path:

@@ -11,7 +11,12 @@ through the same two front ends as the real server, on 127.0.0.1:
 
 Bad requests (unknown model, version or signature, wrong input names or dtypes, and whatever the
 graph rejects: wrong shapes, undecodable bytes) become INVALID_ARGUMENT / NOT_FOUND answers, never
-a crashed server. This is not TF Serving: no batching, no model reloading, no metadata API.
+a crashed server. On REST also: an empty batch or an empty (0 x 0) image, images of different
+sizes in one batch, booleans as pixels, JSON nested deeper than `MAX_JSON_DEPTH`, and a
+`Content-Length` that is not a number get HTTP 400; a request body not received within
+`read_timeout` seconds gets HTTP 408 and the connection is closed, so a stalled client never
+holds a handler thread. This is not TF Serving: no batching, no model reloading, no metadata
+API.
 """
 
 import base64
@@ -21,12 +26,18 @@ import json
 import os
 import re
 import threading
+import time
 
 import numpy as np
 import tensorflow as tf
 
 from dvml_tf.export import layout
 from dvml_tf.export import serving_client
+
+# REST: deepest JSON nesting accepted (an image batch needs 5 levels), and how long a request
+# body may take to arrive.
+MAX_JSON_DEPTH = 64
+DEFAULT_READ_TIMEOUT_SECONDS = 30.0
 
 INVALID_ARGUMENT = "INVALID_ARGUMENT"
 NOT_FOUND = "NOT_FOUND"
@@ -56,6 +67,8 @@ def _tf_error_message(error):
         if line and not line.startswith(("Graph execution error", "Detected at node", "[[",
                                           "<stack traces"))
     ]
+    # An in-graph check's one-sentence message, as tf.debugging.Assert frames it.
+    lines = [re.sub(r"^assertion failed: \[(.*)\]$", r"\1", line) for line in lines]
     message = " ".join(lines) or str(error)
     if "DecodeImage" in str(error) and "could not decode" not in message:
         # TF Serving returns the decoder's message as is; say which step failed.
@@ -257,8 +270,47 @@ _PREDICT_PATH = re.compile(r"^/v1/models/([^/:]+)(?:/versions/(\d+))?:predict$")
 _STATUS_PATH = re.compile(r"^/v1/models/([^/:]+)(?:/versions/(\d+))?$")
 
 
-def _decode_json_value(value, spec, name):
-    """A JSON value of one input -> numpy array of the signature's dtype (b64 for strings)."""
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.S)
+_JSON_BOOLEAN = re.compile(rb"\b(?:true|false)\b")
+
+
+def _json_structure(body):
+    """The JSON body without its strings: what nesting depth and literals are read from."""
+    return _JSON_STRING.sub(b'""', body)
+
+
+def _json_depth(structure):
+    """The deepest nesting of arrays and objects in a JSON text without strings (vectorized:
+    no recursion, whatever the depth)."""
+    codes = np.frombuffer(structure, np.uint8)
+    steps = (np.isin(codes, (ord("["), ord("{"))).astype(np.int64)
+             - np.isin(codes, (ord("]"), ord("}"))).astype(np.int64))
+    return int(np.cumsum(steps).max()) if len(steps) else 0
+
+
+def _batch_shape_error(name, value, spec):
+    """The message for instances that numpy cannot stack into one array (a ragged batch)."""
+    sizes = []
+    if isinstance(value, list):
+        for item in value[:3]:
+            try:
+                sizes.append(list(np.shape(item)))
+            except ValueError:
+                sizes.append("ragged")
+    return (f"Input {name!r}: the instances have different shapes (e.g. {sizes}); one batch "
+            f"must hold images of one size, {_shape_text(spec.shape)}. Send images of other "
+            "sizes in separate requests, or as encoded files to the embed_bytes signature.")
+
+
+def _decode_json_value(value, spec, name, booleans=False):
+    """A JSON value of one input -> numpy array of the signature's dtype (b64 for strings).
+
+    Args:
+        value: the decoded JSON value.
+        spec: the input's `tf.TensorSpec`.
+        name: the input's name (for messages).
+        booleans: the request holds JSON true/false outside strings.
+    """
 
     def unwrap(item):
         if isinstance(item, dict):
@@ -275,8 +327,14 @@ def _decode_json_value(value, spec, name):
         return item
 
     value = unwrap(value)
+    if isinstance(value, list) and not value:
+        raise PredictError(INVALID_ARGUMENT, f"Input {name!r} is an empty batch: send at least "
+                                             "one instance.")
     if spec.dtype == tf.string:
-        array = np.array(value, dtype=object)
+        try:
+            array = np.array(value, dtype=object)
+        except ValueError:
+            raise PredictError(INVALID_ARGUMENT, _batch_shape_error(name, value, spec)) from None
         flat = array.reshape(-1)
         for i, item in enumerate(flat):
             if isinstance(item, str):
@@ -285,9 +343,23 @@ def _decode_json_value(value, spec, name):
                 raise PredictError(INVALID_ARGUMENT, f"Input {name!r} holds strings; got "
                                                      f"{type(item).__name__}.")
         return array
-    array = np.asarray(value)
+    try:
+        array = np.asarray(value)
+    except ValueError:
+        raise PredictError(INVALID_ARGUMENT, _batch_shape_error(name, value, spec)) from None
     dtype = np.dtype(spec.dtype.as_numpy_dtype)
-    if array.dtype == object or array.dtype.kind not in "iufb":
+    if array.dtype == object:
+        raise PredictError(INVALID_ARGUMENT, _batch_shape_error(name, value, spec))
+    if array.size == 0:
+        raise PredictError(INVALID_ARGUMENT,
+                           f"Input {name!r} holds an empty image (shape {list(array.shape)}: "
+                           f"0 x 0 pixels); expected {dtype.name} {_shape_text(spec.shape)} "
+                           "with at least one pixel per image.")
+    if dtype != np.bool_ and (array.dtype == np.bool_ or booleans):
+        raise PredictError(INVALID_ARGUMENT,
+                           f"Input {name!r} holds booleans (true/false); expected {dtype.name} "
+                           "values" + (" (integers in [0, 255])." if dtype == np.uint8 else "."))
+    if array.dtype.kind not in "iufb":
         raise PredictError(INVALID_ARGUMENT, f"Input {name!r}: not a numeric array of "
                                              "consistent shape.")
     if dtype.kind in "iu":
@@ -302,9 +374,15 @@ def _decode_json_value(value, spec, name):
 def _handle_rest_predict(backend, model_name, version, body):
     """A REST predict request body -> (HTTP status, answer dict)."""
     try:
+        structure = _json_structure(body or b"")
+        depth = _json_depth(structure)
+        if depth > MAX_JSON_DEPTH:
+            raise PredictError(INVALID_ARGUMENT, f"The request body nests JSON {depth} levels "
+                                                 f"deep; the limit is {MAX_JSON_DEPTH}.")
+        booleans = bool(_JSON_BOOLEAN.search(structure))
         try:
             request = json.loads(body or b"{}")
-        except ValueError as error:
+        except (ValueError, RecursionError) as error:
             raise PredictError(INVALID_ARGUMENT, f"Request body is not JSON: {error}") from None
         if not isinstance(request, dict) or ("instances" in request) == ("inputs" in request):
             raise PredictError(INVALID_ARGUMENT, 'The request needs exactly one of "instances" '
@@ -315,12 +393,20 @@ def _handle_rest_predict(backend, model_name, version, body):
             instances = request["instances"]
             if not isinstance(instances, list):
                 raise PredictError(INVALID_ARGUMENT, '"instances" must be a list.')
+            if not instances:
+                raise PredictError(INVALID_ARGUMENT, '"instances" is empty: send at least one '
+                                                     "instance.")
             if len(specs) == 1:
                 (name,) = specs
-                inputs = {name: _decode_json_value(instances, specs[name], name)}
+                inputs = {name: _decode_json_value(instances, specs[name], name, booleans)}
             else:
+                if not all(isinstance(row, dict) and set(row) == set(specs)
+                           for row in instances):
+                    raise PredictError(INVALID_ARGUMENT, f"Every instance must be an object "
+                                                         f"with the inputs {sorted(specs)}.")
                 inputs = {
-                    name: _decode_json_value([row[name] for row in instances], spec, name)
+                    name: _decode_json_value([row[name] for row in instances], spec, name,
+                                             booleans)
                     for name, spec in specs.items()
                 }
         else:
@@ -328,7 +414,8 @@ def _handle_rest_predict(backend, model_name, version, body):
             if len(specs) == 1 and not isinstance(columns, dict):
                 columns = {next(iter(specs)): columns}
             inputs = {
-                name: _decode_json_value(value, specs.get(name, tf.TensorSpec(None)), name)
+                name: _decode_json_value(value, specs.get(name, tf.TensorSpec(None)), name,
+                                         booleans)
                 for name, value in columns.items()
             }
         outputs = backend.predict(model_name, version, request.get("signature_name"), inputs)
@@ -345,7 +432,8 @@ def _handle_rest_predict(backend, model_name, version, body):
     return 200, {"outputs": {k: v.tolist() for k, v in outputs.items()}}
 
 
-def serve_rest(base_path, model_name="dvml", host="127.0.0.1", port=0, backend=None):
+def serve_rest(base_path, model_name="dvml", host="127.0.0.1", port=0, backend=None,
+               read_timeout=DEFAULT_READ_TIMEOUT_SECONDS):
     """Starts the REST predict API on `host:port` (0: a free port), in a daemon thread.
 
     Args:
@@ -354,6 +442,8 @@ def serve_rest(base_path, model_name="dvml", host="127.0.0.1", port=0, backend=N
         host: interface.
         port: int, 0 picks a free port.
         backend: optional existing `SavedModelBackend`.
+        read_timeout: seconds a client has to send its request line and headers, and then its
+            whole body; a slower (stalled) request gets HTTP 408 and is closed.
 
     Returns:
         `LoopbackServer` whose `address` is the REST root URL.
@@ -361,21 +451,70 @@ def serve_rest(base_path, model_name="dvml", host="127.0.0.1", port=0, backend=N
     backend = backend or SavedModelBackend(base_path, model_name)
 
     class Handler(http.server.BaseHTTPRequestHandler):
+        # StreamRequestHandler applies it to the socket: reading the request line and headers
+        # of an idle connection times out (and the connection is closed) too.
+        timeout = read_timeout
+
         def _send(self, status, answer):
             data = json.dumps(answer).encode()
             self.send_response(status)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(data)))
+            if status >= 400 and self.close_connection:
+                self.send_header("Connection", "close")
             self.end_headers()
             self.wfile.write(data)
+
+        def _read_body(self, length):
+            """The body, or None after answering 408: the whole body must arrive within
+            `read_timeout` seconds (a client sending a byte now and then is cut off too)."""
+            deadline = time.monotonic() + read_timeout
+            chunks, received = [], 0
+            try:
+                while received < length:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        raise TimeoutError
+                    self.connection.settimeout(remaining)
+                    chunk = self.rfile.read1(min(length - received, 1 << 20))
+                    if not chunk:
+                        break  # the client closed its side: the body is short
+                    chunks.append(chunk)
+                    received += len(chunk)
+            except (TimeoutError, OSError):
+                self.close_connection = True
+                self._send(408, {"error": f"The request body was not received within "
+                                          f"{read_timeout:g} s (Content-Length {length}, "
+                                          f"{received} bytes received)."})
+                return None
+            finally:
+                self.connection.settimeout(read_timeout)
+            if received < length:
+                self.close_connection = True
+                self._send(400, {"error": f"The request body ended after {received} of "
+                                          f"Content-Length {length} bytes."})
+                return None
+            return b"".join(chunks)
 
         def do_POST(self):
             match = _PREDICT_PATH.match(self.path)
             if not match:
+                self.close_connection = True  # the body is not read
                 self._send(404, {"error": f"Unknown path {self.path!r}."})
                 return
-            length = int(self.headers.get("Content-Length") or 0)
-            body = self.rfile.read(length)
+            header = self.headers.get("Content-Length")
+            try:
+                length = int(header or 0)
+                if length < 0:
+                    raise ValueError
+            except ValueError:
+                self.close_connection = True
+                self._send(400, {"error": f"Content-Length {header!r} is not a number of "
+                                          "bytes."})
+                return
+            body = self._read_body(length)
+            if body is None:
+                return
             try:
                 status, answer = _handle_rest_predict(backend, match[1], match[2], body)
             except Exception as error:  # keep serving whatever happens

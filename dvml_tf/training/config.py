@@ -11,7 +11,9 @@ declarations (`dvml_tf.training.flags`).
 """
 
 import dataclasses
+import inspect
 import json
+import numbers
 
 from dvml_tf.data import DATASETS
 from dvml_tf.losses import METRIC_LOSSES
@@ -43,6 +45,56 @@ RESUMABLE_FIELDS = frozenset(
         "evaluation_split",
     }
 )
+
+
+def loss_option_defaults(loss):
+    """The keyword arguments a base loss accepts and their defaults, along its class hierarchy.
+
+    Args:
+        loss: a name in `METRIC_LOSSES`.
+
+    Returns:
+        dict name -> default (the most derived class's default wins).
+    """
+    defaults = {}
+    for cls in METRIC_LOSSES[loss].__mro__:
+        init = cls.__dict__.get("__init__")
+        if init is None:
+            continue
+        for name, parameter in inspect.signature(init).parameters.items():
+            if parameter.default is not inspect.Parameter.empty:
+                defaults.setdefault(name, parameter.default)
+    return defaults
+
+
+def check_loss_option_types(loss, options):
+    """Refuses a loss option whose value has not the type of its default (a number for a
+    margin, True/False for a switch), naming the option, before the loss compares it.
+
+    Args:
+        loss: a name in `METRIC_LOSSES`.
+        options: dict of keyword arguments (`--loss_options`).
+
+    Raises:
+        ValueError: e.g. "--loss_options: margin must be a number, got 'abc' (loss=triplet)."
+    """
+    defaults = loss_option_defaults(loss)
+    for name, value in options.items():
+        if name not in defaults:
+            continue  # unknown keywords are refused by the constructor, with its own message
+        default = defaults[name]
+        if isinstance(default, bool):
+            expected, ok = "True or False", isinstance(value, bool)
+        elif isinstance(default, numbers.Real):
+            expected = "a number"
+            ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
+        elif isinstance(default, str):
+            expected, ok = "a string", isinstance(value, str)
+        else:
+            continue
+        if not ok:
+            raise ValueError(f"--loss_options: {name} must be {expected}, got {value!r} "
+                             f"(loss={loss}, default {name}={default!r}).")
 
 
 def _field(default, help, choices=None, group="run"):
@@ -252,6 +304,7 @@ class TrainConfig:
                 f"images_per_class must be >= 2 (positives come from the same class); "
                 f"got {self.images_per_class}."
             )
+        check_loss_option_types(self.loss, self.loss_options)
         try:  # build the loss once so that a bad option fails now, not after loading data
             METRIC_LOSSES[self.loss](**self.loss_options)
         except (TypeError, ValueError) as error:

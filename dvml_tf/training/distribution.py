@@ -53,6 +53,15 @@ def is_chief(strategy):
     return task_type == "worker" and task_id == 0 and not has_chief
 
 
+def num_workers(strategy):
+    """The number of processes (chief and workers) training together: 1 without a cluster."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None:
+        return 1
+    cluster = resolver.cluster_spec().as_dict()
+    return max(1, sum(len(cluster.get(kind, ())) for kind in ("chief", "worker")))
+
+
 def worker_directory(model_dir, strategy):
     """`model_dir` on the chief; a fresh temporary directory on the other workers."""
     if is_chief(strategy):

@@ -6,12 +6,21 @@ our own: it runs `DVMLModel.train_step` (the same step `fit` runs) through `stra
 per-replica batches that each hold whole classes of the global P x K batch. The state that a
 resumed run needs (weights, optimizer, the step that drives the DVML phase, and through it the
 sampler's position, since batches are a pure function of (seed, step)) is one `tf.train.Checkpoint`.
+
+Faults: SIGTERM (preemption, Kubernetes, Slurm, `timeout`) finishes the current step, saves a
+checkpoint at that step and raises `Terminated` (train.py exits with `EXIT_TERMINATED`, 143);
+Ctrl-C saves one too. A latest checkpoint that cannot be read is moved aside (never deleted)
+and training resumes from the newest readable one, with a warning. A resumed run must train on
+the data it started with (`dataset.json`) and never describes fewer steps than it trained.
 """
 
 import json
 import math
 import os
+import shutil
+import signal
 import sys
+import threading
 import time
 
 import keras
@@ -34,15 +43,83 @@ DIAGNOSTICS_KEY = "dvml_diagnostics"
 DIAGNOSTIC_BATCHES = 8
 
 
+# train.py's exit status after SIGTERM: 128 + 15, what a shell reports for a process SIGTERM
+# killed, so schedulers and scripts read it as "terminated" (the checkpoint is saved).
+EXIT_TERMINATED = 143
+# Where checkpoints that cannot be read are moved (inside checkpoints/; never deleted).
+UNREADABLE_DIR = "unreadable"
+
+
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN or Inf; the last good checkpoint is left untouched."""
 
 
-def _check_model_dir(config, model_dir):
+class Terminated(BaseException):
+    """SIGTERM stopped the run. Derived from BaseException, like KeyboardInterrupt, so that no
+    `except Exception` on the way swallows it.
+
+    Args:
+        step: the step at which a checkpoint was saved, or None when training had not started
+            (or had finished).
+        checkpoint: the checkpoint saved, or None.
+    """
+
+    def __init__(self, step=None, checkpoint=None):
+        super().__init__(step, checkpoint)
+        self.step = step
+        self.checkpoint = checkpoint
+
+
+class _StopOnSigterm:
+    """Within the block, SIGTERM sets `requested` instead of killing the process; the training
+    loop checks it after every step. Outside the main thread (where signals cannot be handled)
+    it does nothing."""
+
+    def __init__(self):
+        self.requested = False
+        self._installed = False
+        self._previous = None
+
+    def _handle(self, signum, frame):
+        self.requested = True
+        logging.warning("SIGTERM received: stopping after the current step.")
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+            self._installed = True
+        return self
+
+    def __exit__(self, *exc):
+        if self._installed:
+            # None: the previous handler was not installed from Python; the default it is.
+            previous = signal.SIG_DFL if self._previous is None else self._previous
+            signal.signal(signal.SIGTERM, previous)
+            self._installed = False
+        return False
+
+
+def _check_writable_model_dir(model_dir):
+    """Refuses a --model_dir that is a file, lies below a file, or cannot be written, before any
+    data is loaded."""
+    try:
+        atomic.check_writable(model_dir, directory=True)
+    except ValueError as error:
+        raise ValueError(f"--model_dir: {error}") from None
+    except PermissionError as error:
+        raise PermissionError(f"--model_dir: {error} Choose a folder you can write.") from None
+
+
+def _check_model_dir(config, model_dir, ignore=()):
     """Refuses to resume a run that was trained with a configuration that changes the result.
 
     A folder without a checkpoint has trained nothing yet (e.g. an earlier attempt failed while
     loading the data): any configuration may start there.
+
+    Args:
+        config: the configuration asked for.
+        model_dir: the run folder.
+        ignore: fields not compared (yet).
     """
     path = os.path.join(model_dir, task.CONFIG_FILE)
     checkpoints = os.path.join(model_dir, task.CHECKPOINT_DIR)
@@ -50,7 +127,8 @@ def _check_model_dir(config, model_dir):
         return
     with open(path) as f:
         saved = TrainConfig.from_dict(json.load(f))
-    differences = config.differences(saved)
+    differences = {key: value for key, value in config.differences(saved).items()
+                   if key not in ignore}
     if differences:
         lines = "\n".join(
             f"  {k}: {old!r} in {path} vs {new!r} now"
@@ -60,6 +138,62 @@ def _check_model_dir(config, model_dir):
             f"model_dir {model_dir} holds a run with a different configuration:\n{lines}\n"
             "Rerun with the same flags to resume it, or choose another --model_dir."
         )
+
+
+def _check_dataset(identity, model_dir, data_dir):
+    """Refuses to resume a run on other data than it was trained on (`dataset.json`).
+
+    Args:
+        identity: `data.identity.dataset_identity` of the data loaded now.
+        model_dir: the run folder.
+        data_dir: where the data was loaded from (for the message).
+    """
+    path = os.path.join(model_dir, task.DATASET_FILE)
+    checkpoints = os.path.join(model_dir, task.CHECKPOINT_DIR)
+    if tf.train.latest_checkpoint(checkpoints) is None:
+        return
+    if not os.path.exists(path):
+        logging.info("%s has no %s (written by older versions): recording the dataset now.",
+                     model_dir, task.DATASET_FILE)
+        return
+    with open(path) as f:
+        saved = json.load(f)
+    changes = data_lib.identity_changes(saved, identity)
+    if changes:
+        lines = "\n".join(f"  {change}" for change in changes)
+        where = f"--data_dir {data_dir!r}" if data_dir else "the data loaded now"
+        raise ValueError(
+            f"model_dir {model_dir} was trained on other data than {where} ({path}):\n{lines}\n"
+            "Resume it on the data it was trained on (it may have moved: the content is "
+            "compared, not the path), or start a new run with another --model_dir."
+        )
+
+
+def fit_classes_per_batch(config, catalog, num_replicas=1):
+    """Lowers a preset's classes_per_batch to what a small training split can fill.
+
+    Args:
+        config: the `TrainConfig`.
+        catalog: the training `ImageCatalog`.
+        num_replicas: replicas in sync (P must stay divisible by it).
+
+    Returns:
+        `config`, or a copy with the largest classes_per_batch <= the training classes with at
+        least 2 images that is a multiple of `num_replicas` and >= 2 (with a logged note).
+    """
+    _, counts = catalog.class_counts()
+    usable = int((counts >= 2).sum())
+    if config.classes_per_batch <= usable:
+        return config
+    lowered = usable - usable % max(num_replicas, 1)
+    if lowered < 2:
+        return config  # nothing fits: the sampler's check explains
+    logging.warning(
+        "classes_per_batch lowered from %d (preset %s) to %d: the training split has %d classes "
+        "with at least 2 images. Batches hold %d x %d images. Set --classes_per_batch to choose "
+        "another value.", config.classes_per_batch, config.config, lowered, usable, lowered,
+        config.images_per_class)
+    return config.replace(classes_per_batch=lowered)
 
 
 def make_distributed_step(strategy, model, jit_compile=False):
@@ -100,22 +234,42 @@ class Trainer:
         verbose: show the progress bar and the final table.
         model_builder: optional callable `config -> DVMLModel` replacing `task.build_model`
             (research variants).
+        adapt_classes_per_batch: the configuration's classes_per_batch is a preset's, not the
+            user's: lower it when the training split has fewer usable classes
+            (`adapt_classes_per_batch`). When False, too large a value is an error.
+
+    Raises:
+        ValueError, PermissionError: a bad model_dir, or a run there that this configuration or
+            this data cannot resume.
     """
 
-    def __init__(self, config, splits=None, strategy=None, verbose=True, model_builder=None):
-        self.config = config.validate()
+    def __init__(self, config, splits=None, strategy=None, verbose=True, model_builder=None,
+                 adapt_classes_per_batch=False):
+        config = config.validate()
         if not config.model_dir:
             raise ValueError("model_dir must be set (train.py derives one from the flags).")
+        _check_writable_model_dir(config.model_dir)
         self.strategy = strategy or distribution.make_strategy(config.strategy)
         self.is_chief = distribution.is_chief(self.strategy)
         self.verbose = verbose and self.is_chief
         self.write_dir = distribution.worker_directory(config.model_dir, self.strategy)
-        os.makedirs(self.write_dir, exist_ok=True)
-        _check_model_dir(config, config.model_dir)
+        try:
+            os.makedirs(self.write_dir, exist_ok=True)
+        except OSError as error:
+            raise ValueError(f"--model_dir: cannot create {self.write_dir}: {error}") from None
+        # Before loading any data; classes_per_batch is compared once it is known.
+        _check_model_dir(config, config.model_dir,
+                         ignore=("classes_per_batch",) if adapt_classes_per_batch else ())
 
         self.splits = splits or task.load_splits(config)
-        self.preprocess = task.preprocess_config(config)
         self.num_replicas = self.strategy.num_replicas_in_sync
+        if adapt_classes_per_batch:
+            config = fit_classes_per_batch(config, self.splits.train, self.num_replicas)
+            _check_model_dir(config, config.model_dir)
+        self.config = config
+        self.identity = data_lib.dataset_identity(self.splits)
+        _check_dataset(self.identity, config.model_dir, config.data_dir)
+        self.preprocess = task.preprocess_config(config)
         logging.info(
             "Strategy %s: %d replica(s) in sync, %d classes x %d images per replica.",
             config.strategy, self.num_replicas,
@@ -126,6 +280,14 @@ class Trainer:
                 f"classes_per_batch ({config.classes_per_batch}) must be divisible by the "
                 f"number of replicas ({self.num_replicas}) so that every replica gets whole "
                 "classes."
+            )
+        usable = int((self.splits.train.class_counts()[1] >= 2).sum())
+        if config.classes_per_batch > usable:
+            raise ValueError(
+                f"--classes_per_batch={config.classes_per_batch} exceeds the {usable} training "
+                f"classes with at least 2 images ({self.splits.train.num_classes} training "
+                f"classes, {self.splits.train.num_images} images): lower --classes_per_batch "
+                f"to at most {usable}."
             )
         self.sampler = data_lib.ClassBalancedSampler(
             self.splits.train.labels,
@@ -145,27 +307,91 @@ class Trainer:
             self.optimizer = self.model.optimizer
             self.optimizer.build(self.model.trainable_variables)
         self.checkpoint = tf.train.Checkpoint(model=self.model, optimizer=self.optimizer)
+        self._any_flag = None
+        self._restore()
+        # Created after the restore: it reads the state file as the restore left it.
         self.manager = tf.train.CheckpointManager(
             self.checkpoint, os.path.join(self.write_dir, task.CHECKPOINT_DIR), max_to_keep=3
         )
-        self._restore()
+        if self.step > config.steps:
+            raise ValueError(
+                f"model_dir {config.model_dir} has trained {self.step} steps; --steps="
+                f"{config.steps} would record fewer steps than were trained. Rerun with "
+                f"--steps={self.step} to evaluate it again, more steps to continue training, "
+                "or choose another --model_dir."
+            )
         if self.is_chief:
-            # Written once everything loaded and built: the configuration this run continues with.
+            # Written once everything loaded and built: the configuration this run continues
+            # with, and the data it trains on.
             atomic.write_text(os.path.join(self.write_dir, task.CONFIG_FILE), config.to_json())
+            atomic.write_json(os.path.join(self.write_dir, task.DATASET_FILE), self.identity,
+                              sort_keys=True)
 
     # ------------------------------------------------------------------------- state and data
 
     def _restore(self):
-        # Every worker reads the chief's checkpoints: only the chief's are kept.
-        chief_manager = tf.train.CheckpointManager(
-            self.checkpoint, os.path.join(self.config.model_dir, task.CHECKPOINT_DIR), max_to_keep=3
-        )
-        latest = chief_manager.latest_checkpoint
-        if latest:
-            self.checkpoint.restore(latest).assert_existing_objects_matched()
+        """Restores the newest readable checkpoint of the chief's folder (every worker reads the
+        chief's: only the chief's are kept). Unreadable newer ones are moved aside by the chief,
+        with a warning; if none can be read, a ValueError says so."""
+        directory = os.path.join(self.config.model_dir, task.CHECKPOINT_DIR)
+        state = tf.train.get_checkpoint_state(directory)
+        candidates = list(state.all_model_checkpoint_paths) if state else []
+        if state and state.model_checkpoint_path not in candidates:
+            candidates.append(state.model_checkpoint_path)
+        unreadable = []
+        for path in reversed(candidates):
+            path = path if os.path.isabs(path) else os.path.join(directory, path)
+            try:
+                self.checkpoint.restore(path).assert_existing_objects_matched()
+            except (tf.errors.OpError, IndexError, ValueError, AssertionError,
+                    OSError) as error:
+                reason = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
+                logging.warning("Checkpoint %s cannot be read (%s): falling back to the previous "
+                                "one.", path, reason)
+                unreadable.append((path, reason))
+                continue
+            if unreadable and self.is_chief:
+                self._set_aside(directory, state, [p for p, _ in unreadable], path)
             logging.info(
-                "Resumed from %s at step %d (phase %d).", latest, self.step, self.model.phase
+                "Resumed from %s at step %d (phase %d).", path, self.step, self.model.phase
             )
+            return
+        if unreadable:
+            listed = "; ".join(f"{p} ({reason})" for p, reason in unreadable)
+            raise ValueError(
+                f"No checkpoint in {directory} can be read: {listed}. Nothing was changed. "
+                "Move the folder aside to train from the start, or choose another --model_dir."
+            )
+
+    @staticmethod
+    def _set_aside(directory, state, paths, restored):
+        """Moves unreadable checkpoints into checkpoints/unreadable/ (the user may want them)
+        and removes them from the state file, so that new checkpoints of the same steps neither
+        overwrite them nor are mistaken for them."""
+        aside = os.path.join(directory, UNREADABLE_DIR)
+        os.makedirs(aside, exist_ok=True)
+        for path in paths:
+            for name in tf.io.gfile.glob(path + ".*"):
+                target = os.path.join(aside, os.path.basename(name))
+                suffix = 1
+                while os.path.exists(target):
+                    target = os.path.join(aside, f"{os.path.basename(name)}.{suffix}")
+                    suffix += 1
+                shutil.move(name, target)
+            logging.warning("Moved the unreadable checkpoint %s into %s/ (not deleted).", path,
+                            aside)
+        # The state file names checkpoints relative to its folder, so that the run folder can
+        # move; it is rewritten atomically by TF.
+        bad = {os.path.basename(p) for p in paths}
+        names = [os.path.basename(p) for p in state.all_model_checkpoint_paths]
+        timestamps = list(state.all_model_checkpoint_timestamps)
+        keep = [i for i, name in enumerate(names) if name not in bad]
+        tf.compat.v1.train.update_checkpoint_state(
+            directory, os.path.basename(restored),
+            all_model_checkpoint_paths=[names[i] for i in keep],
+            all_model_checkpoint_timestamps=([timestamps[i] for i in keep]
+                                             if len(timestamps) == len(names) else None),
+            last_preserved_timestamp=state.last_preserved_timestamp or None)
 
     @property
     def step(self):
@@ -235,40 +461,11 @@ class Trainer:
             config.steps, stateful_metrics=models.LOG_KEYS, verbose=1 if interactive else 0
         )
         progbar.update(self.step)
-        logs, started = {}, time.time()
+        sigterm = _StopOnSigterm()
         try:
-            while self.step < last_step:
-                logs = {k: float(v) for k, v in step_fn(iterator).items()}
-                step = self.step
-                if not all(math.isfinite(v) for v in logs.values()):
-                    raise NonFiniteLossError(
-                        f"Non-finite loss at step {step}: {logs}. Training stopped; the last "
-                        f"good checkpoint ({self.manager.latest_checkpoint or 'none yet'}) is "
-                        "intact. Lower --learning_rate or check the data."
-                    )
-                progbar.update(step, values=list(logs.items()))
-                if step % config.log_every == 0 or step == config.steps:
-                    if self.verbose and not interactive:
-                        logging.info(
-                            "step %d/%d %s",
-                            step,
-                            config.steps,
-                            " ".join(f"{k}={v:.4g}" for k, v in logs.items()),
-                        )
-                    with writer.as_default(step=step):
-                        for key, value in logs.items():
-                            tf.summary.scalar(f"train/{key}", value)
-                        tf.summary.scalar(
-                            "train/steps_per_second",
-                            config.log_every / max(time.time() - started, 1e-9),
-                        )
-                    started = time.time()
-                    for tracker in self.model.metrics:
-                        tracker.reset_state()
-                if config.eval_every and step % config.eval_every == 0:
-                    self._evaluate_validation(step)
-                if step % config.checkpoint_every == 0:
-                    self._save_checkpoint()
+            with sigterm:
+                logs = self._train_loop(iterator, step_fn, writer, progbar, interactive,
+                                        last_step, sigterm)
         except KeyboardInterrupt:
             self._save_checkpoint()  # the interrupted step either finished or did not start
             logging.warning(
@@ -278,6 +475,66 @@ class Trainer:
             raise
         self._save_checkpoint()
         writer.flush()
+        return logs
+
+    def _stop_requested(self, sigterm):
+        """Whether any worker received SIGTERM: under several workers a collective, so that all
+        stop after the same step (a worker that stopped alone would leave the others waiting)."""
+        if distribution.num_workers(self.strategy) > 1:
+            if self._any_flag is None:
+                strategy = self.strategy
+
+                @tf.function
+                def any_flag(flag):
+                    values = strategy.run(lambda: tf.identity(flag))
+                    return strategy.reduce(tf.distribute.ReduceOp.SUM, values, axis=None)
+
+                self._any_flag = any_flag
+            return float(self._any_flag(tf.constant(float(sigterm.requested)))) > 0
+        return sigterm.requested
+
+    def _train_loop(self, iterator, step_fn, writer, progbar, interactive, last_step, sigterm):
+        config = self.config
+        logs, started = {}, time.time()
+        while self.step < last_step:
+            logs = {k: float(v) for k, v in step_fn(iterator).items()}
+            step = self.step
+            if not all(math.isfinite(v) for v in logs.values()):
+                raise NonFiniteLossError(
+                    f"Non-finite loss at step {step}: {logs}. Training stopped; the last "
+                    f"good checkpoint ({self.manager.latest_checkpoint or 'none yet'}) is "
+                    "intact. Lower --learning_rate or check the data."
+                )
+            progbar.update(step, values=list(logs.items()))
+            if step % config.log_every == 0 or step == config.steps:
+                if self.verbose and not interactive:
+                    logging.info(
+                        "step %d/%d %s",
+                        step,
+                        config.steps,
+                        " ".join(f"{k}={v:.4g}" for k, v in logs.items()),
+                    )
+                with writer.as_default(step=step):
+                    for key, value in logs.items():
+                        tf.summary.scalar(f"train/{key}", value)
+                    tf.summary.scalar(
+                        "train/steps_per_second",
+                        config.log_every / max(time.time() - started, 1e-9),
+                    )
+                started = time.time()
+                for tracker in self.model.metrics:
+                    tracker.reset_state()
+            if config.eval_every and step % config.eval_every == 0:
+                self._evaluate_validation(step)
+            if step % config.checkpoint_every == 0:
+                self._save_checkpoint()
+            if self._stop_requested(sigterm):
+                self._save_checkpoint()
+                writer.flush()
+                logging.warning("Terminated (SIGTERM) at step %d; checkpoint %s saved. Rerun "
+                                "the same command to resume.", step,
+                                self.manager.latest_checkpoint)
+                raise Terminated(step, self.manager.latest_checkpoint)
         return logs
 
     # ------------------------------------------------------------------------------ evaluate

@@ -284,3 +284,117 @@ def test_raw_folder_splits_align_row_by_row_with_the_converted_splits(mixed_fold
     for image, (cls, name, reference, tol) in zip(rows, expected, strict=True):
         assert image.shape == reference.shape, (cls, name)
         assert np.abs(image.astype(int) - reference.astype(int)).max() <= tol, (cls, name)
+
+
+# ------------------------------------------------------------------------- symbolic links
+
+
+def _tiny_catalogue(root, num_classes=8, per_class=5):
+    """Class folders of small PNGs; returns {class: [file names]}."""
+    files = {}
+    for c in range(num_classes):
+        name = f"class_{c:02d}"
+        files[name] = [f"{i}.png" for i in range(per_class)]
+        for i in range(per_class):
+            write(str(root / name / f"{i}.png"),
+                  encode(Image.fromarray(pattern(c * per_class + i)), "PNG"))
+    return files
+
+
+def _listed(splits):
+    """(class name, decoded image bytes) of every image of the splits, in catalog order."""
+    rows = []
+    for catalog in (splits.train, splits.test):
+        for i in range(catalog.num_images):
+            rows.append((catalog.class_name(int(catalog.labels[i])),
+                         catalog.image(i).tobytes()))
+    return rows
+
+
+def test_a_link_loop_back_to_the_dataset_folder_lists_every_file_once_under_its_class(
+        tmp_path, caplog):
+    files = _tiny_catalogue(tmp_path / "data")
+    (tmp_path / "data" / "class_03" / "loop").symlink_to("..")
+    with caplog.at_level("WARNING"):
+        splits = load_folder(tmp_path / "data")
+    # Independently: each class's own files, decoded from disk, in sorted order.
+    expected = [(name, np.asarray(Image.open(tmp_path / "data" / name / f).convert("RGB"))
+                 .tobytes()) for name in sorted(files) for f in files[name]]
+    assert splits.train.num_images + splits.test.num_images == 40
+    assert _listed(splits) == expected
+    # class_03 is a training class (first half) and holds exactly its 5 images.
+    assert splits.train.class_counts()[1].tolist() == [5, 5, 5, 5]
+    assert "skipped 1 symbolic link" in caplog.text and "class_03/loop" in caplog.text
+    assert "leads back to its class folder or above it" in caplog.text
+    # The identity of the dataset does not see the link either.
+    (tmp_path / "data" / "class_03" / "loop").unlink()
+    assert load_folder(tmp_path / "data").identity == splits.identity
+
+
+def test_two_self_links_in_one_folder_finish_quickly(tmp_path, caplog):
+    import threading
+
+    _tiny_catalogue(tmp_path / "data", num_classes=4, per_class=2)
+    for link in ("a", "b"):
+        (tmp_path / "data" / "class_01" / link).symlink_to(".")
+    (tmp_path / "data" / "class_02" / "sub").mkdir()
+    (tmp_path / "data" / "class_02" / "sub" / "up").symlink_to("..")
+    result = {}
+
+    def load():
+        result["splits"] = load_folder(tmp_path / "data")
+
+    with caplog.at_level("WARNING"):
+        thread = threading.Thread(target=load, daemon=True)
+        thread.start()
+        thread.join(timeout=60)
+    assert not thread.is_alive(), "listing a folder with self-links did not finish"
+    splits = result["splits"]
+    assert splits.train.class_counts()[1].tolist() == [2, 2]
+    assert splits.test.class_counts()[1].tolist() == [2, 2]
+    assert "skipped 3 symbolic link" in caplog.text
+
+
+def test_links_that_stay_in_their_class_or_come_from_outside_count(tmp_path, caplog):
+    files = _tiny_catalogue(tmp_path / "data", num_classes=4, per_class=2)
+    store = tmp_path / "store"
+    write(str(store / "more" / "x.png"), encode(Image.fromarray(pattern(50)), "PNG"))
+    write(str(store / "single.png"), encode(Image.fromarray(pattern(51)), "PNG"))
+    data = tmp_path / "data"
+    (data / "class_00" / "more").symlink_to(store / "more")          # an external folder
+    (data / "class_00" / "z_single.png").symlink_to(store / "single.png")  # an external file
+    (data / "class_01" / "nested").mkdir()
+    (data / "class_01" / "nested" / "0_copy.png").symlink_to("../1.png")  # same class, same file
+    (data / "class_01" / "theirs.png").symlink_to("../class_02/0.png")  # another class's image
+    (data / "class_02" / "other").symlink_to("../class_03")  # another class's folder
+    (data / "class_03" / "gone.png").symlink_to(tmp_path / "missing.png")  # broken
+    (store / "more" / "back").symlink_to(store)  # a loop outside the dataset
+    with caplog.at_level("WARNING"):
+        splits = load_folder(data)
+    counts = dict(zip(splits.train.class_names, np.bincount(
+        np.concatenate([splits.train.labels, splits.test.labels])).tolist(), strict=True))
+    assert counts == {"class_00": 4, "class_01": 2, "class_02": 2, "class_03": 2}
+    rows = _listed(splits)
+    pixels = lambda path: np.asarray(Image.open(path).convert("RGB")).tobytes()
+    # A folder's files (sorted) come before its sub-folders, as with os.walk.
+    assert rows[:4] == [("class_00", pixels(data / "class_00" / f)) for f in files["class_00"]] + [
+        ("class_00", pixels(store / "single.png")), ("class_00", pixels(store / "more" / "x.png"))]
+    # The image of class_02 linked into class_01 is listed once, under class_02.
+    assert [name for name, image in rows if image == pixels(data / "class_02" / "0.png")] == [
+        "class_02"]
+    # 6: back/single.png and back/more (the loop), theirs.png, 0_copy.png, other, gone.png; the
+    # log shows the first 5.
+    assert "skipped 6 symbolic link" in caplog.text
+    for reason in ("theirs.png -> ", "leads into another class folder", "other -> ",
+                   "more is a folder already listed", "0_copy.png is ", "already listed"):
+        assert reason in caplog.text, reason
+
+
+def test_a_class_folder_link_to_the_dataset_folder_is_not_a_class(tmp_path, caplog):
+    _tiny_catalogue(tmp_path / "data", num_classes=4, per_class=2)
+    (tmp_path / "data" / "0_everything").symlink_to(".")
+    (tmp_path / "data" / "class_00_again").symlink_to("class_00")
+    with caplog.at_level("WARNING"):
+        splits = load_folder(tmp_path / "data")
+    assert splits.train.class_names == ("class_00", "class_01", "class_02", "class_03")
+    assert "0_everything" in caplog.text and "same folder as class 'class_00'" in caplog.text

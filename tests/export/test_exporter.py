@@ -3,12 +3,16 @@ bad folders. (The export's grading, parity and Recall@1, is `verify`: tests/expo
 """
 
 import dataclasses
+import fcntl
 import json
 import os
+import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -129,10 +133,18 @@ def test_a_second_export_adds_a_version_and_keeps_the_first(exported, config, tm
         if name != "export_report.json":
             assert after[name] == content, name
     assert _visible(export_dir) == sorted(ARTIFACTS)
-    # The report describes this export only: version 2, no LiteRT files.
+    # The report describes this export: version 2, no LiteRT files of its own; the LiteRT files
+    # left in E are listed with the version of the export that wrote them.
     report = json.loads((export_dir / "export_report.json").read_text())
     assert report == json.loads(json.dumps(second.report))
     assert report["version"] == 2 and report["files"] == {"saved_model": "saved_model/2"}
+    assert report["files_from_earlier_exports"] == {
+        "model.tflite": {"role": "float32", "version": 1},
+        "model_dynamic_range.tflite": {"role": "dynamic_range", "version": 1},
+        "model_int8.tflite": {"role": "int8", "version": 1},
+        "retrieval.tflite": {"role": "retrieval", "version": 1},
+        "retrieval_gallery.json": {"role": "retrieval_gallery", "version": 1},
+    }
     assert layout.read_version_report(export_dir / "saved_model" / "2") == report
     assert layout.read_version_report(export_dir / "saved_model" / "1")["version"] == 1
     assert not [p for p in os.listdir(export_dir) if p.startswith(exporter.STAGING_PREFIX)]
@@ -353,3 +365,200 @@ def test_export_py_end_to_end_on_a_trained_folder_run(tmp_path):
             "verification.json)") in refused.stderr
     with open(tmp_path / "E3" / layout.VERIFICATION_FILE) as f:
         assert json.load(f)["checks"] == {"saved_model_cosine_min>=0.99999": False}
+
+
+def test_files_from_earlier_exports_carry_over_and_drop_what_is_rewritten_or_gone(tmp_path):
+    export_dir = tmp_path / "E"
+    export_dir.mkdir()
+    for name in ("model.tflite", "model_int8.tflite", "verification.json", "notes.txt"):
+        (export_dir / name).write_text("{}")
+    (export_dir / "verification.json").write_text(json.dumps({"saved_model_version": 2}))
+    (export_dir / "export_report.json").write_text(json.dumps({
+        "version": 3, "files": {"saved_model": "saved_model/3"},
+        "files_from_earlier_exports": {"model.tflite": {"role": "float32", "version": 1},
+                                       "model_int8.tflite": {"role": "int8", "version": 1},
+                                       "retrieval.tflite": {"role": "retrieval", "version": 1}},
+    }))
+    # retrieval.tflite is gone, model.tflite is rewritten now; notes.txt is not an artifact.
+    assert exporter.earlier_artifacts(str(export_dir), {"saved_model/4", "model.tflite"}) == {
+        "model_int8.tflite": {"role": "int8", "version": 1},
+        "verification.json": {"role": "verification", "version": 2},
+    }
+
+
+def test_the_litert_demo_reads_the_report_of_the_export_that_wrote_the_file(exported, tmp_path):
+    """A re-export with --skip_litert of a model with normalized embeddings: E's report says
+    normalized, model_int8.tflite (from version 1, unnormalized) must not be normalized."""
+    import keras
+
+    from dvml_tf.export import litert as litert_lib
+    from dvml_tf.training.config import TrainConfig as Config
+
+    model, splits, result = exported
+    export_dir = tmp_path / "E"
+    shutil.copytree(result.export_dir, export_dir)
+    assert not model.normalize_embeddings
+    triplet = Config(embedding_dim=16, loss="triplet", images_per_class=2)
+    keras.utils.set_random_seed(1)
+    other = task.build_model(triplet)
+    assert other.normalize_embeddings
+    exporter.export_model(other, triplet, export_dir, raw_splits=splits, litert_models=False)
+    np.save(tmp_path / "query.npy", splits.test.images[0])
+    script = (
+        "import runpy, sys\n"
+        f"sys.argv = ['litert_retrieval.py', '--export_dir', {str(export_dir)!r}, '--image', "
+        f"{str(tmp_path / 'query.npy')!r}, '--embed', '--model', 'model_int8.tflite']\n"
+        f"runpy.run_path({os.path.join(ROOT, 'examples', 'litert_retrieval.py')!r}, "
+        "run_name='__main__')\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=300, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert ("note: model_int8.tflite was written by the export of version 1; "
+            "export_report.json describes version 2: using version 1's report.") in done.stdout
+    expected = litert_lib.LiteRTModel(str(export_dir / "model_int8.tflite"))(
+        splits.test.images[:1])[0]
+    norm = float(re.search(r"L2 norm ([0-9.]+)", done.stdout)[1])
+    assert norm == pytest.approx(np.linalg.norm(expected), abs=1e-3)
+    assert abs(norm - 1.0) > 1e-2  # not normalized as the new report would have it
+
+
+CHILD_EXPORT = """
+import os, sys, time
+import keras
+from absl import logging
+from dvml_tf import task
+from dvml_tf.export import exporter
+from dvml_tf.export import saved_model as saved_model_lib
+from dvml_tf.testing import synthetic_data
+from dvml_tf.training.config import TrainConfig
+
+export_dir, seed, ready, go, stall = sys.argv[1:6]
+logging.set_verbosity(logging.INFO)
+config = TrainConfig(embedding_dim=8)
+keras.utils.set_random_seed(int(seed))
+model = task.build_model(config)
+splits = synthetic_data.synthetic_raw_splits(task.raw_form(config), task.preprocess_config(config),
+                                             train_classes=3, test_classes=2, images_per_class=2)
+if stall != "-":
+    write = saved_model_lib.write_saved_model
+
+    def slow(*args, **kwargs):  # an export killed half-way, after its SavedModel
+        write(*args, **kwargs)
+        open(stall, "w").close()
+        time.sleep(600)
+
+    saved_model_lib.write_saved_model = slow
+open(ready, "w").close()
+while not os.path.exists(go):
+    time.sleep(0.01)
+result = exporter.export_model(model, config, export_dir, raw_splits=splits, litert_models=False,
+                               source=f"process {seed}")
+print("EXPORTED", result.version, flush=True)
+"""
+
+
+def _start_export(tmp_path, export_dir, seed, stall="-"):
+    log = open(tmp_path / f"export{seed}.log", "w")  # noqa: SIM115 (closed by the caller)
+    process = subprocess.Popen(
+        [sys.executable, "-c", CHILD_EXPORT, str(export_dir), str(seed),
+         str(tmp_path / f"ready{seed}"), str(tmp_path / "go"), str(stall)],
+        cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": "",
+             "PYTHONPATH": ROOT})
+    return process, log
+
+
+def _wait_for(condition, processes, what, timeout=300):
+    deadline = time.time() + timeout
+    while not condition():
+        assert time.time() < deadline, f"timed out waiting for {what}"
+        for process in processes:
+            assert process.poll() is None, f"a process exited while waiting for {what}"
+        time.sleep(0.05)
+
+
+@pytest.mark.slow
+def test_two_concurrent_export_processes_land_as_two_versions(exported, tmp_path):
+    import tensorflow as tf
+
+    _, _, result = exported
+    export_dir = tmp_path / "E"
+    shutil.copytree(result.export_dir, export_dir)
+    before = _snapshot(export_dir)
+    children = [_start_export(tmp_path, export_dir, seed) for seed in (11, 12)]
+    processes = [process for process, _ in children]
+    try:
+        _wait_for(lambda: all((tmp_path / f"ready{s}").exists() for s in (11, 12)), processes,
+                  "both processes to build their model")
+        # Hold E's lock while both start exporting, so that both are inside export_model at once
+        # and find it taken; then let them go together.
+        with open(export_dir / exporter.LOCK_FILE, "a+") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            (tmp_path / "go").touch()
+            _wait_for(lambda: all("Another export is writing into" in
+                                  (tmp_path / f"export{s}.log").read_text() for s in (11, 12)),
+                      processes, "both exports to wait for the lock")
+            fcntl.flock(lock, fcntl.LOCK_UN)
+        for process in processes:
+            assert process.wait(timeout=600) == 0
+    finally:
+        for process, log in children:
+            process.kill()
+            log.close()
+    outputs = {seed: (tmp_path / f"export{seed}.log").read_text() for seed in (11, 12)}
+    versions = {seed: int(re.search(r"EXPORTED (\d+)", text)[1]) for seed, text in outputs.items()}
+    assert sorted(versions.values()) == [2, 3]
+    assert layout.existing_versions(export_dir / "saved_model") == [1, 2, 3]
+    # Each version is complete and is the model of the process that reported it.
+    embeddings = {}
+    images = exported[1].test.images[:2]
+    for seed, version in versions.items():
+        version_dir = export_dir / "saved_model" / str(version)
+        assert layout.read_version_report(version_dir)["model"]["source"] == f"process {seed}"
+        serve = tf.saved_model.load(str(version_dir)).signatures["serving_default"]
+        embeddings[seed] = serve(images=tf.constant(images))["embedding"].numpy()
+    assert np.abs(embeddings[11] - embeddings[12]).max() > 1e-3
+    # E's report is the one of the last export; version 1 and the LiteRT files are untouched.
+    assert json.loads((export_dir / "export_report.json").read_text())["version"] == 3
+    after = _snapshot(export_dir)
+    for name, content in before.items():
+        if name != "export_report.json":
+            assert after[name] == content, name
+    assert not [p for p in os.listdir(export_dir) if p.startswith(exporter.STAGING_PREFIX)]
+
+
+@pytest.mark.slow
+def test_a_sigkilled_export_leaves_e_intact_and_the_next_one_removes_its_staging(
+        exported, config, tmp_path, caplog):
+    model, splits, result = exported
+    export_dir = tmp_path / "E"
+    shutil.copytree(result.export_dir, export_dir)
+    before = _snapshot(export_dir)
+    (tmp_path / "go").touch()
+    process, log = _start_export(tmp_path, export_dir, 21, stall=tmp_path / "stalled")
+    try:
+        _wait_for(lambda: (tmp_path / "stalled").exists(), [process], "the export to stall")
+        process.send_signal(signal.SIGKILL)
+        assert process.wait(timeout=60) == -signal.SIGKILL
+    finally:
+        process.kill()
+        log.close()
+    staging = [p for p in os.listdir(export_dir) if p.startswith(exporter.STAGING_PREFIX)]
+    assert len(staging) == 1  # the killed export's half-made version, hidden in E
+    assert os.path.isdir(export_dir / staging[0] / "saved_model" / "2")
+    after = _snapshot(export_dir)
+    assert {k: v for k, v in after.items()
+            if not k.startswith(exporter.STAGING_PREFIX)} == before
+    assert layout.existing_versions(export_dir / "saved_model") == [1]
+
+    with caplog.at_level("WARNING"):
+        again = exporter.export_model(model, config, export_dir, raw_splits=splits,
+                                      litert_models=False, **FAST)
+    assert again.version == 2
+    assert f"Removing {export_dir / staging[0]}, left by an export (pid {process.pid}" \
+        in caplog.text
+    assert not [p for p in os.listdir(export_dir) if p.startswith(exporter.STAGING_PREFIX)]
+    after = _snapshot(export_dir)
+    for name, content in before.items():
+        if name != "export_report.json":
+            assert after[name] == content, name

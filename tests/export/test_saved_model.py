@@ -143,18 +143,23 @@ def test_wrong_dtype_or_shape_is_a_clear_error(exported):
     serve = tf.saved_model.load(path).signatures["serving_default"]
     with pytest.raises((tf.errors.InvalidArgumentError, TypeError), match="uint8"):
         serve(images=tf.constant(images.astype(np.float32)))
-    for bad in (images[:, :28, :28], images[0], np.concatenate([images, images[..., :1]], -1)):
+    for bad, shape in ((images[:, :28, :28], "6, 28, 28, 3"), (images[0], "105, 105, 3"),
+                       (np.concatenate([images, images[..., :1]], -1), "6, 105, 105, 4")):
         with pytest.raises(tf.errors.InvalidArgumentError,
-                           match=r"serving_default: `images` must be uint8 RGB images "
-                                 r"\[batch, 105, 105, 3\]"):
+                           match=r"assertion failed: \[serving_default: `images` must be uint8 "
+                                 r"RGB images \[batch, 105, 105, 3\] [^\]]*; got shape "
+                                 rf"\[{shape}\]\]"):
             serve(images=tf.constant(bad))
 
 
 @pytest.mark.parametrize(
     ("contents", "message"),
     [
-        (b"", r"could not decode image: `image_bytes` at index\] \[1\]"),
-        (b"definitely not an image", r"could not decode image: `image_bytes` at index\] \[1\]"),
+        (b"", r"\[embed_bytes: could not decode image: image_bytes at index 1 is empty or not "
+              r"a JPEG/PNG/GIF/BMP/WebP file; send the bytes of the encoded file \(REST: an "
+              r"object with the key b64 holding them base64-encoded\)\.\]"),
+        (b"definitely not an image",
+         r"could not decode image: image_bytes at index 1 is empty or not a JPEG"),
         ("truncated_png", r"Invalid PNG data"),
         ("truncated_jpeg", r"Invalid JPEG data"),
     ],

@@ -85,3 +85,37 @@ def test_synchronized_batch_norm_keeps_weights_and_outputs(name):
         # the tight training-mode comparison is made on the shallow network only.
         np.testing.assert_allclose(synced(x, training=True), backbone(x, training=True),
                                    rtol=1e-4, atol=1e-5)
+
+
+def offline(monkeypatch, cache):
+    """What keras.applications meets without network: urlretrieve fails to resolve the host,
+    and nothing is in the (empty) Keras cache."""
+    import socket
+    import urllib.error
+
+    from keras.src.backend import config
+    from keras.src.utils import file_utils
+
+    def no_network(url, *args, **kwargs):
+        raise urllib.error.URLError(socket.gaierror(-3, "Temporary failure in name resolution"))
+
+    monkeypatch.setattr(file_utils, "urlretrieve", no_network)
+    monkeypatch.setattr(config, "_KERAS_DIR", str(cache))
+    monkeypatch.setenv("KERAS_HOME", str(cache))
+
+
+def test_pretrained_weights_that_cannot_be_downloaded_say_what_to_do(monkeypatch, tmp_path):
+    offline(monkeypatch, tmp_path / "keras")
+    with pytest.raises(FileNotFoundError) as error:
+        models.build_backbone("mobilenet_v2", input_shape=(32, 32, 3), pretrained=True)
+    message = str(error.value)
+    assert message.startswith("Could not download the ImageNet weights of --backbone="
+                              "mobilenet_v2 (keras.applications.MobileNetV2) from https://")
+    assert "Temporary failure in name resolution" in message
+    assert "--nopretrained" in message and "--backbone_weights=FILE.weights.h5" in message
+    file_name = "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5"
+    assert f"copy {file_name} (downloaded on a machine with network access) into " \
+           f"{tmp_path / 'keras' / 'models'}/" in message
+    # Not a download problem: Keras's own error passes through.
+    with pytest.raises(ValueError, match="input_shape"):
+        models.build_backbone("mobilenet_v2", input_shape=(8, 8, 3), pretrained=True)

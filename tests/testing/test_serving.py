@@ -112,3 +112,120 @@ def test_rest_unknown_paths_and_models(base):
     with urllib.request.urlopen(f"{server.address}/v1/models/dvml/versions/1") as response:
         status = json.loads(response.read())["model_version_status"]
     assert [s["version"] for s in status] == ["1"]
+
+
+# ------------------------------------------------------------------- faults, on real sockets
+
+
+def _image(value=0):
+    return [[[value] * 3] * 105] * 105
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ({"instances": []}, r'^"instances" is empty: send at least one instance\.$'),
+        ({"inputs": {"images": []}}, r"^Input 'images' is an empty batch"),
+        ({"instances": [[]]}, r"^Input 'images' holds an empty image \(shape \[1, 0\]: 0 x 0 "
+                              r"pixels\); expected uint8 \[None, 105, 105, 3\]"),
+        ({"instances": [_image(), [[[0] * 3] * 10] * 10]},
+         r"^Input 'images': the instances have different shapes \(e\.g\. \[\[105, 105, 3\], "
+         r"\[10, 10, 3\]\]\); one batch must hold images of one size"),
+        ({"instances": [_image(True)]},
+         r"^Input 'images' holds booleans \(true/false\); expected uint8 values"),
+        ({"instances": [[[[1, True, 3]] + [[0] * 3] * 104] + [[[0] * 3] * 105] * 104]},
+         r"^Input 'images' holds booleans"),
+        ({"signature_name": "embed_bytes", "instances": [{"b64": ""}, {"b64": "AAAA"}]},
+         r"^embed_bytes: could not decode image: image_bytes at indices 0, 1 are empty or not "
+         r"JPEG/PNG/GIF/BMP/WebP files; send the bytes of the encoded file \(REST: an object "
+         r"with the key b64 holding them base64-encoded\)\.$"),
+        ({"signature_name": "embed_bytes", "instances": [{"b64": "AAAA"}]},
+         r"^embed_bytes: could not decode image: image_bytes at index 0 is empty or not a "
+         r"JPEG/PNG/GIF/BMP/WebP file; send"),
+    ],
+)
+def test_rest_bad_batches_get_400_naming_the_problem(base, body, message):
+    _, server, _, _, _ = base
+    code, answer = _post(f"{server.address}/v1/models/dvml:predict", body)
+    assert (code, set(answer)) == (400, {"error"}), answer
+    assert re.search(message, answer["error"]), answer["error"]
+
+
+def _raw_request(port, data, timeout=30):
+    """Sends bytes on a fresh connection to 127.0.0.1 and returns everything answered."""
+    import socket
+
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as connection:
+        connection.sendall(data)
+        received = b""
+        while chunk := connection.recv(65536):
+            received += chunk
+    return received
+
+
+def _status_and_answer(response):
+    head, _, body = response.partition(b"\r\n\r\n")
+    return int(head.split()[1]), json.loads(body)
+
+
+def test_rest_deep_json_and_bad_content_length_get_400(base):
+    _, server, images, references, _ = base
+    deep = b'{"instances": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    request = (b"POST /v1/models/dvml:predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: "
+               + str(len(deep)).encode() + b"\r\n\r\n" + deep)
+    status, answer = _status_and_answer(_raw_request(server.port, request))
+    assert status == 400
+    assert answer == {"error": "The request body nests JSON 100001 levels deep; the limit is 64."}
+    for length in (b"abc", b"-5"):
+        status, answer = _status_and_answer(_raw_request(
+            server.port, b"POST /v1/models/dvml:predict HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                         b"Content-Length: " + length + b"\r\n\r\n{}"))
+        assert status == 400
+        assert answer == {"error": f"Content-Length {length.decode()!r} is not a number of "
+                                   "bytes."}
+    # The server still serves.
+    code, answer = _post(f"{server.address}/v1/models/dvml:predict",
+                         {"instances": images.tolist()})
+    assert code == 200
+    np.testing.assert_allclose(answer["predictions"], references[2], atol=1e-5)
+
+
+def test_a_stalled_request_body_times_out_and_others_are_served_meanwhile(base):
+    import socket
+    import time
+
+    backend, _, images, references, path = base
+    with serving.serve_rest(path, backend=backend, read_timeout=1.5) as server:
+        stalled = socket.create_connection(("127.0.0.1", server.port), timeout=30)
+        dripping = socket.create_connection(("127.0.0.1", server.port), timeout=30)
+        try:
+            head = (b"POST /v1/models/dvml:predict HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                    b"Content-Length: 1000\r\n\r\n")
+            stalled.sendall(head + b'{"instances"')  # half a body, then nothing
+            dripping.sendall(head)
+            started = time.monotonic()
+            # Served while the two wait for their bodies.
+            code, answer = _post(f"{server.address}/v1/models/dvml:predict",
+                                 {"instances": images.tolist()})
+            assert code == 200
+            np.testing.assert_allclose(answer["predictions"], references[2], atol=1e-5)
+            for _ in range(8):  # a byte every 0.5 s: the whole body is still due in 1.5 s
+                try:
+                    dripping.sendall(b" ")
+                except OSError:
+                    break
+                time.sleep(0.5)
+            for connection in (stalled, dripping):
+                received = b""
+                while chunk := connection.recv(65536):
+                    received += chunk
+                status, answer = _status_and_answer(received)
+                assert status == 408, answer
+                assert answer["error"].startswith("The request body was not received within "
+                                                  "1.5 s (Content-Length 1000, ")
+            assert time.monotonic() - started < 15
+        finally:
+            stalled.close()
+            dripping.close()
+        code, _ = _post(f"{server.address}/v1/models/dvml:predict", {"instances": images.tolist()})
+        assert code == 200

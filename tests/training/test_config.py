@@ -43,6 +43,14 @@ def test_unknown_preset_lists_the_valid_ones():
         ({"kl_free_bits": -0.1}, "kl_free_bits must be >= 0"),
         ({"synthesis": "symmetrical", "loss": "triplet", "images_per_class": 3},
          "needs an even images_per_class"),
+        ({"loss": "triplet", "loss_options": {"margin": "abc"}},
+         r"--loss_options: margin must be a number, got 'abc' \(loss=triplet, default "
+         r"margin=0.2\)"),
+        # Inherited options (MetricLoss's normalize) and booleans that are not numbers.
+        ({"loss": "margin_dws", "images_per_class": 4, "loss_options": {"nu": True}},
+         "--loss_options: nu must be a number, got True"),
+        ({"loss": "npair", "loss_options": {"normalize": 1}},
+         "--loss_options: normalize must be True or False, got 1"),
     ],
 )
 def test_invalid_values_name_the_field(changes, match):

@@ -194,6 +194,44 @@ def test_multi_worker_training_equals_one_process_and_resumes_after_sigkill(tmp_
     assert disagreement < 1e-2 * movement, (disagreement, movement)
 
 
+def test_sigterm_to_one_worker_stops_every_worker_after_the_same_step(tmp_path):
+    data_dir = write_folder_dataset(tmp_path / "images")
+    run = tmp_path / "multi" / "run"
+    os.makedirs(run.parent)
+    logs = [run.parent / f"worker{index}.log" for index in range(2)]
+    command = train_command(data_dir, run, 100000, "--strategy=multi_worker",
+                            "--checkpoint_every=100000")
+    workers = start_workers(command, run)
+    try:
+        deadline = time.time() + 300
+        while "step 4/100000" not in logs[0].read_text():
+            assert time.time() < deadline, logs[0].read_text()[-3000:]
+            assert all(w.poll() is None for w in workers), "a worker exited before SIGTERM"
+            time.sleep(0.05)
+        # Only the non-chief worker is told: the chief must stop after the same step, or
+        # worker 1 would leave it waiting in the next step's collectives.
+        workers[1].send_signal(signal.SIGTERM)
+        codes = [worker.wait(timeout=300) for worker in workers]
+    finally:
+        for worker in workers:
+            worker.kill()
+    assert codes == [143, 143], logs[0].read_text()[-3000:]
+    saved = tf.train.latest_checkpoint(str(run / "checkpoints"))
+    step = int(saved.rsplit("-", 1)[-1])
+    assert step >= 4
+    for log in logs:
+        text = log.read_text()
+        assert f"train.py: terminated (SIGTERM) at step {step}; checkpoint " in text
+        assert "Traceback" not in text
+
+    workers = start_workers(train_command(data_dir, run, step + 2, "--strategy=multi_worker",
+                                          "--checkpoint_every=100000"), run)
+    for worker in workers:
+        assert worker.wait(timeout=600) == 0, logs[0].read_text()[-3000:]
+    assert f"Resumed from {saved} at step {step}" in logs[0].read_text()
+    assert (run / "metrics.json").exists()
+
+
 # train.py itself on 2 logical CPU devices: they must exist before TensorFlow initializes, so a
 # small launcher creates them and then runs train.py as __main__.
 TWO_LOCAL_REPLICAS = """

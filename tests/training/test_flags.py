@@ -142,6 +142,17 @@ def test_the_preset_follows_the_dataset_unless_named():
     assert parse().config == "omniglot"
 
 
+def test_the_folder_presets_gpu_by_default_and_cpu_on_request():
+    gpu = parse("--dataset=folder", "--data_dir=/catalogue")
+    assert gpu.config == "folder" and gpu.backbone == "inception_v3" and gpu.image_size == 224
+    cpu = parse("--dataset=folder", "--config=folder_cpu", "--data_dir=/catalogue")
+    assert cpu.config == "folder_cpu" and cpu.dataset == "folder"
+    assert (cpu.backbone, cpu.pretrained, cpu.image_size, cpu.resize_size) == (
+        "mobilenet_v2", True, 128, 146)
+    assert (cpu.classes_per_batch, cpu.images_per_class, cpu.steps) == (32, 2, 1000)
+    assert cpu.checkpoint_every == 100 and cpu.model_dir == "runs/folder_npair_dvml_seed0"
+
+
 @pytest.mark.parametrize(
     ("flag", "message"),
     [

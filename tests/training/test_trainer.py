@@ -1,5 +1,6 @@
 import json
 import os
+import signal
 
 import numpy as np
 import pytest
@@ -33,7 +34,9 @@ def tiny_config(tmp_path, **changes):
 def test_trains_saves_and_evaluates(tmp_path):
     config = tiny_config(tmp_path, validation_classes=4, eval_every=20)
     splits = synthetic.splits(validation_classes=4)
+    handler = signal.getsignal(signal.SIGTERM)
     metrics = trainer.Trainer(config, splits=splits, verbose=False).run()
+    assert signal.getsignal(signal.SIGTERM) == handler  # training's SIGTERM handler is gone
     run = tmp_path / "run"
     saved = json.loads((run / "metrics.json").read_text())
     diagnostics = saved.pop(trainer.DIAGNOSTICS_KEY)
@@ -192,3 +195,169 @@ def test_dvml_diagnostics_aggregate_over_the_images_of_the_first_batches(tmp_pat
     np.testing.assert_allclose(
         diagnostics["kl_per_dim"],
         np.mean(losses.kl_per_dimension(mean, log_variance).numpy(), axis=0), atol=2e-5)
+
+
+# ----------------------------------------------------------------------------- faults
+
+
+def _truncate(path):
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2)
+
+
+def test_an_unreadable_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, caplog):
+    splits = synthetic.splits()
+    config = tiny_config(tmp_path, steps=8, checkpoint_every=2)
+    first = trainer.Trainer(config, splits=splits, verbose=False)
+    first.train(stop_at=6)
+    checkpoints = tmp_path / "run" / "checkpoints"
+    reader = tf.train.load_checkpoint(str(checkpoints / "ckpt-4"))
+    at_step_4 = {name: reader.get_tensor(name) for name, _ in
+                 tf.train.list_variables(str(checkpoints / "ckpt-4")) if name.startswith("model/")}
+    (data_file,) = [p for p in os.listdir(checkpoints) if p.startswith("ckpt-6.data")]
+    _truncate(checkpoints / data_file)
+    bad_bytes = (checkpoints / data_file).read_bytes()
+
+    with caplog.at_level("WARNING"):
+        resumed = trainer.Trainer(config, splits=splits, verbose=False)
+    assert resumed.step == 4
+    assert f"{checkpoints}/ckpt-6 cannot be read" in caplog.text
+    assert "falling back to the previous one" in caplog.text
+    # The weights are step 4's (read back from a checkpoint of the resumed model).
+    copy = resumed.checkpoint.write(str(tmp_path / "copy" / "now"))
+    now = tf.train.load_checkpoint(copy)
+    for name, value in at_step_4.items():
+        np.testing.assert_array_equal(now.get_tensor(name), value, err_msg=name)
+    # Kept, not deleted: moved out of the way, and out of the state file.
+    aside = checkpoints / trainer.UNREADABLE_DIR
+    assert (aside / data_file).read_bytes() == bad_bytes
+    assert (aside / "ckpt-6.index").exists()
+    assert tf.train.latest_checkpoint(str(checkpoints)) == str(checkpoints / "ckpt-4")
+    state = (checkpoints / "checkpoint").read_text()
+    assert "ckpt-6" not in state and str(tmp_path) not in state  # relative names, as TF writes
+    # Training goes on; the new checkpoint of step 6 is a good one, and the old one stays aside.
+    resumed.train()
+    assert resumed.step == 8
+    assert tf.train.latest_checkpoint(str(checkpoints)).endswith("ckpt-8")
+    tf.train.load_checkpoint(str(checkpoints / "ckpt-6")).get_tensor(
+        "model/step_counter/.ATTRIBUTES/VARIABLE_VALUE")
+    assert (aside / data_file).read_bytes() == bad_bytes
+
+
+def test_no_readable_checkpoint_is_a_clear_error_that_changes_nothing(tmp_path):
+    splits = synthetic.splits()
+    config = tiny_config(tmp_path, steps=4, checkpoint_every=2)
+    trainer.Trainer(config, splits=splits, verbose=False).train()
+    checkpoints = tmp_path / "run" / "checkpoints"
+    for name in os.listdir(checkpoints):
+        if ".index" in name:
+            _truncate(checkpoints / name)
+    before = {name: (checkpoints / name).read_bytes() for name in os.listdir(checkpoints)}
+    with pytest.raises(ValueError, match=r"No checkpoint in .*checkpoints can be read: .*ckpt-4 "
+                                         r"\(.*\); .*ckpt-2 \(.*\)\. Nothing was changed"):
+        trainer.Trainer(config, splits=splits, verbose=False)
+    assert {name: (checkpoints / name).read_bytes() for name in os.listdir(checkpoints)} == before
+
+
+def test_resuming_with_fewer_steps_than_trained_is_refused(tmp_path):
+    splits = synthetic.splits()
+    trainer.Trainer(tiny_config(tmp_path, steps=6, checkpoint_every=3), splits=splits,
+                    verbose=False).train()
+    config_json = (tmp_path / "run" / "config.json").read_text()
+    with pytest.raises(ValueError, match=r"has trained 6 steps; --steps=3 would record fewer "
+                                         r"steps than were trained\. Rerun with --steps=6"):
+        trainer.Trainer(tiny_config(tmp_path, steps=3), splits=splits, verbose=False)
+    assert (tmp_path / "run" / "config.json").read_text() == config_json
+    assert json.loads(config_json)["steps"] == 6
+
+
+def test_a_model_dir_that_is_a_file_or_not_writable_is_refused_before_loading(tmp_path,
+                                                                           monkeypatch):
+    def no_data(config):
+        raise AssertionError("the data must not be loaded")
+
+    monkeypatch.setattr(trainer.task, "load_splits", no_data)
+    (tmp_path / "file").write_text("a user's file")
+    for model_dir, message in ((tmp_path / "file", "is a file, not a folder"),
+                               (tmp_path / "file" / "run", "is a file, not a folder")):
+        with pytest.raises(ValueError, match=f"--model_dir: .*{message}"):
+            trainer.Trainer(tiny_config(tmp_path, model_dir=str(model_dir)), verbose=False)
+    assert (tmp_path / "file").read_text() == "a user's file"
+    # Tests run as root, who may write anywhere: the permission answer is simulated.
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: (
+        False if str(path).startswith(str(tmp_path / "locked")) else real_access(path, mode)))
+    (tmp_path / "locked").mkdir()
+    with pytest.raises(PermissionError, match=r"--model_dir: .*locked is not writable"):
+        trainer.Trainer(tiny_config(tmp_path, model_dir=str(tmp_path / "locked" / "run")),
+                        verbose=False)
+    assert os.listdir(tmp_path / "locked") == []
+
+
+def test_a_preset_batch_adapts_to_a_small_training_split_and_an_explicit_one_does_not(
+        tmp_path, caplog):
+    splits = synthetic.splits(train_classes=5, test_classes=4)
+    config = tiny_config(tmp_path, classes_per_batch=64, steps=2)
+    with pytest.raises(ValueError, match="--classes_per_batch=64 exceeds the 5 training classes "
+                                         "with at least 2 images"):
+        trainer.Trainer(config, splits=splits, verbose=False)
+    with caplog.at_level("WARNING"):
+        run = trainer.Trainer(config, splits=splits, verbose=False, adapt_classes_per_batch=True)
+    assert run.config.classes_per_batch == 5 and run.sampler.classes_per_batch == 5
+    assert "classes_per_batch lowered from 64" in caplog.text and "to 5" in caplog.text
+    run.train()
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["classes_per_batch"] == 5
+    # The same command resumes (the preset's 64 adapts the same way); a different explicit
+    # value is a different configuration.
+    assert trainer.Trainer(config, splits=splits, verbose=False,
+                           adapt_classes_per_batch=True).step == 2
+    with pytest.raises(ValueError, match="classes_per_batch: 5 in"):
+        trainer.Trainer(config.replace(classes_per_batch=4), splits=splits, verbose=False)
+    # Several replicas: a multiple of their number.
+    assert trainer.fit_classes_per_batch(config, splits.train, num_replicas=2) \
+        .classes_per_batch == 4
+
+
+def test_a_resumed_folder_run_must_train_on_the_same_images_wherever_they_are(tmp_path):
+    import shutil
+
+    from tests.test_train_cli import write_folder
+
+    data = write_folder(tmp_path / "data")
+    config = tiny_config(tmp_path, dataset="folder", data_dir=str(data), image_size=16,
+                         resize_size=18, embedding_dim=8, classes_per_batch=4, steps=2,
+                         checkpoint_every=2)
+    trainer.Trainer(config, verbose=False).train()
+    run = tmp_path / "run"
+    recorded = json.loads((run / "dataset.json").read_text())
+    assert sorted(recorded["train"]) == ["class_0", "class_1", "class_2", "class_3"]
+    assert recorded["train"]["class_0"]["images"] == 5
+    before = {name: (run / name).read_bytes() for name in ("config.json", "dataset.json")}
+
+    def refused(data_dir, *expected):
+        with pytest.raises(ValueError) as error:
+            trainer.Trainer(config.replace(data_dir=str(data_dir), steps=3), verbose=False)
+        message = str(error.value)
+        assert message.startswith(f"model_dir {run} was trained on other data than --data_dir "
+                                  f"{str(data_dir)!r}"), message
+        assert "start a new run with another --model_dir" in message
+        for line in expected:
+            assert f"\n  {line}" in message, message
+        assert {name: (run / name).read_bytes() for name in before} == before
+
+    renamed = shutil.copytree(data, tmp_path / "renamed")
+    os.rename(renamed / "class_5", renamed / "class_9")
+    refused(renamed, "test class 'class_5' was renamed to 'class_9'")
+    other = shutil.copytree(data, tmp_path / "other")
+    os.remove(other / "class_1" / "4.jpg")
+    shutil.copy(other / "class_3" / "0.jpg", other / "class_2" / "0.jpg")  # same name, new file
+    (other / "class_7" / "extra").mkdir()
+    shutil.copy(other / "class_7" / "0.jpg", other / "class_7" / "extra" / "0.jpg")
+    refused(other, "train class 'class_1' has 4 images instead of 5",
+            "train class 'class_2' holds other files (names or sizes changed)",
+            "test class 'class_7' has 6 images instead of 5")
+    # The same images moved elsewhere: the run resumes there (the path is a resumable field).
+    moved = shutil.move(data, tmp_path / "moved")
+    resumed = trainer.Trainer(config.replace(data_dir=str(moved), steps=3), verbose=False)
+    assert resumed.step == 2
+    assert json.loads((run / "dataset.json").read_text()) == recorded

@@ -74,3 +74,30 @@ def test_write_json_writes_indented_json_atomically(tmp_path):
     with pytest.raises(TypeError):
         atomic.write_json(path, {"bad": object()})
     assert json.loads(path.read_text()) == {"a": [0.5], "b": 1}  # the good file stays
+
+
+def test_check_writable_refuses_files_in_the_way_and_unwritable_folders(tmp_path, monkeypatch):
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "folder").mkdir()
+    atomic.check_writable(tmp_path / "new" / "deeper" / "metrics.json")  # parents are created
+    atomic.check_writable(tmp_path / "folder", directory=True)
+    cases = [
+        (tmp_path / "file" / "metrics.json", False,
+         f"Cannot write {tmp_path}/file/metrics.json: {tmp_path}/file is a file, not a folder."),
+        (tmp_path / "file" / "a" / "b", True,
+         f"Cannot write {tmp_path}/file/a/b: {tmp_path}/file is a file, not a folder."),
+        (tmp_path / "file", True, f"{tmp_path}/file is a file, not a folder."),
+        (tmp_path / "folder", False, f"{tmp_path}/folder is a folder, not a file."),
+    ]
+    for path, directory, message in cases:
+        with pytest.raises(ValueError) as error:
+            atomic.check_writable(path, directory=directory)
+        assert str(error.value) == message
+    # Tests run as root, who may write anywhere: os.access answers as for another user.
+    monkeypatch.setattr(os, "access", lambda path, mode: False)
+    with pytest.raises(PermissionError,
+                       match=f"Cannot write {tmp_path}/folder/m.json: {tmp_path}/folder is not "
+                             "writable"):
+        atomic.check_writable(tmp_path / "folder" / "m.json")
+    with pytest.raises(PermissionError, match=f"{tmp_path}/folder is not writable"):
+        atomic.check_writable(tmp_path / "folder", directory=True)
