@@ -136,9 +136,13 @@ def main():
         other, other_jit = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]), False
     results = {}
     cases = [(name, name, {}, "none") for name in losses.METRIC_LOSSES]
-    # The variance-branch options, and a reference synthesis on top, for two losses.
-    cases += [(f"{name}+options", name, OPTIONS, "embedding_expansion")
-              for name in ("npair", "triplet2_dws")]
+    # The variance-branch options, and a reference synthesis on top: for both a pair-layout
+    # and a sampling loss in float32, for one of them under XLA and mixed precision (each case
+    # costs a trace of both steps).
+    option_losses = {"--jit_compile": ("triplet2_dws",), "--mixed_precision": ("npair",)}
+    chosen = next((v for k, v in option_losses.items() if k in sys.argv),
+                  ("npair", "triplet2_dws"))
+    cases += [(f"{name}+options", name, OPTIONS, "embedding_expansion") for name in chosen]
     for case, loss_name, options, synthesis in cases:
         k = 2 if loss_name == "npair" else 4
         images, labels = global_batch(k)

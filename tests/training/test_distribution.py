@@ -52,7 +52,9 @@ def run_equivalence(*flags):
 )
 def test_one_step_equals_the_single_device_step(flags, tolerance):
     results = run_equivalence(*flags)
-    assert len(results) == 14  # (5 losses + 2 with every DVML option) x 2 phases
+    # (5 losses + the DVML options on 2 losses in float32, on 1 under XLA or mixed precision)
+    # x 2 phases.
+    assert len(results) == (12 if flags else 14)
     for case, diff in results.items():
         assert diff["update_scale"] > 0.1, case  # the step really moved the weights
         assert diff["updates"] <= tolerance, (case, diff)
