@@ -101,6 +101,29 @@ def check_image_bytes(image_bytes):
         return tf.identity(image_bytes)
 
 
+def error_message(error):
+    """The useful part of the error of a signature call (drops TF's "Graph execution error"
+    framing), e.g. "could not decode image: Invalid PNG. Failed to initialize decoder.".
+
+    Args:
+        error: a `tf.errors.OpError`.
+
+    Returns:
+        str.
+    """
+    lines = [line.strip() for line in str(error.message).splitlines()]
+    lines = [
+        line for line in lines
+        if line and not line.startswith(("Graph execution error", "Detected at node", "[[",
+                                          "<stack traces"))
+    ]
+    message = " ".join(lines) or str(error)
+    if "DecodeImage" in str(error) and "could not decode" not in message:
+        # TF Serving returns the decoder's message as is; say which step failed.
+        message = f"could not decode image: {message}"
+    return message
+
+
 def serving_functions(model, raw_form, preprocess):
     """The two endpoint functions and their input signatures.
 
