@@ -2,6 +2,16 @@
 with ids, labels, metadata, atomic save/load and the contract of the model that produced them.
 
 Only numpy is needed for the exact `flat` backend; `hnsw` and `ivf_pq` import faiss when used.
+
+The modules that use TensorFlow are imported by name, not here (a serving process that only
+loads and searches an index needs numpy and faiss):
+
+* `builder`: `build_index` / `merge_shards`, an index of a dataset split embedded through an
+  exported SavedModel (`index.py build` / `merge`), resumable, sharded, locked, atomic.
+* `query`: `QueryEmbedder`, `search_files`: image files -> labelled, matched results
+  (`index.py search`), through the SavedModel or TF Serving.
+* `matching`: open-set match thresholds (`evaluate.py --calibrate`).
+* `evaluation`: Recall@K and MAP@R through an index (`evaluate.py --index`).
 """
 
 from dvml_tf.index.backends import BACKENDS

@@ -14,7 +14,7 @@ search backends are described in `dvml_tf.index.backends`.
 A saved index is a folder:
 
     index.json      format version, backend, its options and state, dim, metric, normalize,
-                    count, id kind, contract, and the SHA-256 and size of every other file
+                    count, id kind, contract, info, and the SHA-256 and size of every other file
     ids.npy         int64 or unicode ids, in row order
     labels.npy      int64 labels (only when the index has labels)
     metadata.json   one JSON object (or null) per row
@@ -191,6 +191,7 @@ class GalleryIndex:
         self._labels = None  # int64 [n] when the index has labels
         self._metadata = []  # one dict or None per row
         self._lookup = None  # (sorted ids, their positions), rebuilt after a change
+        self._info = None  # free-form JSON about the index (how it was built), or None
 
     # ------------------------------------------------------------------------------ properties
 
@@ -223,6 +224,19 @@ class GalleryIndex:
     def contract(self):
         """A copy of the stored contract (or None)."""
         return copy.deepcopy(self._contract)
+
+    @property
+    def info(self):
+        """A copy of the index's free-form description (a JSON dict, e.g. how and from what
+        data `dvml_tf.index.builder` built it), or None. Saved in index.json."""
+        return copy.deepcopy(self._info)
+
+    @info.setter
+    def info(self, value):
+        if value is not None and not isinstance(value, dict):
+            raise ValueError(f"info must be a dict or None; got {type(value).__name__}.")
+        self._info = None if value is None else json.loads(
+            contract_lib._json_safe(value, "info"))
 
     @property
     def ids(self):
@@ -535,6 +549,7 @@ class GalleryIndex:
             "id_kind": self._id_kind,
             "has_labels": self._labels is not None,
             "contract": self._contract,
+            "info": self._info,
             "files": {name: storage.file_digest(os.path.join(folder, name)) for name in names},
         }
         # index.json is written last: a folder without it is never a complete index.
@@ -629,6 +644,10 @@ class GalleryIndex:
         index._ids = ids
         index._id_kind = header["id_kind"]
         index._metadata = metadata
+        info = header.get("info")  # absent in indexes saved before `info` existed
+        if info is not None and not isinstance(info, dict):
+            raise ValueError(f"{header_path} is corrupt: info is not an object.")
+        index._info = info
         return index
 
 
