@@ -3,12 +3,24 @@
     python evaluate.py --model_dir=runs/omniglot_npair_dvml_seed0
     python evaluate.py --model_dir=D --tfsim --plots=figures/ --projector=projector/
     python evaluate.py --saved_model=exports/omniglot
+    python evaluate.py --saved_model=E --index=I                # + the figures through an index
+    python evaluate.py --saved_model=E --calibrate              # open-set matching thresholds
 
 --model_dir evaluates a run written by train.py through the training preprocessing; --saved_model
 evaluates an exported SavedModel (an export folder, its saved_model/ folder or one version)
 through its `embed_bytes` signature on the dataset's encoded images, i.e. exactly what a TF
-Serving client gets back. The library calls are `dvml_tf.evaluation.runner.embed_run` /
-`embed_saved_model` and `dvml_tf.evaluation.evaluate_embeddings`.
+Serving client gets back. A split with separate query and gallery images (a CSV manifest with
+is_query/is_gallery columns, the In-Shop protocol) is evaluated with queries searching the
+gallery only.
+
+--index=I also measures Recall@K and MAP@R through a gallery index built by `index.py build`
+from the same SavedModel and split, printed beside the exact figures (and stored under "index"
+in --output_json). --calibrate picks the score thresholds at which matching a query to its
+top-1 neighbour reaches the --precisions on the validation classes, reports the matching
+precision and recall those thresholds give on --split, and stores them in the export's report
+(`dvml_tf.index.matching`). The library calls are `dvml_tf.evaluation.runner.embed_run` /
+`embed_saved_model`, `dvml_tf.evaluation.evaluate_embeddings`,
+`dvml_tf.index.evaluation.index_retrieval_metrics` and `dvml_tf.index.matching`.
 """
 
 import sys
@@ -41,6 +53,17 @@ flags.DEFINE_boolean("tfsim", False, "Also compute Recall@K and MAP@R with tenso
 flags.DEFINE_string("plots", None, "Write t-SNE, central-latent-space and retrieval PNGs here.")
 flags.DEFINE_string("projector", None, "Write TensorBoard projector files here.")
 flags.DEFINE_integer("plot_points", 500, "Images shown in the t-SNE figures.")
+flags.DEFINE_string("index", None,
+                    "A gallery index built by index.py from --saved_model on this split: also "
+                    "measure Recall@K and MAP@R through it.")
+flags.DEFINE_boolean("calibrate", False,
+                     "Pick matching thresholds on the validation classes at --precisions and "
+                     "store them in the export's report (needs --saved_model).")
+flags.DEFINE_list("precisions", ["0.9", "0.95", "0.99"],
+                  "--calibrate: target precisions of open-set matching.")
+flags.DEFINE_integer("validation_classes", None,
+                     "--saved_model: training classes held out as the validation split; "
+                     "default: the run's.")
 
 
 def main(argv):
@@ -48,10 +71,18 @@ def main(argv):
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
     if bool(FLAGS.model_dir) == bool(FLAGS.saved_model):
         raise app.UsageError("Give exactly one of --model_dir and --saved_model.")
+    for name in ("index", "calibrate", "validation_classes"):
+        if FLAGS[name].value and not FLAGS.saved_model:
+            raise app.UsageError(f"--{name} needs --saved_model (indexes and thresholds belong "
+                                 "to an exported SavedModel).")
     logging.set_verbosity(logging.INFO)
     try:
         recall_ks = (flags_lib.parse_list(FLAGS.recall_ks, int, "recall_ks")
                      if FLAGS.recall_ks else None)
+        precisions = flags_lib.parse_list(FLAGS.precisions, float, "precisions")
+        if FLAGS.calibrate and FLAGS.split == "validation":
+            raise ValueError("--calibrate picks thresholds on the validation split and measures "
+                             "them on --split: choose --split=test (or train).")
         # Before the evaluation runs, not after it.
         for flag, directory in (("output_json", False), ("plots", True), ("projector", True)):
             path = FLAGS[flag].value
@@ -65,14 +96,28 @@ def main(argv):
                                         FLAGS.batch_size, dataset=FLAGS.dataset)
         else:
             embedded = runner.embed_saved_model(FLAGS.saved_model, FLAGS.split, FLAGS.dataset,
-                                                FLAGS.data_dir, FLAGS.batch_size)
+                                                FLAGS.data_dir, FLAGS.batch_size,
+                                                FLAGS.validation_classes)
         recall_ks = recall_ks or embedded.recall_ks
+        catalog = embedded.catalog
         metrics = metrics_lib.evaluate_embeddings(
             embedded.embeddings, embedded.labels, recall_ks=recall_ks, metric=embedded.metric,
-            compute_clustering=FLAGS.clustering,
+            compute_clustering=FLAGS.clustering, is_query=catalog.is_query,
+            is_gallery=catalog.is_gallery,
         )
-        print(runner.metrics_table(metrics, title=f"{FLAGS.split} split, "
-                                   f"{len(embedded.labels)} images, {embedded.metric} distance"))
+        queries, gallery = catalog.query_gallery()
+        protocol = (f"{int(queries.sum())} queries searching a gallery of {int(gallery.sum())}"
+                    if catalog.has_query_gallery else f"{len(embedded.labels)} images")
+        print(runner.metrics_table(metrics, title=f"{FLAGS.split} split, {protocol}, "
+                                   f"{embedded.metric} distance"))
+        record = dict(metrics)
+        if FLAGS.index:
+            record["index"] = _index_metrics(embedded, recall_ks, metrics)
+        if FLAGS.calibrate:
+            record["matching"] = _calibrate(embedded, precisions)
+        if FLAGS.tfsim and catalog.has_query_gallery:
+            raise ValueError("--tfsim compares the leave-one-out protocol; this split has "
+                             "separate query and gallery sets.")
         if FLAGS.tfsim:
             from dvml_tf.evaluation import tfsim_check  # an optional extra
 
@@ -83,7 +128,7 @@ def main(argv):
                 print(f"| {key} | {metrics[key]:.6f} | {value:.6f} | "
                       f"{abs(metrics[key] - value):.1e} |")
         if FLAGS.output_json:
-            atomic.write_json(FLAGS.output_json, metrics, sort_keys=True)
+            atomic.write_json(FLAGS.output_json, record, sort_keys=True)
         if FLAGS.plots:
             from dvml_tf.evaluation import plots  # matplotlib only when figures are asked for
 
@@ -101,8 +146,90 @@ def main(argv):
                                       images=thumbnails, class_names=embedded.catalog.class_names)
             print(f"wrote projector files to {FLAGS.projector} "
                   f"(tensorboard --logdir {FLAGS.projector}, or projector.tensorflow.org)")
-    except (ValueError, FileNotFoundError, ImportError, PermissionError) as error:
+    except (ValueError, FileNotFoundError, ImportError, PermissionError, TimeoutError) as error:
         sys.exit(f"evaluate.py: error: {error}")
+
+
+def _index_metrics(embedded, recall_ks, exact):
+    """Recall@K and MAP@R through --index, printed beside the exact figures."""
+    from dvml_tf.index import GalleryIndex
+    from dvml_tf.index import builder
+    from dvml_tf.index import evaluation
+
+    index = GalleryIndex.load(FLAGS.index)
+    _, report, contract, _ = builder.load_model(FLAGS.saved_model)
+    index.check_contract(contract)
+    info = index.info or {}
+    dataset = FLAGS.dataset or report["model"]["dataset"]
+    for key, value in (("dataset", dataset), ("split", FLAGS.split)):
+        if value and info.get(key) not in (None, value):
+            raise ValueError(f"--index {FLAGS.index} was built on {key} {info[key]!r}, not "
+                             f"{value!r}.")
+    found = evaluation.index_retrieval_metrics(
+        index, embedded.embeddings, embedded.labels, recall_ks,
+        is_query=embedded.catalog.is_query, compute_map="map@r" in exact)
+    keys = list(found)
+    print(f"\nthrough the index ({index.backend}, {len(index)} rows) beside exact search:")
+    print("| search | " + " | ".join(k.replace("recall", "R") for k in keys) + " |")
+    print("|---|" + "---|" * len(keys))
+    print("| exact | " + " | ".join(f"{100 * exact[k]:.2f}" for k in keys) + " |")
+    print(f"| {index.backend} | " + " | ".join(f"{100 * found[k]:.2f}" for k in keys) + " |")
+    print("| difference | " + " | ".join(f"{100 * (found[k] - exact[k]):+.2f}" for k in keys)
+          + " |")
+    return found
+
+
+def _calibrate(embedded, precisions):
+    """Thresholds on the validation classes; their precision and recall on --split; stored in
+    the export's report."""
+    from dvml_tf.export import exporter
+    from dvml_tf.export import layout
+    from dvml_tf.index import matching
+
+    validation = runner.embed_saved_model(FLAGS.saved_model, "validation", FLAGS.dataset,
+                                          FLAGS.data_dir, FLAGS.batch_size,
+                                          FLAGS.validation_classes)
+    scores, correct = matching.top1(validation.embeddings, validation.labels, validation.metric,
+                                    validation.catalog.is_query, validation.catalog.is_gallery)
+    chosen = matching.calibrate(scores, correct, precisions)
+    test_scores, test_correct = matching.top1(embedded.embeddings, embedded.labels,
+                                              embedded.metric, embedded.catalog.is_query,
+                                              embedded.catalog.is_gallery)
+    measured = {key: matching.match_rates(test_scores, test_correct, rates["threshold"])
+                for key, rates in chosen.items()}
+    version_dir, _ = layout.resolve_saved_model(FLAGS.saved_model)
+    report = layout.read_version_report(version_dir)
+    record = {
+        "rule": matching.RULE,
+        "metric": embedded.metric,
+        "score": matching.score_name(embedded.metric),
+        "thresholds": {key: rates["threshold"] for key, rates in chosen.items()},
+        "calibration": {"dataset": FLAGS.dataset or report["model"]["dataset"],
+                        "split": "validation", "queries": len(scores),
+                        "classes": int(validation.catalog.num_classes),
+                        "top1_correct": float(np.mean(correct)), "targets": chosen},
+        FLAGS.split: {"queries": len(test_scores),
+                      "classes": int(embedded.catalog.num_classes),
+                      "top1_correct": float(np.mean(test_correct)), "targets": measured},
+    }
+    for path in exporter.update_report(version_dir, "matching", record):
+        print(f"wrote the matching thresholds into {path}")
+    print(f"\nopen-set matching: thresholds on {len(scores)} validation queries "
+          f"({validation.catalog.num_classes} classes), measured on {len(test_scores)} "
+          f"{FLAGS.split} queries ({matching.score_name(embedded.metric)} >= threshold)")
+    print(f"| target precision | threshold | validation precision | validation recall | "
+          f"{FLAGS.split} precision | {FLAGS.split} recall | {FLAGS.split} matched |")
+    print("|---|---|---|---|---|---|---|")
+
+    def pct(value):
+        return "—" if value is None else f"{100 * value:.1f}"
+
+    for key, rates in chosen.items():
+        test = measured[key]
+        threshold = "none" if rates["threshold"] is None else f"{rates['threshold']:.4f}"
+        print(f"| {key} | {threshold} | {pct(rates['precision'])} | {pct(rates['recall'])} | "
+              f"{pct(test['precision'])} | {pct(test['recall'])} | {pct(test['matched'])} |")
+    return record
 
 
 if __name__ == "__main__":

@@ -143,11 +143,12 @@ def raw_form(config, splits=None):
     """
     if splits is not None:
         return splits.raw_form
-    if config.dataset == "folder":
+    if config.dataset in data_lib.FILE_DATASETS:
         # Unknown folder size: assume the loader holds it decoded (the usual case); the only
         # difference otherwise is a rounding to uint8 after the resize.
-        logging.warning("Folder size unknown: assuming the loader holds the images decoded.")
-        return data_lib.raw_form_of("folder", config.resize_size, num_images=0)
+        logging.warning("%s size unknown: assuming the loader holds the images decoded.",
+                        "Folder" if config.dataset == "folder" else "CSV catalogue")
+        return data_lib.raw_form_of(config.dataset, config.resize_size, num_images=0)
     return data_lib.raw_form_of(config.dataset, config.resize_size)
 
 

@@ -64,3 +64,28 @@ def test_step_time_small_convnet(tmp_path):
     assert machine["cpu_count"] >= 1 and len(machine["load_average_1_5_15_before"]) == 3
     assert "| convnet_small 28 px | synthetic | 4x2 |" in proc.stdout
     assert "Where DVML's extra time goes" in proc.stdout
+
+
+# ---------------------------------------------------------------------------- index_recall.py
+
+@pytest.mark.slow
+def test_index_recall_small_run(catalogue_export, tmp_path):
+    output = tmp_path / "index_recall.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "index_recall.py"),
+         f"--saved_model={catalogue_export.export_dir}", "--dataset=csv",
+         f"--data_dir={catalogue_export.manifest}", "--backends=flat,hnsw",
+         f"--work_dir={tmp_path / 'work'}", f"--output={output}"],
+        capture_output=True, text=True, cwd=ROOT, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    record = json.loads(output.read_text())
+    assert record["model"]["dataset"] == "csv" and record["version"] == 1
+    exact, flat = record["exact"], record["backends"]["flat"]
+    # flat is exact search; the differences are what they say.
+    for key in ("recall@1", "recall@2", "recall@4", "recall@8", "map@r"):
+        assert flat[key] == pytest.approx(exact[key], abs=1e-12)
+        hnsw = record["backends"]["hnsw"]
+        assert hnsw["difference"][key] == pytest.approx(hnsw[key] - exact[key])
+    assert flat["rows"] == 15 and flat["build_seconds"] > 0 and flat["index_bytes"] > 0
+    assert record["backends"]["hnsw"]["backend_options"]["M"] == 32
+    assert "| exact (evaluate.py) |" in proc.stdout and "| hnsw |" in proc.stdout

@@ -91,6 +91,9 @@ def test_bad_inputs_give_clear_errors(tmp_path):
     result = evaluate("--dataset=omniglot")
     assert result.returncode != 0
     assert "exactly one of --model_dir and --saved_model" in result.stderr
+    result = evaluate(f"--model_dir={tmp_path}/not_a_run", "--calibrate")
+    assert result.returncode != 0
+    assert "--calibrate needs --saved_model (indexes and thresholds belong" in result.stderr
 
 
 def test_a_saved_model_not_written_by_export_py_is_refused(tmp_path):

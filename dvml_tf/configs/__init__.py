@@ -7,7 +7,7 @@ Without `--config`, the preset is the one named after `--dataset`.
 
 import importlib
 
-PRESETS = ("omniglot", "cub200", "cars196", "sop", "folder", "folder_cpu")
+PRESETS = ("omniglot", "cub200", "cars196", "sop", "folder", "folder_cpu", "csv")
 
 
 def get_preset(name):

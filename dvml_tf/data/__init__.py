@@ -19,7 +19,8 @@ Raw images (what a client of an exported model sends), row for row the same spli
 Interface:
 
 * `load_dataset(name, data_dir=None, image_size=None, validation_classes=0, seed=0, raw=False)
-  -> DatasetSplits` for `name` in `DATASETS` = omniglot, cub200, cars196, sop, folder.
+  -> DatasetSplits` for `name` in `DATASETS` = omniglot, cub200, cars196, sop, folder, csv
+  (a CSV manifest: `path,label[,split,is_query,is_gallery]`, module `manifest`).
   `DatasetSplits` has `train`, `test`, optional `validation` (each an `ImageCatalog`),
   `num_channels` (1 for stored Omniglot, else 3), `grayscale` (Omniglot-like data,
   `is_grayscale(name)`), `raw` and `raw_form`. With `raw=True` the catalogs hold the same
@@ -55,12 +56,14 @@ from dvml_tf.data.catalog import ImageCatalog
 from dvml_tf.data.catalog import carve_validation
 from dvml_tf.data.catalog import decode_image
 from dvml_tf.data.datasets import DATASETS
+from dvml_tf.data.datasets import FILE_DATASETS
 from dvml_tf.data.datasets import is_grayscale
 from dvml_tf.data.datasets import load_dataset
 from dvml_tf.data.datasets import raw_form_of
 from dvml_tf.data.folder import load_folder
 from dvml_tf.data.identity import dataset_identity
 from dvml_tf.data.identity import identity_changes
+from dvml_tf.data.manifest import load_manifest
 from dvml_tf.data.pipeline import load_thumbnails
 from dvml_tf.data.pipeline import make_eval_dataset
 from dvml_tf.data.pipeline import make_train_dataset
@@ -83,6 +86,7 @@ from dvml_tf.data.sampler import replica_slice
 __all__ = [
     "CONVERSIONS",
     "DATASETS",
+    "FILE_DATASETS",
     "NO_CONVERSION",
     "OMNIGLOT_INK",
     "ClassBalancedSampler",
@@ -101,6 +105,7 @@ __all__ = [
     "is_grayscale",
     "load_dataset",
     "load_folder",
+    "load_manifest",
     "load_thumbnails",
     "make_eval_dataset",
     "make_train_dataset",

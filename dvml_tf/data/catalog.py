@@ -79,10 +79,16 @@ class ImageCatalog:
         num_channels: 1 or 3, the channels of the images the catalog yields.
         class_names: optional sequence of class names indexed by label id.
         name: split name, for messages.
+        paths: optional [N] str array, the file each image was read from (folder and CSV
+            datasets; kept when a converted image's bytes replace its path in `sources`).
+        is_query, is_gallery: optional bool arrays [N]: the images that are queries and those
+            that form the gallery of a retrieval protocol with separate sets (In-Shop). None
+            (the default) means every image is both: each query searches all other images.
     """
 
     def __init__(self, labels, *, images=None, sources=None, source_is_path=False,
-                 num_channels=3, class_names=None, name="split"):
+                 num_channels=3, class_names=None, name="split", paths=None, is_query=None,
+                 is_gallery=None):
         labels = np.asarray(labels)
         if labels.ndim != 1 or (labels.size and not np.issubdtype(labels.dtype, np.integer)):
             raise ValueError(f"labels of split {name!r} must be a 1-D integer array, got "
@@ -117,8 +123,30 @@ class ImageCatalog:
                                  "labels.")
             self.source_is_path = np.broadcast_to(np.asarray(source_is_path, dtype=bool),
                                                   [n]).copy()
+        self.paths = None if paths is None else np.asarray(paths, dtype=str)
+        if self.paths is not None and self.paths.shape != (n,):
+            raise ValueError(f"Split {name!r}: {self.paths.shape} paths for {n} labels.")
+        self.is_query, self.is_gallery = (
+            None if mask is None else _role_mask(mask, n, role, name)
+            for mask, role in ((is_query, "is_query"), (is_gallery, "is_gallery")))
 
     # ----------------------------------------------------------------------------- description
+    @property
+    def has_query_gallery(self):
+        """bool: whether the split has separate query and gallery sets (`is_query`,
+        `is_gallery`), instead of every image searching all the others."""
+        return self.is_query is not None or self.is_gallery is not None
+
+    def query_gallery(self):
+        """The query and gallery masks, all True where the split does not set them.
+
+        Returns:
+            (is_query, is_gallery): two bool arrays [N].
+        """
+        everything = np.ones(self.num_images, bool)
+        return (everything if self.is_query is None else self.is_query,
+                everything if self.is_gallery is None else self.is_gallery)
+
     @property
     def num_images(self):
         """int: number of images."""
@@ -182,13 +210,19 @@ class ImageCatalog:
         """
         indices = np.asarray(indices, dtype=np.int64)
         common = dict(num_channels=self.num_channels, class_names=self.class_names,
-                      name=name or self.name)
+                      name=name or self.name, **self._row_fields(indices))
         if self.images is not None:
             return ImageCatalog(self.labels[indices], images=self.images[indices], **common)
         with tf.init_scope(), tf.device("/cpu:0"):
             sources = tf.gather(self.sources, indices)
         return ImageCatalog(self.labels[indices], sources=sources,
                             source_is_path=self.source_is_path[indices], **common)
+
+    def _row_fields(self, indices=None):
+        """The optional per-image fields (paths, query/gallery roles), of some rows or all."""
+        return {field: value if value is None or indices is None else value[indices]
+                for field, value in (("paths", self.paths), ("is_query", self.is_query),
+                                     ("is_gallery", self.is_gallery))}
 
     def take_classes(self, classes, name=None):
         """The images of the given classes, in catalog order.
@@ -251,6 +285,14 @@ class ImageCatalog:
         return self.fetch_fn()(tf.constant(index, tf.int64)).numpy()
 
 
+def _role_mask(mask, count, role, split):
+    mask = np.asarray(mask)
+    if mask.dtype != bool or mask.shape != (count,):
+        raise ValueError(f"{role} of split {split!r} must be a bool array [{count}]; got "
+                         f"{mask.dtype} {mask.shape}.")
+    return mask.copy()
+
+
 def materialize(catalog, raw_form, batch_size=256):
     """Decodes every image once, converts it to its stored form and keeps the pixels in memory.
 
@@ -285,7 +327,8 @@ def materialize(catalog, raw_form, batch_size=256):
         images[start:start + len(batch)] = batch
         start += len(batch)
     return ImageCatalog(catalog.labels, images=images, num_channels=num_channels,
-                        class_names=catalog.class_names, name=catalog.name)
+                        class_names=catalog.class_names, name=catalog.name,
+                        **catalog._row_fields())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -293,7 +336,7 @@ class DatasetSplits:
     """The splits of one dataset and what the preprocessing needs to know about its images.
 
     Args:
-        name: dataset name ("omniglot", "cub200", "cars196", "sop", "folder").
+        name: dataset name ("omniglot", "cub200", "cars196", "sop", "folder", "csv").
         train: `ImageCatalog` of the training classes.
         test: `ImageCatalog` of the test classes (class-disjoint from train and validation).
         validation: optional `ImageCatalog` of classes carved out of the training classes.
@@ -308,6 +351,8 @@ class DatasetSplits:
             images: conversion kind, load-time resize, fixed raw size.
         identity: optional dict, what the loader loaded, independent of where it lies (see
             `data.identity`): a resumed run compares it with the one it was trained on.
+        unreadable: paths of the files the loader skipped because they could not be read or
+            decoded (folder and CSV datasets; any split).
     """
 
     name: str
@@ -319,6 +364,7 @@ class DatasetSplits:
     raw: bool = False
     raw_form: RawForm = dataclasses.field(default_factory=RawForm)
     identity: dict | None = None
+    unreadable: tuple = ()
 
     def splits(self):
         """Returns: dict split name -> `ImageCatalog` (validation only when present)."""

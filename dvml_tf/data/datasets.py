@@ -1,4 +1,5 @@
-"""`load_dataset`: the named datasets (TFDS builders, zero-shot class splits) and the folder layout.
+"""`load_dataset`: the named datasets (TFDS builders, zero-shot class splits), the folder layout
+and CSV manifests (`folder.py`, `manifest.py`).
 
 | name     | TFDS builder             | train                       | test                        |
 | -------- | ------------------------ | --------------------------- | --------------------------- |
@@ -33,6 +34,7 @@ import tensorflow_datasets as tfds
 from absl import logging
 
 from dvml_tf.data import folder
+from dvml_tf.data import manifest
 from dvml_tf.data.catalog import DatasetSplits
 from dvml_tf.data.catalog import ImageCatalog
 from dvml_tf.data.catalog import carve_validation
@@ -43,7 +45,9 @@ from dvml_tf.data.raw_form import NO_CONVERSION
 from dvml_tf.data.raw_form import OMNIGLOT_INK
 from dvml_tf.data.raw_form import RawForm
 
-DATASETS = ("omniglot", "cub200", "cars196", "sop", "folder")
+DATASETS = ("omniglot", "cub200", "cars196", "sop", "folder", "csv")
+# Datasets read from the user's files (data_dir is required): an image folder, a CSV manifest.
+FILE_DATASETS = ("folder", "csv")
 # Grayscale stroke data: stored as gray, and never flipped (a mirrored glyph is another glyph).
 GRAYSCALE_DATASETS = ("omniglot",)
 # Default side of the in-memory Omniglot images: the training recipe random-crops 28 from 32.
@@ -97,7 +101,8 @@ def load_dataset(name, data_dir=None, image_size=None, validation_classes=0, see
     Args:
         name: one of `DATASETS`.
         data_dir: for TFDS datasets, the TFDS data dir (default: TFDS's default, which honours
-            the TFDS_DATA_DIR environment variable); for "folder", the image folder.
+            the TFDS_DATA_DIR environment variable); for "folder", the image folder; for
+            "csv", the CSV manifest file.
         image_size: optional int. Omniglot is always held decoded, at this size (default 32;
             105 is the original). Other datasets are kept encoded and decoded on the fly, unless
             `image_size` is given and the decoded copy fits in `MAX_DECODED_BYTES`: then they
@@ -126,6 +131,11 @@ def load_dataset(name, data_dir=None, image_size=None, validation_classes=0, see
     data_dir = None if data_dir is None else os.fspath(data_dir)
     if name == "folder":
         splits = folder.load_folder(data_dir)
+    elif name == "csv":
+        splits = manifest.load_manifest(data_dir)
+        if splits.validation is not None and validation_classes:
+            raise ValueError(f"The CSV manifest {data_dir} has validation rows; validation_classes "
+                             f"must then be 0 (got {validation_classes}).")
     else:
         splits = _load_tfds(name, data_dir)
     num_images = splits.train.num_images + splits.test.num_images
@@ -176,13 +186,13 @@ def raw_form_of(name, image_size=None, num_images=None):
         name: one of `DATASETS`.
         image_size: optional int, as passed to `load_dataset`.
         num_images: train + test images; default: the real TFDS dataset's count (required for
-            "folder").
+            "folder" and "csv").
 
     Returns:
         `RawForm`.
 
     Raises:
-        ValueError: an unknown name, or "folder" without `num_images`.
+        ValueError: an unknown name, or "folder"/"csv" without `num_images`.
     """
     if name not in DATASETS:
         raise ValueError(f"Unknown dataset {name!r}; valid datasets: {', '.join(DATASETS)}.")

@@ -89,9 +89,7 @@ def load_folder(data_dir, check_images=True):
                       + [os.path.join(split_dirs["test"], c) for c in test_classes])
     else:
         classes = _class_dirs(root)
-        # Paper §4 is silent on odd class counts (it halves 200 and 196): train gets one more.
-        num_train = (len(classes) + 1) // 2
-        train_classes, test_classes = classes[:num_train], classes[num_train:]
+        train_classes, test_classes = split_classes(classes)
         class_dirs = [os.path.join(root, c) for c in classes]
     class_names = list(train_classes) + list(test_classes)
     if not class_names:
@@ -117,15 +115,19 @@ def load_folder(data_dir, check_images=True):
 
     sources = np.array([os.fsencode(p) for p in paths], dtype=object)
     is_path = np.ones(len(paths), bool)
+    paths = np.asarray(paths, dtype=str)
     keep = np.arange(len(paths))
-    if check_images and paths:
+    unreadable = ()
+    if check_images and len(paths):
         ok, converted = check_image_files(paths)
         for index, png in converted.items():
             sources[index], is_path[index] = png, False
         keep = np.flatnonzero(ok)
+        unreadable = tuple(paths[~ok].tolist())
         sources, is_path, labels = sources[keep], is_path[keep], labels[keep]
     identity = folder_identity(class_names, len(train_classes), labels,
-                               [relative[i] for i in keep], [paths[i] for i in keep])
+                               [relative[i] for i in keep], paths[keep].tolist())
+    paths = paths[keep]
     if not len(labels):
         raise ValueError(f"data_dir {root!r} holds no decodable image ({IMAGE_EXTENSIONS}) in "
                          f"its {len(class_names)} class folders.")
@@ -142,9 +144,24 @@ def load_folder(data_dir, check_images=True):
             raise ValueError(f"data_dir {root!r}: no decodable image in any {split} class.")
         splits[split] = ImageCatalog(labels[mask], sources=sources[mask],
                                      source_is_path=is_path[mask], class_names=class_names,
-                                     name=split)
+                                     name=split, paths=paths[mask])
     return DatasetSplits(name="folder", train=splits["train"], test=splits["test"],
-                         identity=identity)
+                         identity=identity, unreadable=unreadable)
+
+
+def split_classes(classes):
+    """The class split of a dataset without explicit splits: the first half of the sorted
+    classes trains, the rest tests.
+
+    Args:
+        classes: the sorted class names (or ids).
+
+    Returns:
+        (train classes, test classes), slices of `classes`.
+    """
+    # Paper §4 is silent on odd class counts (it halves 200 and 196): train gets one more.
+    num_train = (len(classes) + 1) // 2
+    return classes[:num_train], classes[num_train:]
 
 
 def _class_dirs(path, root=None):

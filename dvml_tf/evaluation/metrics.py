@@ -246,6 +246,113 @@ def _check_recall_ks(recall_ks):
     return tuple(sorted({_check_k(k, "recall_ks entries") for k in recall_ks}))
 
 
+def exclude_self(neighbors, self_ids, has_self):
+    """Removes each query's own entry from a neighbour list searched one entry too long.
+
+    Searching k + 1 neighbours and dropping the query itself gives exactly the k neighbours of a
+    search that excludes the query by index (`knn` with gallery=None): the query scores at least
+    as well as any other row, so when it is not among the k + 1 (exact duplicates ranked before
+    it), the k + 1 are all better-or-equal others and the last one is dropped instead.
+
+    Args:
+        neighbors: [Q, k + 1] neighbour ids (or positions), best first.
+        self_ids: [Q] the id of each query in the gallery (any value where `has_self` is False).
+        has_self: [Q] bool, whether the query is itself a gallery row.
+
+    Returns:
+        [Q, k] array of the same dtype.
+    """
+    neighbors = np.asarray(neighbors)
+    keep = exclude_self_mask(neighbors, self_ids, has_self)
+    return neighbors[keep].reshape(neighbors.shape[0], neighbors.shape[1] - 1)
+
+
+def exclude_self_mask(neighbors, self_ids, has_self):
+    """The entries `exclude_self` keeps: bool [Q, k + 1] with k True per row (apply it to the
+    scores of the same search too)."""
+    neighbors = np.asarray(neighbors)
+    keep = ~((neighbors == np.asarray(self_ids)[:, None]) & np.asarray(has_self)[:, None])
+    keep[keep.all(axis=1), -1] = False
+    return keep
+
+
+class RetrievalSums:
+    """Recall@K hits and AP@R sums accumulated over chunks of queries.
+
+    Args:
+        recall_ks: sorted ints >= 1.
+        compute_map: also accumulate AP@R.
+    """
+
+    def __init__(self, recall_ks, compute_map=True):
+        self.recall_ks = tuple(recall_ks)
+        self.compute_map = compute_map
+        self.hits = np.zeros(len(self.recall_ks), dtype=np.int64)
+        self.num_queries = 0
+        self.ap_sum, self.ap_count = 0.0, 0
+
+    def add(self, query_codes, neighbor_codes, num_relevant):
+        """Adds a chunk of queries.
+
+        Args:
+            query_codes: int [q] class codes of the queries.
+            neighbor_codes: int [q, m] class codes of their neighbours, best first (the query
+                itself excluded; -1 where a search returned fewer than m neighbours). A K > m
+                counts the m available neighbours; m >= max(num_relevant) for MAP@R.
+            num_relevant: int [q], R of each query (gallery rows of its class, itself excluded).
+        """
+        matches = np.asarray(neighbor_codes) == np.asarray(query_codes)[:, None]
+        width = int(np.max(num_relevant, initial=0)) if self.compute_map else 0
+        if width > matches.shape[1]:
+            # Fewer neighbours than R (a gallery nearly all of one class): the rest are misses.
+            matches = np.pad(matches, ((0, 0), (0, width - matches.shape[1])))
+        ks = np.minimum(np.asarray(self.recall_ks), matches.shape[1])
+        first = _first_hit_rank(matches)
+        self.hits += np.count_nonzero(first[:, None] < ks[None, :], axis=0)
+        self.num_queries += matches.shape[0]
+        if self.compute_map:
+            relevant = np.asarray(num_relevant)
+            valid = relevant > 0
+            if valid.any():
+                self.ap_sum += float(_average_precision_at_r(matches[valid], relevant[valid]).sum())
+                self.ap_count += int(valid.sum())
+
+    def result(self):
+        """dict "recall@K" for each K (share of the queries added), and "map@r" (mean AP@R of
+        the queries with R >= 1; NaN if none)."""
+        results = {f"recall@{k}": float(h / self.num_queries)
+                   for k, h in zip(self.recall_ks, self.hits, strict=True)}
+        if self.compute_map:
+            results["map@r"] = self.ap_sum / self.ap_count if self.ap_count else math.nan
+        return results
+
+
+def check_roles(is_query, is_gallery, count):
+    """Query and gallery masks of an evaluation set (all True for a None).
+
+    Args:
+        is_query: bool [N] or None.
+        is_gallery: bool [N] or None.
+        count: N.
+
+    Returns:
+        (is_query, is_gallery), two bool arrays [N].
+
+    Raises:
+        ValueError: masks of another shape or dtype, no query, or no gallery image.
+    """
+    masks = []
+    for name, mask in (("is_query", is_query), ("is_gallery", is_gallery)):
+        mask = np.ones(count, bool) if mask is None else np.asarray(mask)
+        if mask.dtype != bool or mask.shape != (count,):
+            raise ValueError(f"{name} must be a bool array [{count}]; got {mask.dtype} "
+                             f"{mask.shape}.")
+        if not mask.any():
+            raise ValueError(f"{name} selects no image: evaluation needs queries and a gallery.")
+        masks.append(mask)
+    return tuple(masks)
+
+
 def evaluate_embeddings(
     embeddings,
     labels,
@@ -256,11 +363,16 @@ def evaluate_embeddings(
     compute_map=True,
     memory_budget_bytes=knn.DEFAULT_MEMORY_BUDGET_BYTES,
     kmeans_kwargs=None,
+    is_query=None,
+    is_gallery=None,
 ):
     """All test metrics of one embedding set: NMI, F1, Recall@K and MAP@R.
 
-    The queries are the test set itself, each query excluded from its own neighbours by index.
-    The neighbour search streams over chunks of queries (`knn.iter_nearest_neighbors`), so only
+    By default the queries are the test set itself, each query excluded from its own neighbours
+    by index. With `is_query` / `is_gallery` (the In-Shop protocol) the queries are the rows of
+    `is_query` and they search only the rows of `is_gallery` (a query that is also a gallery row
+    still never finds itself); R counts the gallery rows of the query's class. The neighbour
+    search streams over chunks of queries (`knn.iter_nearest_neighbors`), so only
     O(chunk x N) scratch memory is used and the [N, K] neighbour table is never stored.
 
     Args:
@@ -274,6 +386,9 @@ def evaluate_embeddings(
         compute_map: compute "map@r".
         memory_budget_bytes: scratch memory per kNN chunk.
         kmeans_kwargs: dict of overrides for `clustering.kmeans_cluster`.
+        is_query: optional bool [N], the queries (default: every row).
+        is_gallery: optional bool [N], the gallery (default: every row). NMI and F1 cluster
+            all N rows either way.
 
     Returns:
         dict of plain floats with keys, in this order: "nmi", "f1" (if compute_clustering),
@@ -312,12 +427,39 @@ def evaluate_embeddings(
         )
         results["nmi"] = nmi(cluster_ids, codes)
         results["f1"] = pairwise_f1(cluster_ids, codes)
-    results.update(
-        _retrieval_metrics(
-            embeddings, codes, class_sizes, recall_ks, metric, compute_map, memory_budget_bytes
+    if is_query is None and is_gallery is None:
+        results.update(
+            _retrieval_metrics(
+                embeddings, codes, class_sizes, recall_ks, metric, compute_map,
+                memory_budget_bytes
+            )
         )
-    )
+    else:
+        is_query, is_gallery = check_roles(is_query, is_gallery, len(codes))
+        results.update(
+            _query_gallery_metrics(
+                embeddings, codes, is_query, is_gallery, recall_ks, metric, compute_map,
+                memory_budget_bytes
+            )
+        )
     return results
+
+
+def neighbours_needed(recall_ks, num_relevant, compute_map, available):
+    """How many neighbours each query needs: the largest K, and R for MAP@R, at most the
+    `available` gallery rows (a query never counts itself).
+
+    Returns:
+        int >= 1.
+
+    Raises:
+        ValueError: when no neighbour is available (a gallery of one image, the query itself).
+    """
+    if available < 1:
+        raise ValueError("The gallery holds no image besides the query itself: evaluation needs "
+                         "at least 2 gallery images.")
+    needed = max(recall_ks[-1], int(np.max(num_relevant)) if compute_map else 1)
+    return min(needed, available)
 
 
 def _retrieval_metrics(embeddings, codes, class_sizes, recall_ks, metric, compute_map, budget):
@@ -326,25 +468,77 @@ def _retrieval_metrics(embeddings, codes, class_sizes, recall_ks, metric, comput
     # Paper §4.1 is silent: a query whose class has no other test sample counts as a Recall@K
     # miss (denominator = all queries) and is left out of MAP@R (R = 0).
     num_relevant = class_sizes[codes] - 1
-    needed = max(recall_ks[-1], int(num_relevant.max()) if compute_map else 1)
-    k = min(needed, num - 1)
-    hits = np.zeros(len(recall_ks), dtype=np.int64)
-    ap_sum, ap_count = 0.0, 0
-    ks = np.minimum(np.asarray(recall_ks), k)
+    k = neighbours_needed(recall_ks, num_relevant, compute_map, num - 1)
+    sums = RetrievalSums(recall_ks, compute_map)
     for start, ids, _ in knn.iter_nearest_neighbors(
         embeddings, k, metric=metric, memory_budget_bytes=budget
     ):
-        query = codes[start : start + ids.shape[0]]
-        matches = codes[ids] == query[:, None]
-        first = _first_hit_rank(matches)
-        hits += np.count_nonzero(first[:, None] < ks[None, :], axis=0)
-        if compute_map:
-            relevant = num_relevant[start : start + ids.shape[0]]
-            valid = relevant > 0
-            if valid.any():
-                ap_sum += float(_average_precision_at_r(matches[valid], relevant[valid]).sum())
-                ap_count += int(valid.sum())
-    results = {f"recall@{kk}": float(h / num) for kk, h in zip(recall_ks, hits, strict=True)}
-    if compute_map:
-        results["map@r"] = ap_sum / ap_count if ap_count else math.nan
-    return results
+        stop = start + ids.shape[0]
+        sums.add(codes[start:stop], codes[ids], num_relevant[start:stop])
+    return sums.result()
+
+
+def _query_gallery_metrics(embeddings, codes, is_query, is_gallery, recall_ks, metric,
+                           compute_map, budget):
+    """Recall@K and MAP@R of separate query and gallery sets (which may share rows)."""
+    query_rows, gallery_rows = np.flatnonzero(is_query), np.flatnonzero(is_gallery)
+    position = np.full(len(codes), -1, dtype=np.int64)
+    position[gallery_rows] = np.arange(len(gallery_rows))
+
+    def search(k):
+        for start, ids, _ in knn.iter_nearest_neighbors(
+            embeddings[query_rows], k, gallery=embeddings[gallery_rows], metric=metric,
+            memory_budget_bytes=budget,
+        ):
+            yield start, ids
+
+    return retrieval_metrics(search, codes[query_rows], codes[gallery_rows],
+                             np.arange(len(gallery_rows)), position[query_rows], recall_ks,
+                             compute_map)
+
+
+def retrieval_metrics(search, query_codes, id_codes, gallery_ids, self_ids, recall_ks,
+                      compute_map=True):
+    """Recall@K and MAP@R of queries searching a gallery with any exact or approximate search.
+
+    Args:
+        search: callable k -> iterable of (start, ids): the k best gallery ids of the queries
+            start:start + len(ids), best first, over all queries in order; an id < 0 pads a
+            row with fewer results.
+        query_codes: int [Q] class codes (>= 0) of the queries.
+        id_codes: int array mapping each id the search returns to its class code.
+        gallery_ids: int [G], the ids of the gallery (R of a query counts them).
+        self_ids: int [Q], the id of each query when it is itself in the gallery, else -1.
+            Such queries never find themselves (see `exclude_self`).
+        recall_ks: sorted ints >= 1.
+        compute_map: also compute MAP@R.
+
+    Returns:
+        dict "recall@K" for each K and "map@r" (if compute_map).
+    """
+    self_ids = np.asarray(self_ids)
+    has_self = self_ids >= 0
+    overlap = int(has_self.any())
+    num_relevant = (relevant_counts(query_codes, id_codes[gallery_ids])
+                    - has_self).astype(np.int64)
+    k = neighbours_needed(recall_ks, num_relevant, compute_map, len(gallery_ids) - overlap)
+    sums = RetrievalSums(recall_ks, compute_map)
+    for start, ids in search(k + overlap):
+        stop = start + ids.shape[0]
+        if overlap:
+            ids = exclude_self(ids, self_ids[start:stop], has_self[start:stop])
+        sums.add(query_codes[start:stop], np.where(ids >= 0, id_codes[np.maximum(ids, 0)], -1),
+                 num_relevant[start:stop])
+    return sums.result()
+
+
+def encode_labels(labels):
+    """Class codes 0..C-1 of arbitrary (int or str) labels, in sorted label order.
+
+    Args:
+        labels: [N] labels.
+
+    Returns:
+        int64 [N].
+    """
+    return _encode(_check_labels_1d(labels))[0]

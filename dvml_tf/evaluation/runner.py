@@ -10,6 +10,7 @@ clustering metrics on the embeddings (dvml_tf.evaluation.metrics).
 """
 
 import dataclasses
+import os
 
 import numpy as np
 import tensorflow as tf
@@ -96,6 +97,8 @@ def evaluate_model(
         metric=distance_metric(model.normalize_embeddings),
         compute_clustering=compute_clustering,
         kmeans_seed=kmeans_seed,
+        is_query=catalog.is_query,
+        is_gallery=catalog.is_gallery,
     )
 
 
@@ -158,34 +161,70 @@ def embed_run(model_dir, split="test", data_dir=None, batch_size=256, dataset=No
                          catalog, tuple(config.recall_ks), features)
 
 
-def embed_saved_model(path, split="test", dataset=None, data_dir=None, batch_size=256):
+def saved_model_catalog(report, split="test", dataset=None, data_dir=None,
+                        validation_classes=None):
+    """The raw catalog of a split of the dataset an export was trained on (or of another one).
+
+    Args:
+        report: the export report (`export.layout.read_version_report`).
+        split: "test", "validation" or "train".
+        dataset: the dataset; default: the one the report names.
+        data_dir: TFDS data dir, image folder or CSV manifest.
+        validation_classes: training classes held out as the validation split; default: the
+            run's (the report's "model.validation_classes", 0 for older exports). The report's
+            seed picks them, as the run did.
+
+    Returns:
+        (`data.ImageCatalog` of encoded images or file paths, its `data.DatasetSplits`).
+
+    Raises:
+        ValueError: an unknown split, or a validation split the dataset does not have.
+    """
+    if split not in ("test", "validation", "train"):
+        raise ValueError(f"split must be test, validation or train; got {split!r}.")
+    model = report.get("model", {})
+    dataset = dataset or model["dataset"]
+    if validation_classes is None:
+        validation_classes = model.get("validation_classes", 0) if dataset == model.get(
+            "dataset") else 0
+    config = TrainConfig(dataset=dataset, data_dir=data_dir,
+                         validation_classes=validation_classes, seed=model.get("seed", 0))
+    splits = task.load_splits(config, raw=True)
+    catalog = getattr(splits, split)
+    if catalog is None:
+        raise ValueError(
+            f"{dataset} has no validation split: the run held out no validation classes "
+            "(train with --validation_classes=N), or pass --validation_classes=N (those "
+            "classes were then seen in training, which flatters what is measured on them).")
+    return catalog, splits
+
+
+def embed_saved_model(path, split="test", dataset=None, data_dir=None, batch_size=256,
+                      validation_classes=None):
     """Embeds a split through an exported SavedModel's `embed_bytes` signature on the dataset's
     encoded images: exactly what a TF Serving client gets back.
 
     Args:
         path: a SavedModel version folder, a base path of versions, or an export folder (see
             `export.layout.resolve_saved_model`: the highest version).
-        split: "test" or "train".
+        split: "test", "validation" or "train".
         dataset: the dataset; default: the one the export's report names.
-        data_dir: TFDS data dir or image folder.
+        data_dir: TFDS data dir, image folder or CSV manifest.
         batch_size: images per request.
+        validation_classes: see `saved_model_catalog`.
 
     Returns:
         `EmbeddedSplit` (without backbone features).
     """
     from dvml_tf.export import layout  # export imports evaluation, not the other way round
 
-    if split not in ("test", "train"):
-        raise ValueError("--saved_model evaluates the train or test split.")
     version_dir, _ = layout.resolve_saved_model(path)
     report = layout.read_version_report(version_dir)
-    dataset = dataset or report["model"]["dataset"]
     embed_bytes = load_embed_bytes(version_dir)
-    config = TrainConfig(dataset=dataset, data_dir=data_dir)
-    catalog = getattr(task.load_splits(config, raw=True), split)
+    catalog, splits = saved_model_catalog(report, split, dataset, data_dir, validation_classes)
     embeddings, labels = saved_model_embeddings(embed_bytes, catalog, batch_size)
     return EmbeddedSplit(embeddings, labels, distance_metric(report["model"]["normalized"]),
-                         catalog, default_recall_ks(dataset))
+                         catalog, default_recall_ks(splits.name))
 
 
 def load_embed_bytes(version_dir):
@@ -238,15 +277,17 @@ def metrics_table(metrics, title="metrics"):
     return f"{title}\n| {header} |\n|{'---|' * len(keys)}\n| {values} |"
 
 
-def encoded_images(catalog, indices):
+def encoded_images(catalog, indices, errors=None):
     """The encoded files (bytes) of some catalog entries: what a serving client would send.
 
     Args:
         catalog: an `ImageCatalog` holding encoded bytes or file paths (not decoded pixels).
         indices: sequence of ints.
+        errors: None to raise on a file that cannot be read; or a dict that collects
+            {index: message} of such files (their entries are then None).
 
     Returns:
-        list of bytes.
+        list of bytes (or None for the files `errors` collected).
     """
     if catalog.sources is None:
         raise ValueError(f"{catalog.name!r} holds decoded pixels, not encoded image files.")
@@ -254,11 +295,35 @@ def encoded_images(catalog, indices):
     encoded = []
     for i in indices:
         if catalog.source_is_path[i]:
-            with open(sources[i], "rb") as f:
-                encoded.append(f.read())
+            try:
+                with open(sources[i], "rb") as f:
+                    encoded.append(f.read())
+            except OSError as error:
+                if errors is None:
+                    raise
+                errors[int(i)] = f"cannot read {os.fsdecode(sources[i])}: {error.strerror}"
+                encoded.append(None)
         else:
             encoded.append(bytes(sources[i]))
     return encoded
+
+
+def run_embed_bytes(embed_bytes, encoded):
+    """One call of an `embed_bytes` signature.
+
+    Args:
+        embed_bytes: the concrete signature function (`load_embed_bytes`).
+        encoded: list of bytes, encoded image files.
+
+    Returns:
+        float32 [len(encoded), D].
+
+    Raises:
+        tf.errors.InvalidArgumentError: a string that is not a decodable image.
+    """
+    (input_name,) = embed_bytes.structured_input_signature[1]
+    outputs = embed_bytes(**{input_name: tf.constant(encoded, dtype=tf.string)})
+    return outputs["embedding"].numpy().astype(np.float32, copy=False)
 
 
 def saved_model_embeddings(embed_bytes, catalog, batch_size=256):
@@ -272,12 +337,10 @@ def saved_model_embeddings(embed_bytes, catalog, batch_size=256):
     Returns:
         `(embeddings float32 [N, D], labels int64 [N])`.
     """
-    (input_name,) = embed_bytes.structured_input_signature[1]
     parts = []
     for start in range(0, catalog.num_images, batch_size):
         batch = encoded_images(catalog, range(start, min(start + batch_size, catalog.num_images)))
-        outputs = embed_bytes(**{input_name: tf.constant(batch)})
-        parts.append(outputs["embedding"].numpy())
+        parts.append(run_embed_bytes(embed_bytes, batch))
     if not parts:
         raise ValueError("The evaluation split is empty.")
     return np.concatenate(parts).astype(np.float32), catalog.labels.copy()

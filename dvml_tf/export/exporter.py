@@ -3,6 +3,7 @@
     E/
       saved_model/<version>/     TF Serving's layout (older versions in E are kept)
         assets.extra/export_report.json   the report of this export, inside the SavedModel
+        assets.extra/tf_serving_warmup_requests   requests TF Serving replays at load time
       model.tflite               LiteRT float32, raw uint8 image in, embedding out
       model_dynamic_range.tflite LiteRT, int8 weights
       model_int8.tflite          LiteRT full-integer, calibrated on raw training images
@@ -48,6 +49,7 @@ from dvml_tf.export import layout
 from dvml_tf.export import litert
 from dvml_tf.export import retrieval
 from dvml_tf.export import saved_model as saved_model_lib
+from dvml_tf.export import warmup
 from dvml_tf.utils import atomic
 
 LOCK_FILE = ".export.lock"
@@ -137,6 +139,37 @@ def _export_lock(export_dir):
             yield
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def update_report(version_dir, key, value):
+    """Sets one top-level entry of an export's report, e.g. the matching thresholds of
+    `evaluate.py --calibrate`: in the report inside the version folder and, when E's
+    export_report.json describes that version, there too. Each write is atomic and happens
+    under E's export lock, so a concurrent export never interleaves with it.
+
+    Args:
+        version_dir: a SavedModel version folder written by export_model.
+        key: str.
+        value: JSON data.
+
+    Returns:
+        list of the report files written.
+    """
+    export_dir = layout.export_dir_of(version_dir)
+    lock = _export_lock(export_dir) if export_dir else contextlib.nullcontext()
+    with lock:
+        report = layout.read_version_report(version_dir)
+        report[key] = value
+        layout.write_version_report(version_dir, report)
+        written = [os.path.join(version_dir, layout.ASSETS_EXTRA_DIR, layout.REPORT_FILE)]
+        if export_dir and layout.export_dir_of(version_dir) == export_dir:
+            path = os.path.join(export_dir, layout.REPORT_FILE)
+            with open(path) as f:
+                outer = json.load(f)
+            outer[key] = value
+            atomic.write_json(path, outer)
+            written.append(path)
+    return written
 
 
 def _process_alive(pid, host):
@@ -355,6 +388,10 @@ def _write_artifacts(model, config, raw_form, preprocess, raw_splits, staging, v
     """Writes every artifact into `staging` (same names as in E); returns the report."""
     version_dir = os.path.join(staging, layout.SAVED_MODEL_DIR, str(version))
     saved_model_lib.write_saved_model(model, raw_form, preprocess, version_dir)
+    images, images_source = warmup.warmup_images(raw_form, preprocess, raw_splits)
+    warmup_record = warmup.write_warmup_requests(version_dir, images)
+    if warmup_record["file"]:
+        warmup_record["images"] = images_source
     logging.info("Wrote the SavedModel (version %d).", version)
     files = {"saved_model": f"{layout.SAVED_MODEL_DIR}/{version}"}
     if litert_models:
@@ -374,7 +411,12 @@ def _write_artifacts(model, config, raw_form, preprocess, raw_splits, staging, v
             "dvml": config.dvml,
             "embedding_dim": config.embedding_dim,
             "normalized": bool(model.normalize_embeddings),
+            # Which training classes the run held out: evaluate.py --calibrate picks matching
+            # thresholds on them (never on the test classes).
+            "validation_classes": config.validation_classes,
+            "seed": config.seed,
         },
+        "warmup": warmup_record,
         "environment": {
             "tensorflow": tf.__version__,
             "keras": keras.__version__,

@@ -13,6 +13,8 @@
 import json
 import os
 
+from dvml_tf.utils import atomic
+
 SAVED_MODEL_DIR = "saved_model"
 REPORT_FILE = "export_report.json"
 VERIFICATION_FILE = "verification.json"
@@ -71,12 +73,9 @@ def write_version_report(version_dir, report):
 
     Args:
         version_dir: a version folder.
-        report: dict.
+        report: dict (written atomically: a reader sees the old or the new report).
     """
-    extra = os.path.join(version_dir, ASSETS_EXTRA_DIR)
-    os.makedirs(extra, exist_ok=True)
-    with open(os.path.join(extra, REPORT_FILE), "w") as f:
-        json.dump(report, f, indent=2)
+    atomic.write_json(os.path.join(version_dir, ASSETS_EXTRA_DIR, REPORT_FILE), report)
 
 
 def read_version_report(version_dir):
@@ -100,3 +99,28 @@ def read_version_report(version_dir):
         )
     with open(path) as f:
         return json.load(f)
+
+
+def export_dir_of(version_dir):
+    """The export folder E of a version folder `E/saved_model/<v>`, when E's own report
+    describes that version (so that a change to the version's report belongs in both).
+
+    Args:
+        version_dir: a SavedModel version folder.
+
+    Returns:
+        str or None.
+    """
+    version_dir = os.path.abspath(os.fspath(version_dir))
+    base, name = os.path.split(version_dir)
+    if os.path.basename(base) != SAVED_MODEL_DIR or not name.isdigit():
+        return None
+    export_dir = os.path.dirname(base)
+    try:
+        with open(os.path.join(export_dir, REPORT_FILE)) as f:
+            report = json.load(f)
+    except (OSError, ValueError):
+        return None
+    if isinstance(report, dict) and report.get("version") == int(name):
+        return export_dir
+    return None

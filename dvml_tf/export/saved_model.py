@@ -14,6 +14,8 @@ backbone and the z_I head): the decoder and the variance heads are not in the Sa
 bare `tf.Module` saved with `tf.saved_model.save` gave NaN LiteRT models; ExportArchive does not.)
 """
 
+import re
+
 import keras
 import tensorflow as tf
 
@@ -103,6 +105,31 @@ def check_image_bytes(image_bytes):
     content_check = tf.debugging.Assert(tf.equal(tf.size(bad), 0), [message])
     with tf.control_dependencies([content_check]):
         return tf.identity(image_bytes)
+
+
+def error_message(error):
+    """The useful part of the error of a signature call (drops TF's "Graph execution error"
+    framing), e.g. "could not decode image: Invalid PNG. Failed to initialize decoder.".
+
+    Args:
+        error: a `tf.errors.OpError`.
+
+    Returns:
+        str.
+    """
+    lines = [line.strip() for line in str(error.message).splitlines()]
+    lines = [
+        line for line in lines
+        if line and not line.startswith(("Graph execution error", "Detected at node", "[[",
+                                          "<stack traces"))
+    ]
+    # An in-graph check's one-sentence message, as tf.debugging.Assert frames it.
+    lines = [re.sub(r"^assertion failed: \[(.*)\]$", r"\1", line) for line in lines]
+    message = " ".join(lines) or str(error)
+    if "DecodeImage" in str(error) and "could not decode" not in message:
+        # TF Serving returns the decoder's message as is; say which step failed.
+        message = f"could not decode image: {message}"
+    return message
 
 
 def serving_functions(model, raw_form, preprocess):

@@ -33,6 +33,7 @@ import tensorflow as tf
 
 from dvml_tf.export import layout
 from dvml_tf.export import serving_client
+from dvml_tf.export.saved_model import error_message as _tf_error_message
 
 # REST: deepest JSON nesting accepted (an image batch needs 5 levels), and how long a request
 # body may take to arrive.
@@ -57,23 +58,6 @@ class PredictError(Exception):
         super().__init__(message)
         self.code = code
         self.message = message
-
-
-def _tf_error_message(error):
-    """The useful part of a TF runtime error (drops TF's "Graph execution error" framing)."""
-    lines = [line.strip() for line in str(error.message).splitlines()]
-    lines = [
-        line for line in lines
-        if line and not line.startswith(("Graph execution error", "Detected at node", "[[",
-                                          "<stack traces"))
-    ]
-    # An in-graph check's one-sentence message, as tf.debugging.Assert frames it.
-    lines = [re.sub(r"^assertion failed: \[(.*)\]$", r"\1", line) for line in lines]
-    message = " ".join(lines) or str(error)
-    if "DecodeImage" in str(error) and "could not decode" not in message:
-        # TF Serving returns the decoder's message as is; say which step failed.
-        message = f"could not decode image: {message}"
-    return message
 
 
 def _shape_text(shape):

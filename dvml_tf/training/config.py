@@ -113,7 +113,8 @@ class TrainConfig:
     # ------------------------------------------------------------------------------- data
     dataset: str = _field("omniglot", "Dataset.", choices=DATASETS, group="data")
     data_dir: str | None = _field(
-        None, "TFDS data directory, or the image folder for --dataset=folder.", group="data"
+        None, "TFDS data directory, the image folder for --dataset=folder, or the CSV manifest "
+        "for --dataset=csv.", group="data"
     )
     image_size: int = _field(28, "Side of the (cropped) training and test images.", group="data")
     resize_size: int = _field(
@@ -332,6 +333,9 @@ class TrainConfig:
             raise ValueError(f"recall_ks must be positive integers; got {self.recall_ks}.")
         if self.dataset == "folder" and not self.data_dir:
             raise ValueError("dataset=folder needs --data_dir=<a folder of class sub-folders>.")
+        if self.dataset == "csv" and not self.data_dir:
+            raise ValueError("dataset=csv needs --data_dir=<a CSV manifest with the columns "
+                             "path,label[,split,is_query,is_gallery]>.")
         return self
 
     def to_dict(self):

@@ -154,12 +154,17 @@ def test_only_tf_unreadable_files_are_held_as_converted_bytes(loaded):
 
 
 def test_bad_files_are_skipped_and_logged(mixed_folder, caplog):
-    root, _, bad = mixed_folder
+    root, expected, bad = mixed_folder
     with caplog.at_level("INFO"):
-        load_folder(root)
+        splits = load_folder(root)
     assert f"Skipped {len(bad)} unreadable or corrupt image file(s)" in caplog.text
     assert os.path.basename(bad[0]) in caplog.text
     assert "ignored 2 files without an image extension" in caplog.text
+    # The skipped files are listed, and every kept image knows its file (also those whose PNG
+    # conversion took the place of the path in `sources`).
+    assert sorted(splits.unreadable) == sorted(bad)
+    paths = [*splits.train.paths.tolist(), *splits.test.paths.tolist()]
+    assert paths == [os.path.join(root, cls, name) for cls, name, *_ in expected]
 
 
 def test_converted_images_flow_through_the_pipeline(loaded):

@@ -28,18 +28,27 @@ def brute_force_retrieval(embeddings, labels, ks, metric="euclidean"):
     aps = []
     for q in range(num):
         others = [j for j in np.argsort(dist[q], kind="stable") if j != q]
-        same = [labels[j] == labels[q] for j in others]
-        for k in ks:
-            hits[k] += any(same[:k])
-        r = sum(same)
-        if r:
-            found, ap = 0, 0.0
-            for i in range(r):
-                if same[i]:
-                    found += 1
-                    ap += found / (i + 1)
-            aps.append(ap / r)
-    out = {f"recall@{k}": hits[k] / num for k in ks}
+        tally_query([labels[j] == labels[q] for j in others], ks, hits, aps)
+    return tallied_metrics(ks, hits, aps, num)
+
+
+def tally_query(same, ks, hits, aps):
+    """Adds one query's Recall@K hits and AP@R; `same` says which ranked neighbours share its
+    class."""
+    for k in ks:
+        hits[k] += any(same[:k])
+    r = sum(same)
+    if r:
+        found, ap = 0, 0.0
+        for i in range(r):
+            if same[i]:
+                found += 1
+                ap += found / (i + 1)
+        aps.append(ap / r)
+
+
+def tallied_metrics(ks, hits, aps, num_queries):
+    out = {f"recall@{k}": hits[k] / num_queries for k in ks}
     out["map@r"] = float(np.mean(aps)) if aps else math.nan
     return out
 
@@ -274,3 +283,81 @@ def test_nan_embeddings_error_counts_rows():
     x[2, 1] = np.nan
     with pytest.raises(ValueError, match=r"embeddings contains NaN or Inf values in 1 of 5 rows"):
         metrics.evaluate_embeddings(x, [0, 1, 0, 1, 0])
+
+
+# --- separate query and gallery sets (the In-Shop protocol) -----------------------------------
+
+
+def brute_force_query_gallery(embeddings, labels, is_query, is_gallery, ks, metric):
+    """Recall@K and MAP@R of queries searching a gallery, one query at a time in float64."""
+    x = np.asarray(embeddings, dtype=np.float64)
+    if metric == "cosine":
+        x = x / np.linalg.norm(x, axis=1, keepdims=True)
+    gallery = np.flatnonzero(is_gallery)
+    hits, aps, queries = dict.fromkeys(ks, 0), [], np.flatnonzero(is_query)
+    for q in queries:
+        others = [g for g in gallery if g != q]  # a query never finds itself
+        if metric == "cosine":
+            dist = [1.0 - x[q] @ x[g] for g in others]
+        else:
+            dist = [np.sqrt(((x[q] - x[g]) ** 2).sum()) for g in others]
+        ranked = [others[i] for i in np.argsort(dist, kind="stable")]
+        tally_query([labels[g] == labels[q] for g in ranked], ks, hits, aps)
+    return tallied_metrics(ks, hits, aps, len(queries))
+
+
+@pytest.mark.parametrize("metric", ["euclidean", "cosine"])
+@pytest.mark.parametrize("overlap", [False, True])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_query_gallery_evaluation_matches_brute_force(metric, overlap, seed):
+    x, labels = clustered_data(seed, num_classes=5, per_class=7, spread=1.5)
+    rng = np.random.default_rng(seed)
+    is_query = rng.random(len(labels)) < 0.4
+    is_gallery = ~is_query | (overlap & (rng.random(len(labels)) < 0.5))
+    x[3] = x[20]  # an exact duplicate across the sets
+    got = metrics.evaluate_embeddings(x, labels, recall_ks=(1, 2, 4, 50), metric=metric,
+                                      compute_clustering=False, is_query=is_query,
+                                      is_gallery=is_gallery)
+    expected = brute_force_query_gallery(x, labels, is_query, is_gallery, (1, 2, 4, 50), metric)
+    assert got == pytest.approx(expected, abs=1e-9)
+
+
+def test_all_rows_as_queries_and_gallery_is_the_usual_protocol():
+    x, labels = clustered_data(4)
+    everything = np.ones(len(labels), bool)
+    usual = metrics.evaluate_embeddings(x, labels, compute_clustering=False)
+    split = metrics.evaluate_embeddings(x, labels, compute_clustering=False,
+                                        is_query=everything, is_gallery=everything)
+    assert split == pytest.approx(usual, abs=1e-12)
+
+
+def test_query_gallery_hand_case():
+    # Queries 0 (class a) and 1 (class b) search the gallery rows 2, 3, 4 on a line.
+    x = np.array([[0.0], [10.0], [1.0], [2.0], [9.0]], np.float32)
+    labels = np.array(["a", "b", "b", "a", "a"])
+    is_query = np.array([True, True, False, False, False])
+    got = metrics.evaluate_embeddings(x, labels, recall_ks=(1, 2), compute_clustering=False,
+                                      is_query=is_query, is_gallery=~is_query)
+    # query 0: 2 (b), 3 (a), 4 (a): R@1 miss, R@2 hit, AP@R (R=2) = (0 + 1/2) / 2
+    # query 1: 4 (a), 3 (a), 2 (b): R@1 miss, R@2 miss, AP@R (R=1) = 0
+    assert got == pytest.approx({"recall@1": 0.0, "recall@2": 0.5, "map@r": 0.125})
+
+
+def test_exclude_self_keeps_duplicates_before_the_query():
+    neighbors = np.array([[7, 3, 5], [4, 2, 9], [1, 8, 6]])
+    # row 0: self 3 dropped; row 1: self (5) not among them, the last is dropped; row 2: no self.
+    got = metrics.exclude_self(neighbors, np.array([3, 5, 8]), np.array([True, True, False]))
+    assert got.tolist() == [[7, 5], [4, 2], [1, 8]]
+
+
+def test_roles_must_select_queries_and_a_gallery():
+    x, labels = clustered_data(0)
+    none = np.zeros(len(labels), bool)
+    with pytest.raises(ValueError, match="is_query selects no image"):
+        metrics.evaluate_embeddings(x, labels, compute_clustering=False, is_query=none)
+    with pytest.raises(ValueError, match=r"is_gallery must be a bool array"):
+        metrics.evaluate_embeddings(x, labels, compute_clustering=False, is_gallery=[1, 0])
+    single = none.copy()
+    single[0] = True
+    with pytest.raises(ValueError, match="at least 2 gallery images"):
+        metrics.evaluate_embeddings(x, labels, compute_clustering=False, is_gallery=single)

@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from dvml_tf import data
 from dvml_tf import models
 from dvml_tf.evaluation import runner
 from dvml_tf.export import layout
@@ -57,12 +58,16 @@ def test_tables_list_the_metrics_in_the_papers_order_in_percent():
 
 
 def test_encoded_images_reads_files_and_bytes(tmp_path):
-    from dvml_tf import data
-
     (tmp_path / "a.png").write_bytes(b"file-bytes")
-    catalog = data.ImageCatalog([0, 1], sources=[str(tmp_path / "a.png"), b"inline"],
-                                source_is_path=[True, False])
+    catalog = data.ImageCatalog([0, 1, 2], sources=[str(tmp_path / "a.png"), b"inline",
+                                                    str(tmp_path / "gone.png")],
+                                source_is_path=[True, False, True])
     assert runner.encoded_images(catalog, [1, 0]) == [b"inline", b"file-bytes"]
+    with pytest.raises(FileNotFoundError):
+        runner.encoded_images(catalog, [2])
+    errors = {}
+    assert runner.encoded_images(catalog, [2, 1], errors=errors) == [None, b"inline"]
+    assert list(errors) == [2] and "cannot read" in errors[2] and "gone.png" in errors[2]
     decoded = data.ImageCatalog([0], images=np.zeros((1, 2, 2, 3), np.uint8))
     with pytest.raises(ValueError, match="decoded pixels"):
         runner.encoded_images(decoded, [0])
@@ -84,8 +89,24 @@ def test_a_saved_model_without_the_export_report_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"export_report\.json not found: .*3 was not "
                                                 r"written by dvml_tf's export\.py"):
         runner.embed_saved_model(tmp_path / "E", dataset="omniglot")
-    with pytest.raises(ValueError, match="train or test split"):
-        runner.embed_saved_model(tmp_path / "E", split="validation")
+    with pytest.raises(ValueError, match="split must be test, validation or train"):
+        runner.saved_model_catalog({"model": {"dataset": "omniglot"}}, split="val")
+
+
+def test_the_validation_split_of_an_export_is_the_runs_held_out_classes(tmp_path):
+    import tensorflow_datasets as tfds
+
+    report = {"model": {"dataset": "omniglot", "validation_classes": 3, "seed": 0}}
+    with tfds.testing.mock_data(num_examples=300):
+        catalog, _ = runner.saved_model_catalog(report, "validation")
+        reference = data.load_dataset("omniglot", validation_classes=3, raw=True)
+        assert catalog.labels.tolist() == reference.validation.labels.tolist()
+        assert catalog.num_classes == 3
+        without = {"model": {"dataset": "omniglot"}}  # an older export, or no held-out classes
+        with pytest.raises(ValueError, match="held out no validation classes"):
+            runner.saved_model_catalog(without, "validation")
+        forced, _ = runner.saved_model_catalog(without, "validation", validation_classes=2)
+        assert forced.num_classes == 2
 
 
 def test_load_embed_bytes_checks_the_signatures(tmp_path):

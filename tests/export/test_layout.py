@@ -50,3 +50,31 @@ def test_the_report_travels_inside_the_version_folder(tmp_path):
     path = version_dir / layout.ASSETS_EXTRA_DIR / layout.REPORT_FILE
     assert json.loads(path.read_text()) == report
     assert layout.read_version_report(version_dir) == report
+
+
+def test_update_report_writes_both_copies_of_the_versions_report(tmp_path):
+    from dvml_tf.export import exporter
+
+    export_dir = tmp_path / "E"
+    versions = {}
+    for version in (1, 2):
+        versions[version] = _version(export_dir / layout.SAVED_MODEL_DIR, str(version))
+        layout.write_version_report(versions[version], {"version": version, "model": {}})
+    outer = export_dir / layout.REPORT_FILE
+    outer.write_text(json.dumps({"version": 2, "model": {}, "files": {"x": "y"}}))
+    assert layout.export_dir_of(versions[2]) == str(export_dir)
+    assert layout.export_dir_of(versions[1]) is None  # E's report describes version 2
+    assert layout.export_dir_of(_version(tmp_path, "9")) is None  # not inside E/saved_model
+    written = exporter.update_report(versions[2], "matching", {"thresholds": {"0.9": 0.5}})
+    assert len(written) == 2
+    assert json.loads(outer.read_text()) == {"version": 2, "model": {}, "files": {"x": "y"},
+                                             "matching": {"thresholds": {"0.9": 0.5}}}
+    assert layout.read_version_report(versions[2])["matching"] == {"thresholds": {"0.9": 0.5}}
+    # An older version: only its own copy (E's report is about another version).
+    exporter.update_report(versions[1], "matching", {"thresholds": {}})
+    assert layout.read_version_report(versions[1])["matching"] == {"thresholds": {}}
+    assert json.loads(outer.read_text())["matching"] == {"thresholds": {"0.9": 0.5}}
+    # Atomic writes: no temporary file is left next to either report.
+    assert sorted(p.name for p in (versions[2] / layout.ASSETS_EXTRA_DIR).iterdir()) == [
+        layout.REPORT_FILE]
+    assert not [p for p in export_dir.iterdir() if p.name.startswith(".export_report")]

@@ -9,7 +9,9 @@ from dvml_tf.training.config import TrainConfig
 def test_every_preset_is_valid_and_round_trips_through_json():
     for name in configs.PRESETS:
         config = configs.get_preset(name)
-        if config.dataset == "folder":
+        if config.dataset in ("folder", "csv"):  # the user's files: data_dir is required
+            with pytest.raises(ValueError, match=f"dataset={config.dataset} needs --data_dir"):
+                config.validate()
             config = config.replace(data_dir="/some/catalogue")
         config.validate()
         assert TrainConfig.from_dict(json.loads(config.to_json())) == config

@@ -1,0 +1,250 @@
+"""The index builder on a tiny generated catalogue and a tiny export: what it indexes, exactness of
+`flat` against a numpy brute force and against the exact evaluation, bad images, shards and
+merging, checkpoints and resuming, the output and lock rules."""
+
+import json
+import os
+import pathlib
+import shutil
+
+import numpy as np
+import pytest
+
+from dvml_tf import data as data_lib
+from dvml_tf.evaluation import metrics as metrics_lib
+from dvml_tf.evaluation import runner
+from dvml_tf.export import layout
+from dvml_tf.index import GalleryIndex
+from dvml_tf.index import builder
+from dvml_tf.index import evaluation
+from tests.index.catalogue import PER_CLASS
+
+
+def reference_embeddings(export, split="test"):
+    """The split's embeddings through embed_bytes, without the builder (batch of everything)."""
+    report = layout.read_version_report(export.version_dir)
+    catalog, _ = runner.saved_model_catalog(report, split, data_dir=str(export.manifest))
+    signature = runner.load_embed_bytes(export.version_dir)
+    embeddings, labels = runner.saved_model_embeddings(signature, catalog, batch_size=1000)
+    return embeddings, labels, catalog
+
+
+def build(export, output, **kwargs):
+    kwargs.setdefault("data_dir", str(export.manifest))
+    kwargs.setdefault("progress", False)
+    return builder.build_index(export.version_dir, output, **kwargs)
+
+
+def test_flat_index_holds_the_split_and_searches_exactly(catalogue_export, tmp_path):
+    result = build(catalogue_export, tmp_path / "I", batch_size=4, chunk_images=6)
+    assert result.kind == "index" and result.indexed == 3 * PER_CLASS and not result.failures
+    index = GalleryIndex.load(tmp_path / "I")
+    embeddings, labels, catalog = reference_embeddings(catalogue_export)
+    assert index.ids.tolist() == list(range(len(labels)))  # ids are the split's row numbers
+    assert index.get_labels(index.ids).tolist() == labels.tolist()
+    info = index.info
+    assert info["dataset"] == "csv" and info["split"] == "test"
+    assert info["class_names"] == {str(c): f"glyph_{c}" for c in (6, 7, 8)}
+    assert [m["path"] for m in index.get_metadata(index.ids)] == catalog.paths.tolist()
+    assert index.contract["saved_model"] == os.path.abspath(catalogue_export.version_dir)
+    # Exact search: the numpy brute force of cosine similarity, ties to the smaller row.
+    unit = embeddings / np.linalg.norm(embeddings, axis=1, keepdims=True)
+    similarity = unit @ unit.T
+    expected = np.lexsort((np.tile(np.arange(len(unit)), (len(unit), 1)), -similarity), axis=1)
+    found, scores = index.search(embeddings, k=len(unit))
+    assert (found == expected).all()
+    np.testing.assert_allclose(scores, np.take_along_axis(similarity, expected, 1), atol=1e-5)
+
+
+def test_metrics_through_flat_equal_the_exact_evaluation(catalogue_export, tmp_path):
+    build(catalogue_export, tmp_path / "I")
+    embeddings, labels, _ = reference_embeddings(catalogue_export)
+    exact = metrics_lib.evaluate_embeddings(embeddings, labels, recall_ks=(1, 2, 4),
+                                            metric="cosine", compute_clustering=False)
+    through = evaluation.index_retrieval_metrics(GalleryIndex.load(tmp_path / "I"), embeddings,
+                                                 labels, recall_ks=(1, 2, 4))
+    assert through == pytest.approx(exact, abs=1e-12)
+
+
+def test_an_image_that_does_not_decode_is_isolated_and_reported(catalogue_export, tmp_path):
+    embeddings, _, catalog = reference_embeddings(catalogue_export)
+    sources = [pathlib.Path(p).read_bytes() for p in catalog.paths]
+    sources[3] = b"\x89PNG\r\n\x1a\n" + b"\x00" * 50  # a PNG header, then garbage
+    sources[7] = b"not an image"
+    broken = data_lib.ImageCatalog(catalog.labels, sources=sources, source_is_path=False,
+                                   name="test", paths=catalog.paths)
+    missing = catalog.paths[9] + ".gone"  # a file that disappeared after loading
+    broken.source_is_path[9] = True
+    broken.sources = data_lib.catalog.host_tensor(
+        np.array([*sources[:9], missing.encode(), *sources[10:]], dtype=object))
+    plan = {"test": True}
+    staging = builder._Staging(str(tmp_path / "staging"), plan, restart=False)
+    signature = runner.load_embed_bytes(catalogue_export.version_dir)
+    vectors, failures, embedded_now, _ = builder.embed_rows(
+        signature, broken, np.arange(len(sources)), staging, 8, batch_size=4, chunk_images=8,
+        progress=False)
+    assert embedded_now == len(sources)
+    assert [f["id"] for f in failures] == [3, 7, 9]
+    assert "cannot read" in failures[2]["error"] and failures[2]["path"] == catalog.paths[9]
+    assert all(f["error"] for f in failures)
+    bad = np.isnan(vectors).any(axis=1)
+    assert np.flatnonzero(bad).tolist() == [3, 7, 9]
+    # The other images of the failing batches are embedded as they are alone.
+    np.testing.assert_allclose(vectors[~bad], embeddings[~bad], atol=1e-5)
+
+
+def test_files_the_loader_cannot_decode_are_skipped_and_listed(catalogue_export, tmp_path):
+    root = tmp_path / "data"
+    shutil.copytree(os.path.dirname(catalogue_export.manifest), root)
+    (root / "img" / "c7_2.png").write_bytes(b"\x89PNG\r\n\x1a\n corrupt")
+    result = build(catalogue_export, tmp_path / "I", data_dir=str(root / "manifest.csv"))
+    assert result.indexed == 3 * PER_CLASS - 1
+    assert result.unreadable == (str(root / "img" / "c7_2.png"),)
+    info = GalleryIndex.load(tmp_path / "I").info
+    assert info["unreadable"] == {"count": 1, "first": [str(root / "img" / "c7_2.png")]}
+
+
+@pytest.mark.parametrize("shard_by", ["range", "modulo"])
+def test_shards_merge_into_the_index_of_one_build(catalogue_export, tmp_path, shard_by):
+    build(catalogue_export, tmp_path / "whole", backend="flat")
+    shards = []
+    for i in (2, 0, 1):
+        result = build(catalogue_export, tmp_path / f"part{i}", num_shards=3, shard_index=i,
+                       shard_by=shard_by)
+        assert result.kind == "shard"
+        shards.append(tmp_path / f"part{i}")
+    _, arrays = builder.read_shard(tmp_path / "part1")
+    rows = np.arange(3 * PER_CLASS)
+    expected = rows[1::3] if shard_by == "modulo" else np.array_split(rows, 3)[1]
+    assert arrays["ids"].tolist() == expected.tolist()
+    merged = builder.merge_shards(shards, tmp_path / "merged")
+    assert merged.indexed == 3 * PER_CLASS
+    whole, joined = GalleryIndex.load(tmp_path / "whole"), GalleryIndex.load(tmp_path / "merged")
+    assert joined.ids.tolist() == whole.ids.tolist()
+    assert joined.contract == whole.contract
+    embeddings, _, _ = reference_embeddings(catalogue_export)
+    (ids_a, scores_a), (ids_b, scores_b) = whole.search(embeddings, 5), joined.search(embeddings,
+                                                                                        5)
+    # The shards embed in other batches, which moves the last float bit of some embeddings.
+    np.testing.assert_array_equal(ids_a, ids_b)
+    np.testing.assert_allclose(scores_a, scores_b, atol=1e-6)
+    assert joined.info["shards"] == 3
+
+
+def test_merge_refuses_incomplete_repeated_or_foreign_shards(catalogue_export, tmp_path):
+    for i in range(2):
+        build(catalogue_export, tmp_path / f"p{i}", num_shards=2, shard_index=i)
+    with pytest.raises(ValueError, match=r"Shard\(s\) \[1\] of 2 are missing"):
+        builder.merge_shards([tmp_path / "p0"], tmp_path / "I")
+    with pytest.raises(ValueError, match="Shard 0 of 2 is given twice"):
+        builder.merge_shards([tmp_path / "p0", tmp_path / "p0", tmp_path / "p1"], tmp_path / "I")
+    build(catalogue_export, tmp_path / "v1", num_shards=2, shard_index=1, split="validation")
+    with pytest.raises(ValueError, match=r"come from different builds.*split"):
+        builder.merge_shards([tmp_path / "p0", tmp_path / "v1"], tmp_path / "I")
+    with pytest.raises(FileNotFoundError, match="not a shard"):
+        builder.merge_shards([tmp_path / "p0", tmp_path / "nothing"], tmp_path / "I")
+    assert not (tmp_path / "I").exists()
+
+
+def test_an_interrupted_build_resumes_after_its_last_checkpoint(catalogue_export, tmp_path,
+                                                                  monkeypatch):
+    original = runner.run_embed_bytes
+    calls = []
+
+    def interrupted(signature, encoded):
+        calls.append(len(encoded))
+        if len(calls) == 4:  # in the third chunk: two chunks of 4 images are checkpointed
+            raise KeyboardInterrupt
+        return original(signature, encoded)
+
+    monkeypatch.setattr(runner, "run_embed_bytes", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        build(catalogue_export, tmp_path / "I", batch_size=2, chunk_images=4)
+    staging = builder.staging_path(tmp_path / "I")
+    progress = json.loads(pathlib.Path(staging, builder.PROGRESS_FILE).read_text())
+    assert [c["count"] for c in progress["chunks"]] == [4]  # the 2nd chunk's 2nd batch failed
+    assert not (tmp_path / "I").exists()
+    monkeypatch.setattr(runner, "run_embed_bytes", original)
+    result = build(catalogue_export, tmp_path / "I", batch_size=2, chunk_images=4)
+    assert result.embedded_now == 3 * PER_CLASS - 4
+    assert not os.path.exists(staging)  # removed once the index is in place
+    build(catalogue_export, tmp_path / "fresh")
+    resumed, fresh = GalleryIndex.load(tmp_path / "I"), GalleryIndex.load(tmp_path / "fresh")
+    embeddings, _, _ = reference_embeddings(catalogue_export)
+    for a, b in zip(resumed.search(embeddings, 4), fresh.search(embeddings, 4), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_checkpoints_of_other_settings_are_refused_unless_restarted(catalogue_export, tmp_path):
+    staging = builder.staging_path(tmp_path / "I")
+    os.makedirs(staging)
+    with open(os.path.join(staging, builder.PROGRESS_FILE), "w") as f:
+        json.dump({"plan": {"split": "train"}, "chunks": []}, f)
+    with pytest.raises(ValueError, match=r"interrupted build with other settings.*--restart"):
+        build(catalogue_export, tmp_path / "I")
+    result = build(catalogue_export, tmp_path / "I", restart=True)
+    assert result.indexed == 3 * PER_CLASS
+    # A folder that is not ours is never deleted, even with restart.
+    stranger = builder.staging_path(tmp_path / "J")
+    os.makedirs(stranger)
+    (tmp_path / ".J.staging" / "keep.txt").write_text("mine")
+    with pytest.raises(ValueError, match="left untouched"):
+        build(catalogue_export, tmp_path / "J", restart=True)
+    assert (tmp_path / ".J.staging" / "keep.txt").read_text() == "mine"
+
+
+def test_outputs_are_replaced_only_when_asked_and_foreign_folders_never(catalogue_export,
+                                                                        tmp_path):
+    build(catalogue_export, tmp_path / "I")
+    before = (tmp_path / "I" / "index.json").read_bytes()
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        build(catalogue_export, tmp_path / "I", backend="hnsw")
+    assert (tmp_path / "I" / "index.json").read_bytes() == before
+    build(catalogue_export, tmp_path / "I", backend="hnsw", overwrite=True)
+    assert GalleryIndex.load(tmp_path / "I").backend == "hnsw"
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "holiday.jpg").write_bytes(b"precious")
+    with pytest.raises(ValueError, match="not a gallery index or shard; it is left untouched"):
+        build(catalogue_export, tmp_path / "photos", overwrite=True)
+    assert (tmp_path / "photos" / "holiday.jpg").read_bytes() == b"precious"
+    with pytest.raises(ValueError, match="holds an index, not a shard"):
+        build(catalogue_export, tmp_path / "I", num_shards=2, overwrite=True)
+    with pytest.raises(ValueError, match=r"--shard_index must be in \[0, 2\)"):
+        build(catalogue_export, tmp_path / "K", num_shards=2, shard_index=2)
+    with pytest.raises(ValueError, match="Unknown backend_options"):
+        build(catalogue_export, tmp_path / "K", backend="hnsw", backend_options={"nprobe": 3})
+    assert not (tmp_path / "K").exists()
+
+
+def test_the_build_lock_refuses_a_second_holder_and_names_the_first(tmp_path):
+    # flock locks belong to open file descriptions: a second open in this process conflicts
+    # exactly as another process's would (tests/test_index_cli.py does it with processes).
+    with builder.build_lock(tmp_path / "I"), pytest.raises(
+            builder.BuildLockedError, match=f"pid {os.getpid()}"), builder.build_lock(
+            tmp_path / "I"):
+        pass
+    with builder.build_lock(tmp_path / "I"):  # released
+        pass
+
+
+def test_in_shop_catalogues_index_the_gallery_and_queries_search_it(catalogue_export, tmp_path):
+    from tests.index.catalogue import write_catalogue
+
+    manifest, _ = write_catalogue(tmp_path / "shop", roles=lambda split, c, i: (int(i < 2),
+                                                                                int(i >= 1)))
+    build(catalogue_export, tmp_path / "I", data_dir=str(manifest))
+    index = GalleryIndex.load(tmp_path / "I")
+    report = layout.read_version_report(catalogue_export.version_dir)
+    catalog, _ = runner.saved_model_catalog(report, "test", data_dir=str(manifest))
+    assert index.ids.tolist() == np.flatnonzero(catalog.is_gallery).tolist()
+    signature = runner.load_embed_bytes(catalogue_export.version_dir)
+    embeddings, labels = runner.saved_model_embeddings(signature, catalog)
+    exact = metrics_lib.evaluate_embeddings(embeddings, labels, recall_ks=(1, 3),
+                                            metric="cosine", compute_clustering=False,
+                                            is_query=catalog.is_query,
+                                            is_gallery=catalog.is_gallery)
+    through = evaluation.index_retrieval_metrics(index, embeddings, labels, (1, 3),
+                                                 is_query=catalog.is_query)
+    assert through == pytest.approx(exact, abs=1e-12)
+    with pytest.raises(ValueError, match="other labels than the split's rows"):
+        evaluation.index_retrieval_metrics(index, embeddings, labels[::-1], (1,))
