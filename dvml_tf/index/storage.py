@@ -55,24 +55,28 @@ def exclusive_lock(directory, timeout):
     os.makedirs(os.path.dirname(path), exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
     try:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except OSError as error:
-                if error.errno not in (errno.EAGAIN, errno.EACCES):
-                    raise
-                if time.monotonic() >= deadline:
-                    raise TimeoutError(
-                        f"Another process has been saving or loading {directory} for more than "
-                        f"{timeout:g} s (lock file {path}); retry later or pass a larger "
-                        "lock_timeout."
-                    ) from None
-                time.sleep(_LOCK_POLL_SECONDS)
+        _wait_for_flock(fd, fcntl.LOCK_EX, timeout, (
+            f"Another process has been saving or loading {directory} for more than {timeout:g} s "
+            f"(lock file {path}); retry later or pass a larger lock_timeout."))
         yield path
     finally:
         os.close(fd)  # Closing the descriptor releases the flock.
+
+
+def _wait_for_flock(fd, mode, timeout, message):
+    """Takes a flock (`fcntl.LOCK_EX` or `LOCK_SH`) on `fd`, polling until `timeout` seconds
+    have passed; then raises TimeoutError(message)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            fcntl.flock(fd, mode | fcntl.LOCK_NB)
+            return
+        except OSError as error:
+            if error.errno not in (errno.EAGAIN, errno.EACCES):
+                raise
+            if time.monotonic() >= deadline:
+                raise TimeoutError(message) from None
+            time.sleep(_LOCK_POLL_SECONDS)
 
 
 @contextlib.contextmanager
@@ -100,20 +104,9 @@ def shared_lock(directory, timeout):
         yield None
         return
     try:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-                break
-            except OSError as error:
-                if error.errno not in (errno.EAGAIN, errno.EACCES):
-                    raise
-                if time.monotonic() >= deadline:
-                    raise TimeoutError(
-                        f"A save into {directory} has held its lock ({path}) for more than "
-                        f"{timeout:g} s; retry later."
-                    ) from None
-                time.sleep(_LOCK_POLL_SECONDS)
+        _wait_for_flock(fd, fcntl.LOCK_SH, timeout, (
+            f"A save into {directory} has held its lock ({path}) for more than {timeout:g} s; "
+            "retry later."))
         yield path
     finally:
         os.close(fd)
