@@ -112,9 +112,21 @@ def main(argv):
                                    f"{embedded.metric} distance"))
         record = dict(metrics)
         if FLAGS.index:
-            record["index"] = _index_metrics(embedded, recall_ks, metrics)
+            from dvml_tf.index import evaluation as index_evaluation  # faiss only when asked
+
+            found, index = index_evaluation.evaluate_through_index(
+                FLAGS.index, FLAGS.saved_model, embedded, recall_ks, FLAGS.split,
+                FLAGS.dataset, compute_map="map@r" in metrics)
+            print_index_metrics(metrics, found, index.backend, len(index))
+            record["index"] = found
         if FLAGS.calibrate:
-            record["matching"] = _calibrate(embedded, precisions)
+            from dvml_tf.index import evaluation as index_evaluation
+
+            matching = index_evaluation.calibrate_export(
+                FLAGS.saved_model, embedded, precisions, FLAGS.split, FLAGS.dataset,
+                FLAGS.data_dir, FLAGS.batch_size, FLAGS.validation_classes)
+            print_calibration(matching, FLAGS.split)
+            record["matching"] = {k: v for k, v in matching.items() if k != "written"}
         if FLAGS.tfsim and catalog.has_query_gallery:
             raise ValueError("--tfsim compares the leave-one-out protocol; this split has "
                              "separate query and gallery sets.")
@@ -150,86 +162,38 @@ def main(argv):
         sys.exit(f"evaluate.py: error: {error}")
 
 
-def _index_metrics(embedded, recall_ks, exact):
-    """Recall@K and MAP@R through --index, printed beside the exact figures."""
-    from dvml_tf.index import GalleryIndex
-    from dvml_tf.index import builder
-    from dvml_tf.index import evaluation
-
-    index = GalleryIndex.load(FLAGS.index)
-    _, report, contract, _ = builder.load_model(FLAGS.saved_model)
-    index.check_contract(contract)
-    info = index.info or {}
-    dataset = FLAGS.dataset or report["model"]["dataset"]
-    for key, value in (("dataset", dataset), ("split", FLAGS.split)):
-        if value and info.get(key) not in (None, value):
-            raise ValueError(f"--index {FLAGS.index} was built on {key} {info[key]!r}, not "
-                             f"{value!r}.")
-    found = evaluation.index_retrieval_metrics(
-        index, embedded.embeddings, embedded.labels, recall_ks,
-        is_query=embedded.catalog.is_query, compute_map="map@r" in exact)
+def print_index_metrics(exact, found, backend, rows):
+    """Recall@K and MAP@R through the index beside the exact figures."""
     keys = list(found)
-    print(f"\nthrough the index ({index.backend}, {len(index)} rows) beside exact search:")
+    print(f"\nthrough the index ({backend}, {rows} rows) beside exact search:")
     print("| search | " + " | ".join(k.replace("recall", "R") for k in keys) + " |")
     print("|---|" + "---|" * len(keys))
     print("| exact | " + " | ".join(f"{100 * exact[k]:.2f}" for k in keys) + " |")
-    print(f"| {index.backend} | " + " | ".join(f"{100 * found[k]:.2f}" for k in keys) + " |")
+    print(f"| {backend} | " + " | ".join(f"{100 * found[k]:.2f}" for k in keys) + " |")
     print("| difference | " + " | ".join(f"{100 * (found[k] - exact[k]):+.2f}" for k in keys)
           + " |")
-    return found
 
 
-def _calibrate(embedded, precisions):
-    """Thresholds on the validation classes; their precision and recall on --split; stored in
-    the export's report."""
-    from dvml_tf.export import exporter
-    from dvml_tf.export import layout
-    from dvml_tf.index import matching
-
-    validation = runner.embed_saved_model(FLAGS.saved_model, "validation", FLAGS.dataset,
-                                          FLAGS.data_dir, FLAGS.batch_size,
-                                          FLAGS.validation_classes)
-    scores, correct = matching.top1(validation.embeddings, validation.labels, validation.metric,
-                                    validation.catalog.is_query, validation.catalog.is_gallery)
-    chosen = matching.calibrate(scores, correct, precisions)
-    test_scores, test_correct = matching.top1(embedded.embeddings, embedded.labels,
-                                              embedded.metric, embedded.catalog.is_query,
-                                              embedded.catalog.is_gallery)
-    measured = {key: matching.match_rates(test_scores, test_correct, rates["threshold"])
-                for key, rates in chosen.items()}
-    version_dir, _ = layout.resolve_saved_model(FLAGS.saved_model)
-    report = layout.read_version_report(version_dir)
-    record = {
-        "rule": matching.RULE,
-        "metric": embedded.metric,
-        "score": matching.score_name(embedded.metric),
-        "thresholds": {key: rates["threshold"] for key, rates in chosen.items()},
-        "calibration": {"dataset": FLAGS.dataset or report["model"]["dataset"],
-                        "split": "validation", "queries": len(scores),
-                        "classes": int(validation.catalog.num_classes),
-                        "top1_correct": float(np.mean(correct)), "targets": chosen},
-        FLAGS.split: {"queries": len(test_scores),
-                      "classes": int(embedded.catalog.num_classes),
-                      "top1_correct": float(np.mean(test_correct)), "targets": measured},
-    }
-    for path in exporter.update_report(version_dir, "matching", record):
+def print_calibration(record, split):
+    """The thresholds, their validation figures and their figures on the evaluated split."""
+    for path in record["written"]:
         print(f"wrote the matching thresholds into {path}")
-    print(f"\nopen-set matching: thresholds on {len(scores)} validation queries "
-          f"({validation.catalog.num_classes} classes), measured on {len(test_scores)} "
-          f"{FLAGS.split} queries ({matching.score_name(embedded.metric)} >= threshold)")
+    calibration, measured = record["calibration"], record[split]["targets"]
+    print(f"\nopen-set matching: thresholds on {calibration['queries']} validation queries "
+          f"({calibration['classes']} classes), measured on {record[split]['queries']} {split} "
+          f"queries ({record['score']} >= threshold)")
     print(f"| target precision | threshold | validation precision | validation recall | "
-          f"{FLAGS.split} precision | {FLAGS.split} recall | {FLAGS.split} matched |")
+          f"{split} precision | {split} recall | {split} matched |")
     print("|---|---|---|---|---|---|---|")
 
     def pct(value):
         return "—" if value is None else f"{100 * value:.1f}"
 
-    for key, rates in chosen.items():
+    for key, rates in calibration["targets"].items():
         test = measured[key]
         threshold = "none" if rates["threshold"] is None else f"{rates['threshold']:.4f}"
         print(f"| {key} | {threshold} | {pct(rates['precision'])} | {pct(rates['recall'])} | "
               f"{pct(test['precision'])} | {pct(test['recall'])} | {pct(test['matched'])} |")
-    return record
 
 
 if __name__ == "__main__":
