@@ -17,6 +17,7 @@ from dvml_tf import data as data_lib
 from dvml_tf import models
 from dvml_tf import task
 from dvml_tf.evaluation import metrics as metrics_lib
+from dvml_tf.evaluation import runner
 from dvml_tf.export import inference as inference_lib
 from dvml_tf.export import layout
 from dvml_tf.export import litert
@@ -79,7 +80,7 @@ def recall_at_1(embeddings, labels, normalized):
         float in [0, 1].
     """
     result = metrics_lib.evaluate_embeddings(
-        embeddings, labels, recall_ks=(1,), metric="cosine" if normalized else "euclidean",
+        embeddings, labels, recall_ks=(1,), metric=runner.distance_metric(normalized),
         compute_clustering=False, compute_map=False,
     )
     return result["recall@1"]
