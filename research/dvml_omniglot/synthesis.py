@@ -307,6 +307,18 @@ def _cell(values, digits=1):
 
 def report(results):
     lines = []
+    curves = {loss: by["baseline"]["0"]["curve"] for loss, by in results.get("curve", {}).items()
+              if "curve" in by.get("baseline", {}).get("0", {})}
+    if curves:
+        steps = sorted({int(s) for curve in curves.values() for s in curve})
+        shown = [s for s in steps if s % 1000 == 0]
+        lines.append("\nbaselines' validation R@1 (%) by step, seed 0\n| loss | "
+                     + " | ".join(f"{s:,}" for s in shown) + " |\n|---|" + "---|" * len(shown))
+        for loss, curve in curves.items():
+            lines.append(f"| {loss} | " + " | ".join(
+                f"{100 * curve[str(s)]:.1f}" if str(s) in curve else "—" for s in shown) + " |")
+        if "steps" in results:
+            lines.append(f"\nsteps chosen by the rule: {results['steps']:,}")
     for stage in ("validation", "test"):
         for loss, by_variant in results.get(stage, {}).items():
             lines.append(f"\n{stage}, {loss}\n| variant | seeds | R@1 | MAP@R | active units "
