@@ -14,8 +14,15 @@ whose folder holds their metrics are collected, interrupted ones resume from the
 `--stage=validation` and `--stage=test` take `--only=LOSS/VARIANT/SEED,...` to run a part (two
 processes of this script may share the work: runs are claimed with a lock file). The selection
 (`select`) applies the rule of `PROTOCOL` to the validation results; the test stage refuses to
-start before the validation stage is complete. Results: research/dvml_omniglot/results/
-omniglot_synthesis.json; the runs live in --workdir.
+start before the validation stage is complete. The runs live in --workdir.
+
+Results: research/dvml_omniglot/results/omniglot_synthesis.json, with `protocol`, `steps`,
+`selected` ({"dvml": NAME, "reference": NAME, "triplet_reduction": NAME, ...}), `curve`
+({LOSS: {STEP: R@1}}), `validation` and `test` ({LOSS: {VARIANT: {"seeds": [...],
+"recall@1": [...], "map@r": [...], ..., "active_units": [...]}}}, one value per seed, fractions;
+the test stage's variants are `baseline`, `dvml` and `reference`), and `runs`: every run's own
+record ({STAGE: {LOSS: {VARIANT: {SEED: metrics, diagnostics, last step}}}}), from which the
+other keys are derived.
 """
 
 import concurrent.futures
@@ -112,9 +119,39 @@ TEST_LOSSES = ("triplet", "npair", "triplet2_dws")
 
 # ------------------------------------------------------------------------------ results file
 
+STAGES = ("curve", "validation", "test")
+# What the summaries keep of each run, one value per seed (fractions).
+SUMMARY_METRICS = ("recall@1", "map@r", "nmi", "f1")
+SUMMARY_DIAGNOSTICS = ("active_units", "kl", "recon", "recon_shuffled", "syn_to_inv")
+
+
+def _migrate(results):
+    """Files written before `runs` existed kept the per-run records under the stage names."""
+    if "runs" not in results:
+        results["runs"] = {stage: results.pop(stage) for stage in STAGES if stage in results}
+    return results
+
+
+def summarize(runs_of_stage):
+    """{loss: {variant: {"seeds": [...], "recall@1": [...], ..., "active_units": [...]}}}: the
+    per-seed records of a stage as lists, one value per seed (the issue's results schema)."""
+    summary = {}
+    for loss, by_variant in runs_of_stage.items():
+        for variant, by_seed in by_variant.items():
+            seeds = sorted(by_seed, key=int)
+            row = {"seeds": [int(seed) for seed in seeds]}
+            for key in SUMMARY_METRICS:
+                row[key] = [by_seed[seed].get(key) for seed in seeds]
+            if all("diagnostics" in by_seed[seed] for seed in seeds):
+                for key in SUMMARY_DIAGNOSTICS:
+                    row[key] = [by_seed[seed]["diagnostics"][key] for seed in seeds]
+            summary.setdefault(loss, {})[variant] = row
+    return summary
+
+
 def load_results():
     path = pathlib.Path(FLAGS.output)
-    results = json.loads(path.read_text()) if path.exists() else {}
+    results = _migrate(json.loads(path.read_text()) if path.exists() else {})
     if results.get("protocol", PROTOCOL) != PROTOCOL:
         raise SystemExit(f"{path} was written under another protocol; the protocol is fixed "
                          "once runs exist (write a new results file).")
@@ -127,6 +164,11 @@ def load_results():
 def save_results(results):
     path = pathlib.Path(FLAGS.output)
     path.parent.mkdir(parents=True, exist_ok=True)
+    for stage in ("validation", "test"):  # derived from `runs`, rewritten on every save
+        results[stage] = summarize(results["runs"].get(stage, {}))
+    curves = results["runs"].get("curve", {})
+    results["curve"] = {loss: by["baseline"]["0"].get("curve", {})
+                        for loss, by in curves.items() if "0" in by.get("baseline", {})}
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(results, indent=1, sort_keys=False))
     os.replace(tmp, path)
@@ -182,7 +224,7 @@ def execute(stage, jobs):
         jobs = [job for job in jobs if "/".join(map(str, job[:3])) in FLAGS.only]
     # A run recorded in the results file is done, even when its folder is gone (another
     # machine or session): the results file, committed, is what the study resumes from.
-    recorded = load_results().get(stage, {})
+    recorded = load_results()["runs"].get(stage, {})
     jobs = [job for job in jobs
             if str(job[2]) not in recorded.get(job[0], {}).get(job[1], {})]
 
@@ -197,7 +239,7 @@ def execute(stage, jobs):
             metrics = runs.run(directory, stage, flags_, label=f"{stage} {loss}/{variant}/{seed}")
         finally:
             claim.close()
-        _update_results(lambda results: results.setdefault(stage, {}).setdefault(
+        _update_results(lambda results: results["runs"].setdefault(stage, {}).setdefault(
             loss, {}).setdefault(variant, {}).__setitem__(str(seed), _summary(metrics)))
 
     with concurrent.futures.ThreadPoolExecutor(FLAGS.parallel) as pool:
@@ -211,7 +253,7 @@ def common_flags(loss, seed, steps):
 
 def chosen_steps(results):
     """The steps rule of the protocol, applied to the curve stage's results."""
-    curves = results.get("curve", {})
+    curves = results["runs"].get("curve", {})
     if set(curves) != set(VALIDATION_LOSSES) or any(
             str(CURVE_MAX_STEPS) not in curves[loss]["baseline"]["0"]["curve"]
             for loss in VALIDATION_LOSSES):
@@ -225,12 +267,16 @@ def chosen_steps(results):
     return chosen
 
 
+def _record(results, stage, loss, variant, seed):
+    """The recorded run (a dict), or {} when it has not finished."""
+    return results["runs"].get(stage, {}).get(loss, {}).get(variant, {}).get(str(seed), {})
+
+
 def validation_means(results):
     """{variant: mean validation R@1 over the validation losses and seeds} (complete only)."""
     means = {}
     for variant in VARIANTS:
-        values = [results.get("validation", {}).get(loss, {}).get(variant, {}).get(str(seed),
-                                                                                 {}).get("recall@1")
+        values = [_record(results, "validation", loss, variant, seed).get("recall@1")
                   for loss in VALIDATION_LOSSES for seed in VALIDATION_SEEDS]
         if None not in values:
             means[variant] = float(np.mean(values))
@@ -240,10 +286,9 @@ def validation_means(results):
 def select(results):
     """The selection rule of the protocol; None until the validation stage is complete."""
     means = validation_means(results)
-    triplet = results.get("validation", {}).get("triplet", {})
     reduction_means = {
-        name: np.mean([triplet.get(name, {}).get(str(s), {}).get("recall@1", np.nan)
-                       for s in VALIDATION_SEEDS]) for name in TRIPLET_REDUCTIONS}
+        name: np.mean([_record(results, "validation", "triplet", name, seed).get("recall@1", np.nan)
+                       for seed in VALIDATION_SEEDS]) for name in TRIPLET_REDUCTIONS}
     if len(means) < len(VARIANTS) or any(np.isnan(v) for v in reduction_means.values()):
         return None
     return {
@@ -307,8 +352,7 @@ def _cell(values, digits=1):
 
 def report(results):
     lines = []
-    curves = {loss: by["baseline"]["0"]["curve"] for loss, by in results.get("curve", {}).items()
-              if "curve" in by.get("baseline", {}).get("0", {})}
+    curves = {loss: curve for loss, curve in results.get("curve", {}).items() if curve}
     if curves:
         steps = sorted({int(s) for curve in curves.values() for s in curve})
         shown = [s for s in steps if s % 1000 == 0]
@@ -320,7 +364,7 @@ def report(results):
         if "steps" in results:
             lines.append(f"\nsteps chosen by the rule: {results['steps']:,}")
     for stage in ("validation", "test"):
-        for loss, by_variant in results.get(stage, {}).items():
+        for loss, by_variant in results["runs"].get(stage, {}).items():
             lines.append(f"\n{stage}, {loss}\n| variant | seeds | R@1 | MAP@R | active units "
                          "| recon (own / shuffled z_V) | L_syn / L_inv |\n|---|---|---|---|---|"
                          "---|---|")

@@ -246,9 +246,15 @@ def test_synthesis_applies_the_protocols_rules_to_finished_runs(tmp_path):
     assert results["selected"]["dvml"] == "dvml_transfer"
     assert results["selected"]["reference"] == "ref_symmetrical"
     assert results["selected"]["triplet_reduction"] == "baseline_active"
-    summary = results["validation"]["npair"]["dvml_transfer"]["1"]
-    assert summary["recall@1"] == pytest.approx(0.931)
-    assert summary["diagnostics"]["kl_per_dim_max"] == 1.0
+    # The issue's schema: one value per seed; each run's own record under "runs".
+    summary = results["validation"]["npair"]["dvml_transfer"]
+    assert summary["seeds"] == [0, 1]
+    assert summary["recall@1"] == pytest.approx([0.93, 0.931])
+    assert summary["active_units"] == [3, 3] and summary["recon_shuffled"] == [1.5, 1.5]
+    assert "active_units" not in results["validation"]["npair"]["baseline"]
+    record = results["runs"]["validation"]["npair"]["dvml_transfer"]["1"]
+    assert record["diagnostics"]["kl_per_dim_max"] == 1.0
+    assert results["curve"]["npair"]["3000"] == 0.90
 
     # The test stage runs exactly the selected methods: all exist, so it only collects them.
     for seed in (0, 1, 2):
@@ -260,7 +266,25 @@ def test_synthesis_applies_the_protocols_rules_to_finished_runs(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads(output.read_text())
     assert set(results["test"]["triplet"]) == {"baseline", "dvml", "reference"}
+    assert results["test"]["npair"]["dvml"]["recall@1"] == [0.8, 0.8, 0.8]
     assert "| dvml | 3 | 80.0 ± 0.0 |" in proc.stdout
+
+
+def test_synthesis_reads_results_files_written_before_runs_existed(tmp_path):
+    """Earlier files kept each run's record under the stage's name: they are moved under
+    "runs" (nothing is trained again) and the summaries are derived from them."""
+    record = {"recall@1": 0.92, "map@r": 0.73, "nmi": 0.96, "f1": 0.83}
+    output = tmp_path / "results.json"
+    output.write_text(json.dumps({"validation": {"npair": {"baseline": {"0": record}}}}))
+    proc = subprocess.run(
+        [sys.executable, str(HERE / "synthesis.py"), "--stage=report", f"--output={output}",
+         f"--workdir={tmp_path / 'runs'}"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(output.read_text())
+    assert results["runs"]["validation"]["npair"]["baseline"]["0"] == record
+    assert results["validation"]["npair"]["baseline"]["recall@1"] == [0.92]
+    assert "| baseline | 1 | 92.0 ± 0.0 |" in proc.stdout
+    assert not (tmp_path / "runs").exists()
 
 
 def test_synthesis_test_stage_refuses_before_validation_is_complete(tmp_path):

@@ -11,16 +11,11 @@ from dvml_tf import models
 from dvml_tf import task
 from dvml_tf.training.config import TrainConfig
 from research.dvml_omniglot import variants
+from tests.models.test_dvml_model import EMBEDDING_DIM
+from tests.models.test_dvml_model import batch
+from tests.models.test_dvml_model import tiny_backbone
 
-FEATURE_DIM, EMBEDDING_DIM = 12, 6
 ONLY_SYN = (0.0, 0.0, 1.0, 0.0)
-
-
-def tiny_backbone(image_size=4):
-    inputs = keras.Input((image_size, image_size, 3))
-    x = keras.layers.Flatten()(keras.layers.Rescaling(1.0 / 255.0)(inputs))
-    features = keras.layers.Dense(FEATURE_DIM, activation="relu", name="features")(x)
-    return keras.Model(inputs, features, name="tiny_backbone")
 
 
 def make_model(variant=None, seed=0, **kwargs):
@@ -35,13 +30,6 @@ def make_model(variant=None, seed=0, **kwargs):
         model = variants.ResearchDVMLModel(tiny_backbone(), research_variant=variant, **kwargs)
     model.compile(optimizer=keras.optimizers.SGD(0.01))
     return model
-
-
-def batch(num_classes=4, images_per_class=2, seed=0):
-    rng = np.random.default_rng(seed)
-    images = rng.uniform(0, 255, size=(num_classes * images_per_class, 4, 4, 3))
-    labels = np.repeat(np.arange(num_classes), images_per_class)
-    return tf.constant(images, tf.float32), tf.constant(labels)
 
 
 def test_synthesis_gradient_modes_reach_the_variance_heads_as_documented():
