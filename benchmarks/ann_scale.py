@@ -25,9 +25,11 @@ in the next one with the same settings (a 1M HNSW graph takes half an hour to bu
 
 Results go to benchmarks/results/ann_scale.json and a Markdown table is printed.
 
-Full scale (about an hour on 2 shared cores; other jobs were running, so p99 is what it is):
+Full scale (about an hour on 2 cores shared with other jobs, whose load then sets the wall-clock
+p99; HNSW alone on an idle machine took 10 minutes, build included):
 
-    nice -n 10 python benchmarks/ann_scale.py
+    python benchmarks/ann_scale.py
+    python benchmarks/ann_scale.py --backends=hnsw --output=benchmarks/results/ann_scale_idle.json
 
 Quick run:
 
