@@ -310,15 +310,15 @@ def stage_curve():
 
 
 def stage_validation():
-    results = load_results()
-    steps = chosen_steps(results)
+    steps = chosen_steps(load_results())
+    _update_results(lambda r: r.__setitem__("steps", steps))  # before the first run: reported
     jobs = [(loss, variant, seed, [*common_flags(loss, seed, steps), *flags_])
             for seed in VALIDATION_SEEDS for loss in VALIDATION_LOSSES
             for variant, flags_ in VARIANTS.items()]
     jobs += [("triplet", name, seed, [*common_flags("triplet", seed, steps), *flags_])
              for seed in VALIDATION_SEEDS for name, flags_ in TRIPLET_REDUCTIONS.items()]
     execute("validation", jobs)
-    selected = select(_update_results(lambda r: r.__setitem__("steps", steps)))
+    selected = select(_update_results(lambda r: None))
     if selected:
         _update_results(lambda r: r.__setitem__("selected", selected))
         print("selected:", json.dumps(selected, indent=1))
