@@ -91,6 +91,14 @@ def import_index_modules():
     return GalleryIndex, knn
 
 
+def _atomic():
+    """dvml_tf.utils.atomic (it imports no TensorFlow), imported like the index modules."""
+    import_index_modules()
+    from dvml_tf.utils import atomic
+
+    return atomic
+
+
 def _status_gb(key):
     kb = step_time._status_kb(key)
     return None if kb is None else round(kb / 1024**2, 3)
@@ -232,12 +240,6 @@ def _read_json(path):
         return None
 
 
-def _write_json(path, value):
-    with open(path + ".tmp", "w") as f:
-        json.dump(value, f, indent=2)
-    os.replace(path + ".tmp", path)
-
-
 def parse_options(text, flag):
     """--<backend>_options: a JSON object."""
     try:
@@ -339,7 +341,7 @@ def main(argv=None):
                   f"{generate_s:.0f} s.", flush=True)
             truth = run_worker("truth", args)
             print(f"Exact neighbours (knn.py): {truth['seconds']:.1f} s.", flush=True)
-            _write_json(data_json, {"settings": settings, "generate_s": generate_s,
+            _atomic().write_json(data_json, {"settings": settings, "generate_s": generate_s,
                                     "truth": truth})
         results = {}
         for name in chosen:
@@ -353,7 +355,7 @@ def main(argv=None):
                 build = run_worker("build", args, backend=name, index_dir=index_dir,
                                    options=json.dumps(options[name]))
                 build["requested_options"] = options[name]
-                _write_json(build_json, build)
+                _atomic().write_json(build_json, build)
                 print(f"{name}: built in {build['build_s']:.1f} s.", flush=True)
             serve = run_worker("serve", args, backend=name, index_dir=index_dir)
             if not args.work_dir:
@@ -406,10 +408,7 @@ def main(argv=None):
         "goal_met_by_with_cpu_time_p99": met_cpu,
         "backends": results,
     }
-    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-    with open(args.output + f".tmp-{os.getpid()}", "w") as f:
-        json.dump(summary, f, indent=2)
-    os.replace(args.output + f".tmp-{os.getpid()}", args.output)
+    _atomic().write_json(args.output, summary)
 
     print(f"\n{args.num:,} x {args.dim} ({num_classes:,} classes), {args.queries:,} queries, "
           f"metric={args.metric}, {machine['usable_cpus']} cores, {platform.machine()}, load "
