@@ -25,7 +25,6 @@ in another measurement, --train_step=none skips it.
 
 import importlib
 import io
-import json
 import os
 import platform
 import resource
@@ -57,6 +56,7 @@ from dvml_tf.data import load_dataset  # noqa: E402
 from dvml_tf.data import make_eval_dataset  # noqa: E402
 from dvml_tf.data import make_train_dataset  # noqa: E402
 from dvml_tf.data.folder import check_image_files  # noqa: E402
+from dvml_tf.utils import atomic  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("cases", ["omniglot", "sop_synthetic", "folder_check"], "Cases to run.")
@@ -329,11 +329,7 @@ def main(argv):
         },
         "markdown": table,
     }
-    os.makedirs(os.path.dirname(os.path.abspath(FLAGS.output)), exist_ok=True)
-    temporary = FLAGS.output + ".tmp"
-    with open(temporary, "w") as f:
-        json.dump(record, f, indent=2)
-    os.replace(temporary, FLAGS.output)
+    atomic.write_json(FLAGS.output, record)
 
 
 if __name__ == "__main__":

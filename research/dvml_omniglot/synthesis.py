@@ -41,6 +41,7 @@ HERE = pathlib.Path(__file__).resolve().parent
 if str(HERE.parents[1]) not in sys.path:
     sys.path.insert(0, str(HERE.parents[1]))
 
+from dvml_tf.utils import atomic  # noqa: E402
 from research.dvml_omniglot import runs  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -163,15 +164,12 @@ def load_results():
 
 def save_results(results):
     path = pathlib.Path(FLAGS.output)
-    path.parent.mkdir(parents=True, exist_ok=True)
     for stage in ("validation", "test"):  # derived from `runs`, rewritten on every save
         results[stage] = summarize(results["runs"].get(stage, {}))
     curves = results["runs"].get("curve", {})
     results["curve"] = {loss: by["baseline"]["0"].get("curve", {})
                         for loss, by in curves.items() if "0" in by.get("baseline", {})}
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(results, indent=1, sort_keys=False))
-    os.replace(tmp, path)
+    atomic.write_json(path, results)
 
 
 def _update_results(update):
