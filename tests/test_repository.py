@@ -41,3 +41,23 @@ def test_ruff_is_clean():
     ruff = shutil.which("ruff") or str(pathlib.Path(sys.executable).parent / "ruff")
     result = subprocess.run([ruff, "check", "."], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+# A repository path named in code or docs, e.g. `benchmarks/<name>.py`
+# (module paths such as `dvml_tf/__init__` may leave out `.py`; `<...>` marks a placeholder).
+NAMED_PATH = re.compile(r"(?<![\w/.])((?:benchmarks|research|docs|dvml_tf|tests|\.ci)/[\w./<>-]*\w)")
+
+
+def test_paths_named_in_code_and_docs_exist():
+    """Files move (the restructuring moved the studies to research/); their mentions must follow."""
+    stale = []
+    for path in sorted([*ROOT.glob("*.md"), *ROOT.glob("*.py"), *ROOT.glob("*/**/*.md"),
+                        *ROOT.glob("*/**/*.py")]):
+        relative = path.relative_to(ROOT)
+        if relative.parts[0].startswith(".") or "site-packages" in relative.parts:
+            continue
+        for named in NAMED_PATH.findall(path.read_text()):
+            if "<" in named or (ROOT / named).exists() or (ROOT / f"{named}.py").exists():
+                continue
+            stale.append(f"{relative}: {named}")
+    assert not stale, "named paths that do not exist:\n" + "\n".join(stale)

@@ -66,7 +66,7 @@ def _convnet_small(inputs, channels=(32, 64, 128, 128)):
     """Four conv-BN-ReLU-maxpool blocks and global average pooling: a fast CPU backbone.
 
     The widths trade accuracy for speed on a 2-core CPU: (64, 64, 128, 256) cost about 1.6x the
-    step time for a similar validation Recall@1 on Omniglot (benchmarks/omniglot_zero_shot.py).
+    step time for a similar validation Recall@1 on Omniglot (research/dvml_omniglot/zero_shot.py).
     """
     x = keras.layers.Rescaling(1.0 / 255.0, name="rescale")(inputs)
     for block, width in enumerate(channels):
