@@ -45,7 +45,8 @@ def test_ruff_is_clean():
 
 # A repository path named in code or docs, e.g. `benchmarks/<name>.py`
 # (module paths such as `dvml_tf/__init__` may leave out `.py`; `<...>` marks a placeholder).
-NAMED_PATH = re.compile(r"(?<![\w/.])((?:benchmarks|research|docs|dvml_tf|tests|\.ci)/[\w./<>-]*\w)")
+NAMED_PATH = re.compile(
+    r"(?<![\w/.])((?:benchmarks|research|docs|dvml_tf|tests|\.ci)/[\w./<>-]*\w)")
 
 
 def test_paths_named_in_code_and_docs_exist():
