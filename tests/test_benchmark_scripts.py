@@ -89,3 +89,47 @@ def test_index_recall_small_run(catalogue_export, tmp_path):
     assert flat["rows"] == 15 and flat["build_seconds"] > 0 and flat["index_bytes"] > 0
     assert record["backends"]["hnsw"]["backend_options"]["M"] == 32
     assert "| exact (evaluate.py) |" in proc.stdout and "| hnsw |" in proc.stdout
+
+
+# --------------------------------------------------------------------------- default_run.py
+
+def test_default_run_times_both_commands_and_resumes_without_reusing_a_folder(tmp_path):
+    from tests.test_train_cli import SMALL_FOLDER_RUN
+    from tests.test_train_cli import write_folder
+
+    data = write_folder(tmp_path / "catalogue", num_classes=10)
+    work, output = tmp_path / "runs", tmp_path / "default_run.json"
+    # An earlier, interrupted attempt: its folder is neither reused (its time would not be end
+    # to end) nor touched.
+    (work / "default_seed0").mkdir(parents=True)
+    (work / "default_seed0" / "notes.txt").write_text("left by an interrupted run")
+    command = [sys.executable, str(ROOT / "benchmarks" / "default_run.py"), f"--work_dir={work}",
+               f"--output={output}", "--extra=" + " ".join([*SMALL_FOLDER_RUN,
+                                                            f"--data_dir={data}"])]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(output.read_text())
+    default, baseline = results["runs"]["default"]["0"], results["runs"]["nodvml"]["0"]
+    assert default["model_dir"] == "default_seed0_attempt2"
+    assert (work / "default_seed0" / "notes.txt").read_text() == "left by an interrupted run"
+    assert baseline["model_dir"] == "nodvml_seed0" and "--nodvml" in baseline["command"]
+    assert "--nodvml" not in default["command"]
+    for record in (default, baseline):
+        assert record["seconds"] > 0 and record["peak_rss_gb"] > 0.1
+        assert 0 <= record["recall@1"] <= 1
+    assert json.loads((work / "nodvml_seed0" / "config.json").read_text())["dvml"] is False
+    assert json.loads((work / "default_seed0_attempt2" / "config.json").read_text())["dvml"]
+    summary = results["summary"]
+    assert summary["recall@1_default_minus_nodvml"] == pytest.approx(
+        default["recall@1"] - baseline["recall@1"])
+    assert summary["default_within_limit"] is (default["seconds"] < 600)
+    assert "| `train.py --nodvml` | 0 |" in proc.stdout
+
+    # Run again: both runs are recorded, so nothing trains; other flags are refused.
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0 and json.loads(output.read_text())["runs"] == results["runs"]
+    assert sorted(p.name for p in work.iterdir()) == [
+        "default_seed0", "default_seed0_attempt2", "nodvml_seed0"]
+    proc = subprocess.run([*command[:-1], "--extra=--steps=3"], capture_output=True, text=True,
+                          timeout=300, check=False)
+    assert proc.returncode != 0 and "--extra=" in proc.stderr
