@@ -15,8 +15,9 @@ Resumes after an interruption: a run recorded in the output file is not run agai
 left by an interrupted run is not reused (its time would not be end to end): the run starts over
 in a new folder `<variant>_seed<k>_attempt<n>`; nothing in --work_dir is deleted.
 
-Writes benchmarks/results/default_run.json (machine, every run's command, wall time, peak
-memory, load average and test metrics, and the summary) and prints a Markdown table.
+Writes `--output` (default: default_run.json in benchmarks/results/): the machine, every run's
+command, wall time, peak memory, load average and test metrics, and the summary; prints a
+Markdown table.
 """
 
 import importlib.metadata
