@@ -6,9 +6,9 @@ Trains on the 964 background classes (19,280 images, 28 px, grayscale tiled to 3
 evaluates on all 13,180 images of the 659 unseen evaluation classes.
 
 Expected: Recall@1 84.0 % (R@8 97.4, NMI 90.8, F1 65.0, MAP@R 50.4) in 9 minutes on an idle
-2-core x86_64 CPU (measured; see README, "Set up"). DVML does not beat its baseline here:
-at 2,500 steps and 3 seeds, `--nodvml` is about 2 points of Recall@1 better (README, "Does DVML
-beat its baselines?", research/dvml_omniglot/zero_shot.py).
+2-core x86_64 CPU (measured; docs/results.md, "The default run"). DVML does not beat its
+baseline here: at 2,500 steps and 3 seeds, `--nodvml` is about 2 points of Recall@1 better
+(docs/results.md, research/dvml_omniglot/zero_shot.py).
 """
 
 from dvml_tf.training.config import TrainConfig
@@ -25,7 +25,7 @@ def get_config():
         loss="npair",
         dvml=True,
         num_samples=20,
-        # Chosen on held-out background alphabets (research/dvml_omniglot/zero_shot.py, README):
+        # Chosen on held-out background alphabets (research/dvml_omniglot/zero_shot.py):
         # a N(0, 0.1^2 I) prior on z_V instead of the paper's N(0, I), whose samples swamp z_I.
         variance_scale=0.1,
         classes_per_batch=64,
