@@ -110,6 +110,12 @@ def summarize(records):
     return summary
 
 
+def save(output, results):
+    """Writes the results file with its summary derived from the runs recorded so far."""
+    results["summary"] = summarize(results["runs"])
+    atomic.write_json(output, results)
+
+
 def table(records):
     lines = ["| run | seed | wall time | peak RSS | " + " | ".join(METRICS) + " |",
              "|---|---|---|---|" + "---|" * len(METRICS)]
@@ -145,10 +151,8 @@ def main(argv):
             print(f"{variant} seed {seed}: {record['seconds']:.0f} s, "
                   f"R@1 {100 * record['recall@1']:.1f}", flush=True)
             records.setdefault(variant, {})[seed] = record
-            results["summary"] = summarize(records)
-            atomic.write_json(output, results)
-    results["summary"] = summarize(records)
-    atomic.write_json(output, results)
+            save(output, results)
+    save(output, results)
     print(table(records))
     print(json.dumps(results["summary"], indent=1))
 
