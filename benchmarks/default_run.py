@@ -82,7 +82,9 @@ def run_once(variant, seed):
         raise SystemExit(f"{' '.join(command)} failed (exit {code}); see {directory}/train.log")
     metrics = json.loads((directory / "metrics.json").read_text())
     return {
-        "command": " ".join(["python", "train.py", *command[2:]]),
+        # Recorded without this machine's folders: WORK_DIR stands for --work_dir.
+        "command": " ".join(["python", "train.py", f"--model_dir=WORK_DIR/{directory.name}",
+                             *command[3:]]),
         "model_dir": directory.name,
         "seconds": round(seconds, 1),
         "peak_rss_gb": round(usage.ru_maxrss / 1e6, 2),  # Linux: KiB

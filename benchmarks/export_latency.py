@@ -4,7 +4,7 @@ Recall@1 of the LiteRT models on the Omniglot test split.
     # A trained Omniglot run (TFDS_DATA_DIR points at a prepared copy when offline):
     TFDS_DATA_DIR=/path/to/tfds python train.py --steps=1500 --model_dir=RUN
     TFDS_DATA_DIR=/path/to/tfds python benchmarks/export_latency.py --model_dir=RUN
-    # Without a run: the untrained Omniglot preset on generated images (latency and sizes only):
+    # Without a run: an untrained convnet_small on generated images (latency and sizes only):
     python benchmarks/export_latency.py
 
 The run is exported with `dvml_tf.export.export_model` (as export.py does) into --export_dir
@@ -101,7 +101,7 @@ def litert_recall(export_dir, images, labels, normalized):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model_dir", help="a trained run (default: untrained Omniglot preset)")
+    parser.add_argument("--model_dir", help="a trained run (default: an untrained convnet_small)")
     parser.add_argument("--export_dir", help="where to export (default: a temporary folder)")
     parser.add_argument("--runs", type=int, default=100, help="timed runs per figure (>= 50)")
     parser.add_argument("--output", default=RESULTS)
@@ -117,9 +117,9 @@ def main():
             model, config, source = run.model, run.config, run.source
             raw_splits = task.load_splits(config, raw=True)
         else:
-            config = TrainConfig()  # the Omniglot preset's architecture, untrained
+            config = TrainConfig()  # convnet_small, D = 128 (the defaults), untrained
             keras.utils.set_random_seed(0)
-            model, source = task.build_model(config), "untrained omniglot preset"
+            model, source = task.build_model(config), "untrained convnet_small"
             raw_splits = synthetic_data.synthetic_raw_splits(
                 task.raw_form(config), task.preprocess_config(config), train_classes=64,
                 test_classes=20)

@@ -114,6 +114,9 @@ def test_default_run_times_both_commands_and_resumes_without_reusing_a_folder(tm
     assert (work / "default_seed0" / "notes.txt").read_text() == "left by an interrupted run"
     assert baseline["model_dir"] == "nodvml_seed0" and "--nodvml" in baseline["command"]
     assert "--nodvml" not in default["command"]
+    # The recorded command names not the machine's --work_dir.
+    assert default["command"].startswith(
+        "python train.py --model_dir=WORK_DIR/default_seed0_attempt2 --seed=0")
     for record in (default, baseline):
         assert record["seconds"] > 0 and record["peak_rss_gb"] > 0.1
         assert 0 <= record["recall@1"] <= 1

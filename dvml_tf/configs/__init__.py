@@ -7,7 +7,8 @@ Without `--config`, the preset is the one named after `--dataset`.
 
 import importlib
 
-PRESETS = ("omniglot", "cub200", "cars196", "sop", "folder", "folder_cpu", "csv")
+PRESETS = ("omniglot", "omniglot_paper", "cub200", "cars196", "sop", "folder", "folder_cpu",
+           "csv")
 
 
 def get_preset(name):

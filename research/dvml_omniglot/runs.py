@@ -40,8 +40,10 @@ def metrics_file(stage):
 
 def command(model_dir, stage, flags):
     """The train.py command of one run."""
-    command_ = [sys.executable, str(TRAIN), "--config=omniglot", f"--model_dir={model_dir}",
-                *flags]
+    # The paper's recipe is the base: each study names every setting it varies (backbone, scale
+    # of z_V, the options), so the `omniglot` default can change without changing a study's runs.
+    command_ = [sys.executable, str(TRAIN), "--config=omniglot_paper",
+                f"--model_dir={model_dir}", *flags]
     if stage != "test":
         command_ += [f"--validation_classes={VALIDATION_CLASSES}", "--evaluation_split=validation"]
     return command_

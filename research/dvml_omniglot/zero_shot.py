@@ -48,6 +48,10 @@ flags.DEFINE_multi_string("extra", [], "Extra train.py flags for every run, e.g.
 
 LOSSES = runs.LOSS_FLAGS
 
+# The network and the prior scale of this study's "dvml": the `omniglot` preset of its time
+# (F = J = 128; s = 0.1 chosen on validation classes, README "Model selection").
+STUDY_NETWORK = ["--backbone=convnet_small", "--variance_scale=0.1"]
+
 PAPER = "1,1,0.1,1", "0.8,1,0.2,0.8"
 
 # The variants compared. "dvml" is the formulation chosen on the validation split (README,
@@ -88,7 +92,7 @@ def run_dir(stage, loss, variant, seed):
 def run(stage, loss, variant, seed):
     """Trains one run (or reuses its finished metrics); returns its metrics with the final
     training diagnostics under "train/<name>"."""
-    flags_ = [f"--steps={FLAGS.steps}", f"--seed={seed}", "--log_every=250",
+    flags_ = [*STUDY_NETWORK, f"--steps={FLAGS.steps}", f"--seed={seed}", "--log_every=250",
               f"--checkpoint_every={FLAGS.steps}", *LOSSES[loss], *VARIANTS[variant],
               *FLAGS.extra]
     return runs.run(run_dir(stage, loss, variant, seed), stage, flags_,

@@ -1,6 +1,7 @@
 """Smoke tests of the research scripts (research/dvml_omniglot: train.py with the research
 variants, table4.py, zero_shot.py) at tiny settings."""
 
+import dataclasses
 import json
 import os
 import pathlib
@@ -295,3 +296,28 @@ def test_synthesis_test_stage_refuses_before_validation_is_complete(tmp_path):
     assert proc.returncode != 0
     assert "not complete" in proc.stderr + proc.stdout
     assert not (tmp_path / "test").exists()
+
+
+def test_the_default_preset_is_the_variant_the_study_selected():
+    """`python train.py` trains what synthesis.py selected: the study's flags for N-pair and the
+    selected DVML variant, on the research runs' base preset, give the `omniglot` preset, but for
+    the steps (sized for the default run's 10 minutes) and the logging."""
+    from dvml_tf import configs
+    from dvml_tf.training.config import TrainConfig
+    from tests.training.test_flags import parse
+
+    selected = json.loads((HERE / "results" / "omniglot_synthesis.json").read_text())["selected"]
+    # In a subprocess: synthesis.py and zero_shot.py define absl flags of the same names.
+    proc = subprocess.run(
+        [sys.executable, "-c", "import json; from research.dvml_omniglot import runs, synthesis; "
+         "print(json.dumps([synthesis.NETWORK, runs.LOSS_FLAGS['npair'], synthesis.VARIANTS, "
+         "runs.command('RUN', 'test', [])[2]]))"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    network, npair, variants, base = json.loads(proc.stdout.splitlines()[-1])
+    study = parse(base, *network, *npair, *variants[selected["dvml"]])
+    default = configs.get_preset("omniglot")
+    differences = {field.name for field in dataclasses.fields(TrainConfig)
+                   if getattr(study, field.name) != getattr(default, field.name)}
+    assert differences <= {"config", "steps", "log_every", "model_dir"}, differences
+    assert base == "--config=omniglot_paper"

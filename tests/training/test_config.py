@@ -1,3 +1,4 @@
+import dataclasses
 import json
 
 import pytest
@@ -17,8 +18,18 @@ def test_every_preset_is_valid_and_round_trips_through_json():
         assert TrainConfig.from_dict(json.loads(config.to_json())) == config
 
 
+def test_omniglot_paper_is_the_default_network_with_dvml_as_published():
+    default, paper = configs.get_preset("omniglot"), configs.get_preset("omniglot_paper")
+    for field in dataclasses.fields(TrainConfig):
+        if field.metadata["group"] == "dvml":  # the paper's DVML: every option at its default
+            assert getattr(paper, field.name) == field.default, field.name
+        elif field.name != "config":  # the default run's network, data, batches and steps
+            assert getattr(paper, field.name) == getattr(default, field.name), field.name
+    assert default.dvml and default.decoder_centre == "class_mean"
+
+
 def test_unknown_preset_lists_the_valid_ones():
-    with pytest.raises(ValueError, match="valid configs: omniglot, cub200, cars196, sop"):
+    with pytest.raises(ValueError, match="valid configs: omniglot, omniglot_paper, cub200"):
         configs.get_preset("imagenet")
 
 

@@ -83,12 +83,11 @@ OVERRIDES = {
     "phase2_weights": (["--phase2_weights=0,1,1,1"], {"phase2_weights": (0.0, 1.0, 1.0, 1.0)}),
     "variance_scale": (["--variance_scale=0.3"], {"variance_scale": 0.3}),
     "synthesis": (["--synthesis=symmetrical"], {"synthesis": "symmetrical"}),
-    "reconstruction": (["--reconstruction=standardized_squares"],
-                       {"reconstruction": "standardized_squares"}),
-    "detach_variance_heads": (["--detach_variance_heads"], {"detach_variance_heads": True}),
+    "reconstruction": (["--reconstruction=norm"], {"reconstruction": "norm"}),
+    "detach_variance_heads": (["--nodetach_variance_heads"], {"detach_variance_heads": False}),
     "kl_free_bits": (["--kl_free_bits=0.2"], {"kl_free_bits": 0.2}),
-    "kl_warmup": (["--kl_warmup"], {"kl_warmup": True}),
-    "decoder_centre": (["--decoder_centre=class_mean"], {"decoder_centre": "class_mean"}),
+    "kl_warmup": (["--nokl_warmup"], {"kl_warmup": False}),
+    "decoder_centre": (["--decoder_centre=own"], {"decoder_centre": "own"}),
     "variance_transfer": (["--variance_transfer"], {"variance_transfer": True}),
     "scale_to_intra_class": (["--scale_to_intra_class"], {"scale_to_intra_class": True}),
     "classes_per_batch": (["--classes_per_batch=8"], {"classes_per_batch": 8}),
@@ -196,7 +195,7 @@ def test_flags_markdown_has_one_row_per_field():
     assert all(len(_cells(row)) == 3 for row in rows)
     by_name = dict(zip(names, flag_rows, strict=True))
     # The default run's values (the omniglot preset), and the valid values of enums.
-    assert _cells(by_name["steps"])[1] == "`5000`"
+    assert _cells(by_name["steps"])[1] == f"`{configs.get_preset('omniglot').steps}`"
     assert _cells(by_name["phase1_weights"])[1] == "`1.0,1.0,0.1,1.0`"
     assert _cells(by_name["data_dir"])[1] == "—"
     assert "One of `triplet`, `npair`" in _cells(by_name["loss"])[2]
@@ -210,4 +209,6 @@ def test_flags_markdown_escapes_pipes(monkeypatch):
     monkeypatch.setattr(flags_lib, "dataclasses", types.SimpleNamespace(fields=lambda _: fields))
     (row,) = [row for row in flags_lib.flags_markdown().splitlines() if "`--steps`" in row]
     assert "Training steps \\| or epochs \\| never both." in row
-    assert _cells(row) == ["`--steps`", "`5000`", "Training steps \\| or epochs \\| never both."]
+    default_steps = f"`{configs.get_preset('omniglot').steps}`"
+    assert _cells(row) == ["`--steps`", default_steps,
+                           "Training steps \\| or epochs \\| never both."]
