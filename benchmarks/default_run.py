@@ -68,8 +68,8 @@ def run_dir(variant, seed):
 def run_once(variant, seed):
     """Runs train.py once in a new folder; returns its record."""
     directory = run_dir(variant, seed)
-    command = [sys.executable, str(ROOT / "train.py"), f"--model_dir={directory}",
-               f"--seed={seed}", *VARIANTS[variant], *shlex.split(FLAGS.extra)]
+    flags_ = [f"--seed={seed}", *VARIANTS[variant], *shlex.split(FLAGS.extra)]
+    command = [sys.executable, str(ROOT / "train.py"), f"--model_dir={directory}", *flags_]
     directory.mkdir(parents=True)
     load_before = [round(x, 2) for x in os.getloadavg()]
     started = time.monotonic()
@@ -84,7 +84,7 @@ def run_once(variant, seed):
     return {
         # Recorded without this machine's folders: WORK_DIR stands for --work_dir.
         "command": " ".join(["python", "train.py", f"--model_dir=WORK_DIR/{directory.name}",
-                             *command[3:]]),
+                             *flags_]),
         "model_dir": directory.name,
         "seconds": round(seconds, 1),
         "peak_rss_gb": round(usage.ru_maxrss / 1e6, 2),  # Linux: KiB

@@ -7,10 +7,11 @@ the same steps) with DVML exactly as published: prior N(0, I), the plain-norm re
 ||f - x_hat|| of Eq. 9, heads and decoder trained end to end, no free bits, no warm-up, the
 decoder reading z_I(x) + z_V(x).
 
-Expected: below its `--nodvml` baseline. In the follow-up study (validation classes, seeds 0
-and 1, 4,000 steps; research/dvml_omniglot/README.md, `dvml_paper`) this recipe reached
-Recall@1 91.2 % (N-pair) against the baseline's 91.8 %, with 0 active latent units: the
-variance branch collapses to the prior and the decoder ignores z_V.
+Expected: below its `--nodvml` baseline (not measured at these 3,500 steps on the test
+classes). In the follow-up study (validation classes, seeds 0 and 1, 4,000 steps;
+research/dvml_omniglot/README.md, `dvml_paper`) this recipe reached Recall@1 91.2 % (N-pair)
+against the baseline's 91.8 %, with 0 active latent units: the variance branch collapses to the
+prior and the decoder ignores z_V.
 """
 
 from dvml_tf.configs.omniglot import omniglot_network
