@@ -8,47 +8,15 @@ import pathlib
 import subprocess
 import sys
 
-import numpy as np
 import pytest
-from PIL import Image
+
+from tests.research.conftest import write_folder_dataset
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 HERE = ROOT / "research" / "dvml_omniglot"
 
 
 # ------------------------------------------------------------------------------- table4.py
-
-def _write_folder_dataset(root, num_classes=10, per_class=5, size=16):
-    """Class prototypes plus noise as PNG files, one sub-folder per class."""
-    rng = np.random.default_rng(0)
-    for c in range(num_classes):
-        prototype = rng.uniform(0, 255, (size, size, 3))
-        directory = root / f"class_{c:02d}"
-        directory.mkdir(parents=True)
-        for i in range(per_class):
-            pixels = np.clip(prototype + rng.normal(0, 40, prototype.shape), 0, 255)
-            Image.fromarray(pixels.astype(np.uint8)).save(directory / f"{i}.png")
-
-
-@pytest.fixture(scope="module")
-def tiny_runs(tmp_path_factory):
-    from dvml_tf.training import trainer as trainer_lib
-    from dvml_tf.training.config import TrainConfig
-
-    root = tmp_path_factory.mktemp("table4")
-    folder = root / "images"
-    _write_folder_dataset(folder)
-    dirs = {}
-    for name, dvml in (("baseline", False), ("dvml", True)):
-        dirs[name] = root / name
-        config = TrainConfig(
-            config="table4_test", dataset="folder", data_dir=str(folder), image_size=12,
-            resize_size=16, embedding_dim=16, loss="triplet", dvml=dvml, num_samples=2,
-            classes_per_batch=4, images_per_class=2, steps=2, log_every=1, checkpoint_every=2,
-            eval_batch_size=16, model_dir=str(dirs[name]))
-        trainer_lib.Trainer(config, verbose=False).run()
-    return folder, dirs
-
 
 @pytest.mark.slow
 def test_table4_on_tiny_runs(tiny_runs, tmp_path, capsys):
@@ -162,7 +130,7 @@ def test_zero_shot_rejects_unknown_variants(tmp_path):
 @pytest.mark.slow
 def test_train_records_the_research_variant_and_refuses_another(tmp_path):
     folder = tmp_path / "images"
-    _write_folder_dataset(folder, num_classes=6, per_class=4)
+    write_folder_dataset(folder, num_classes=6, per_class=4)
     model_dir = tmp_path / "run"
     command = [sys.executable, str(HERE / "train.py"), "--config=omniglot", "--dataset=folder",
                f"--data_dir={folder}", f"--model_dir={model_dir}", "--image_size=12",
