@@ -148,6 +148,13 @@ class _Batch:
         return tf.gather(tensor, tf.range(start, start + self.local_size), axis=axis)
 
 
+def floored_variance(variance):
+    """The per-dimension feature variance ([F]) the standardized reconstruction divides by: a
+    floor relative to the typical variance keeps near-constant (dead ReLU) dimensions from
+    turning round-off into large targets."""
+    return variance + (1e-3 * tf.reduce_mean(variance) + 1e-8)
+
+
 def _intra_class_rms(embeddings, labels):
     """Root mean square distance of the embeddings to their class mean in the batch (scalar)."""
     deviations = embeddings - losses_lib.synthesis.class_means(embeddings, labels)
@@ -553,10 +560,7 @@ class DVMLModel(keras.Model):
             # Inference-mode features (batch norm's moving statistics) differ from the training-
             # mode ones the running statistics follow: standardize by the batch's own.
             mean, variance = batch_mean, batch_variance
-        # A floor relative to the typical variance: near-constant (dead ReLU) dimensions would
-        # otherwise turn round-off into large targets.
-        floor = 1e-3 * tf.reduce_mean(variance) + 1e-8
-        standardized = (features - mean) * tf.math.rsqrt(variance + floor)
+        standardized = (features - mean) * tf.math.rsqrt(floored_variance(variance))
         return standardized, losses_lib.half_squared_error
 
     def _kl_objective(self, kl_per_dim, batch):

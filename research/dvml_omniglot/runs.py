@@ -34,8 +34,14 @@ STEP_LINE = re.compile(r"step (\d+)/(\d+) (.*)$")
 VALIDATION_LINE = re.compile(r"step (\d+) validation: (.*)$")
 
 
+def is_test(stage):
+    """Whether a stage trains on every training class and evaluates the test classes (`test`,
+    and a study's own `*_test` stages); any other stage evaluates held-out training classes."""
+    return stage == "test" or stage.endswith("_test")
+
+
 def metrics_file(stage):
-    return "metrics.json" if stage == "test" else "metrics_validation.json"
+    return "metrics.json" if is_test(stage) else "metrics_validation.json"
 
 
 def command(model_dir, stage, flags):
@@ -44,7 +50,7 @@ def command(model_dir, stage, flags):
     # of z_V, the options), so the `omniglot` default can change without changing a study's runs.
     command_ = [sys.executable, str(TRAIN), "--config=omniglot_paper",
                 f"--model_dir={model_dir}", *flags]
-    if stage != "test":
+    if not is_test(stage):
         command_ += [f"--validation_classes={VALIDATION_CLASSES}", "--evaluation_split=validation"]
     return command_
 

@@ -9,6 +9,7 @@ whose folder holds their metrics are collected, interrupted ones resume from the
     TFDS_DATA_DIR=/path/to/tfds python $S --stage=curve        # baselines' validation curves
     TFDS_DATA_DIR=/path/to/tfds python $S --stage=validation   # every variant, 2 seeds
     TFDS_DATA_DIR=/path/to/tfds python $S --stage=test         # selected variants, 3 seeds
+    TFDS_DATA_DIR=/path/to/tfds python $S --stage=exploratory  # post hoc: `EXPLORATORY`
     python $S --stage=report                                    # tables of what is done
 
 `--stage=validation` and `--stage=test` take `--only=LOSS/VARIANT/SEED,...` to run a part (two
@@ -20,9 +21,10 @@ Results: research/dvml_omniglot/results/omniglot_synthesis.json, with `protocol`
 `selected` ({"dvml": NAME, "reference": NAME, "triplet_reduction": NAME, ...}), `curve`
 ({LOSS: {STEP: R@1}}), `validation` and `test` ({LOSS: {VARIANT: {"seeds": [...],
 "recall@1": [...], "map@r": [...], ..., "active_units": [...]}}}, one value per seed, fractions;
-the test stage's variants are `baseline`, `dvml` and `reference`), and `runs`: every run's own
-record ({STAGE: {LOSS: {VARIANT: {SEED: metrics, diagnostics, last step}}}}), from which the
-other keys are derived.
+the test stage's variants are `baseline`, `dvml` and `reference`), `exploratory` (the same for
+the post-hoc stage, under its own protocol `protocol_exploratory`, apart from the pre-registered
+result), and `runs`: every run's own record ({STAGE: {LOSS: {VARIANT: {SEED: metrics,
+diagnostics, last step}}}}), from which the other keys are derived.
 """
 
 import concurrent.futures
@@ -45,7 +47,8 @@ from dvml_tf.utils import atomic  # noqa: E402
 from research.dvml_omniglot import runs  # noqa: E402
 
 FLAGS = flags.FLAGS
-flags.DEFINE_enum("stage", "report", ["curve", "validation", "test", "report"], "Stage to run.")
+flags.DEFINE_enum("stage", "report", ["curve", "validation", "test", "exploratory", "report"],
+                  "Stage to run.")
 flags.DEFINE_integer("parallel", 2, "Runs at a time (each single-threaded).")
 flags.DEFINE_string("workdir", os.path.expanduser("~/dvml_runs/omniglot_synthesis"),
                     "Where the runs are written.")
@@ -117,10 +120,43 @@ TEST_SEEDS = (0, 1, 2)
 VALIDATION_LOSSES = ("npair", "triplet2_dws")
 TEST_LOSSES = ("triplet", "npair", "triplet2_dws")
 
+# A post-hoc stage, added while the test stage ran: not part of the pre-registered protocol
+# above, reported apart from it, and chosen on held-out training classes like it.
+EXPLORATORY_VARIANTS = {
+    "dvml_decoded": [*CENTRE, "--research_variant=decoded"],
+    "dvml_decoded_transfer": [*TRANSFER, "--research_variant=decoded"],
+}
+EXPLORATORY_MARGIN = 0.005  # R@1 over the baseline's validation mean needed to reach the test
+EXPLORATORY = {
+    "origin": "Post hoc, written before its first run: synthesis_geometry.py (seed 0 of every "
+              "synthesizing run, training classes only) found DVML's offsets z_V isotropic in "
+              "the embedding in every variant, while the feature-space deviations the same "
+              "trained decoders make of z_V, mapped by the embedding head's kernel W, align "
+              "with the real intra-class variation (0.75-0.86), though mostly through W (its "
+              "control, feature noise mapped by W, aligns about as well). The `decoded` "
+              "research variant computes L_syn on z_I(x) + W (f_hat(c + z_V) - f_hat(c)) "
+              "(variants.py): does DVML help once its samples lie along the embedding's "
+              "intra-class directions?",
+    "flags": EXPLORATORY_VARIANTS,
+    "validation": "N-pair and triplet2 + DWS, seeds 0 and 1, the validation stage's network "
+                  "and steps; compared with the validation stage's baseline runs (same seeds "
+                  "and flags).",
+    "selection": "The variant with the higher mean validation R@1 over both losses and both "
+                 "seeds goes to the test only if that mean exceeds the baseline's by at least "
+                 f"{100 * EXPLORATORY_MARGIN:.1f} points (the validation stage's noise level); "
+                 "otherwise the stage ends after validation.",
+    "test": "Seeds 0, 1, 2; triplet (the selected reduction), N-pair, triplet2 + DWS; compared "
+            "with the test stage's baseline and reference runs (same seeds and flags); each "
+            "run evaluated once.",
+    "success": "The success rule of `protocol`, reported as exploratory: it does not replace "
+               "the pre-registered result.",
+}
+
 
 # ------------------------------------------------------------------------------ results file
 
 STAGES = ("curve", "validation", "test")
+EXPLORATORY_STAGES = {"validation": "exploratory_validation", "test": "exploratory_test"}
 # What the summaries keep of each run, one value per seed (fractions).
 SUMMARY_METRICS = ("recall@1", "map@r", "nmi", "f1")
 SUMMARY_DIAGNOSTICS = ("active_units", "kl", "recon", "recon_shuffled", "syn_to_inv")
@@ -157,6 +193,10 @@ def load_results():
         raise SystemExit(f"{path} was written under another protocol; the protocol is fixed "
                          "once runs exist (write a new results file).")
     results["protocol"] = PROTOCOL
+    if results.get("protocol_exploratory", EXPLORATORY) != EXPLORATORY:
+        raise SystemExit(f"{path} was written under another exploratory protocol; it is fixed "
+                         "once its runs exist.")
+    results["protocol_exploratory"] = EXPLORATORY
     results.setdefault("machine", {"python": platform.python_version(),
                                    "cpu_count": os.cpu_count(), "machine": platform.machine()})
     return results
@@ -166,6 +206,11 @@ def save_results(results):
     path = pathlib.Path(FLAGS.output)
     for stage in ("validation", "test"):  # derived from `runs`, rewritten on every save
         results[stage] = summarize(results["runs"].get(stage, {}))
+    exploratory = {kind: summarize(results["runs"][stage])
+                   for kind, stage in EXPLORATORY_STAGES.items() if stage in results["runs"]}
+    if exploratory:
+        exploratory["selected"] = select_exploratory(results)
+        results["exploratory"] = exploratory
     curves = results["runs"].get("curve", {})
     results["curve"] = {loss: by["baseline"]["0"].get("curve", {})
                         for loss, by in curves.items() if "0" in by.get("baseline", {})}
@@ -327,9 +372,14 @@ def stage_test():
     selected = results.get("selected") or select(results)
     if not selected:
         raise SystemExit("The validation stage is not complete: nothing is selected yet.")
-    steps = results["steps"]
     methods = {"baseline": VARIANTS["baseline"], "dvml": VARIANTS[selected["dvml"]],
                "reference": VARIANTS[selected["reference"]]}
+    execute("test", test_jobs(methods, results["steps"], selected))
+
+
+def test_jobs(methods, steps, selected):
+    """The test stage's jobs for `methods` = {name: flags}: every seed and loss, triplet with
+    the selected reduction."""
     jobs = []
     for seed in TEST_SEEDS:
         for loss in TEST_LOSSES:
@@ -338,7 +388,54 @@ def stage_test():
             for method, flags_ in methods.items():
                 jobs.append((loss, method, seed,
                              [*common_flags(loss, seed, steps), *flags_, *extra]))
-    execute("test", jobs)
+    return jobs
+
+
+def exploratory_means(results):
+    """{variant: mean validation R@1} of the exploratory variants and the baseline (the
+    validation stage's runs), complete ones only."""
+    means = {}
+    for variant in ("baseline", *EXPLORATORY_VARIANTS):
+        stage = "validation" if variant == "baseline" else EXPLORATORY_STAGES["validation"]
+        values = [_record(results, stage, loss, variant, seed).get("recall@1")
+                  for loss in VALIDATION_LOSSES for seed in VALIDATION_SEEDS]
+        if None not in values:
+            means[variant] = float(np.mean(values))
+    return means
+
+
+def select_exploratory(results):
+    """The exploratory rule: {"variant", "means", "to_test"}; None until validation is done."""
+    means = exploratory_means(results)
+    if len(means) < 1 + len(EXPLORATORY_VARIANTS):
+        return None
+    best = max(EXPLORATORY_VARIANTS, key=means.get)
+    return {"variant": best, "means": means,
+            "to_test": means[best] >= means["baseline"] + EXPLORATORY_MARGIN}
+
+
+def stage_exploratory():
+    results = load_results()
+    steps = results.get("steps")
+    selected = results.get("selected")
+    if steps is None or not selected:
+        raise SystemExit("The validation stage is not complete: the exploratory stage uses its "
+                         "steps, baselines and triplet reduction.")
+    execute(EXPLORATORY_STAGES["validation"],
+            [(loss, variant, seed, [*common_flags(loss, seed, steps), *flags_])
+             for seed in VALIDATION_SEEDS for loss in VALIDATION_LOSSES
+             for variant, flags_ in EXPLORATORY_VARIANTS.items()])
+    chosen = select_exploratory(_update_results(lambda r: None))
+    if chosen is None:
+        return  # part of the validation runs (--only), or one failed
+    print("exploratory selection:", json.dumps(chosen, indent=1))
+    if not chosen["to_test"]:
+        print(f"{chosen['variant']} does not beat the baseline's validation R@1 by "
+              f"{100 * EXPLORATORY_MARGIN:.1f} points: no test runs.")
+        return
+    variant = chosen["variant"]
+    execute(EXPLORATORY_STAGES["test"],
+            test_jobs({variant: EXPLORATORY_VARIANTS[variant]}, steps, selected))
 
 
 # ---------------------------------------------------------------------------------- report
@@ -361,7 +458,7 @@ def report(results):
                 f"{100 * curve[str(s)]:.1f}" if str(s) in curve else "—" for s in shown) + " |")
         if "steps" in results:
             lines.append(f"\nsteps chosen by the rule: {results['steps']:,}")
-    for stage in ("validation", "test"):
+    for stage in ("validation", "test", *EXPLORATORY_STAGES.values()):
         for loss, by_variant in results["runs"].get(stage, {}).items():
             lines.append(f"\n{stage}, {loss}\n| variant | seeds | R@1 | MAP@R | active units "
                          "| recon (own / shuffled z_V) | L_syn / L_inv |\n|---|---|---|---|---|"
@@ -392,6 +489,8 @@ def main(argv):
         stage_validation()
     elif FLAGS.stage == "test":
         stage_test()
+    elif FLAGS.stage == "exploratory":
+        stage_exploratory()
     results = _update_results(lambda r: None)
     print(report(results))
 

@@ -19,6 +19,12 @@ the loss normalizes) and reports, over all synthesized points (`geometry`):
     split; the source class's mean leaves the source image out) is their own class, next to
     the same share for the real images.
 
+`--rule` replaces what is measured: `decoded` applies `variants.decoded_synthesis` (L_syn on
+z_I + W (f_hat(c + z_V) - f_hat(c))) to a DVML run's trained decoder; `feature_noise` is its
+control, z_I + W (s * eps) with eps ~ N(0, I) in feature space and s the per-dimension
+intra-class standard deviation of f (any run): the alignment W alone gives to any feature-space
+perturbation.
+
 Only training classes are used (what the synthesis acts on during training); the test classes
 are never touched, so this can run on any stage's runs.
 
@@ -54,15 +60,12 @@ from dvml_tf.models import dvml_model  # noqa: E402
 from dvml_tf.utils import atomic  # noqa: E402
 from research.dvml_omniglot import table4  # noqa: E402
 from research.dvml_omniglot import variance_analysis  # noqa: E402
-from research.dvml_omniglot import variants  # noqa: E402,F401  (registers the research models)
+from research.dvml_omniglot import variants  # noqa: E402  (also registers the research models)
 
 RESULTS = os.path.join(HERE, "results", "synthesis_geometry.json")
 STUDY_RESULTS = os.path.join(HERE, "results", "omniglot_synthesis.json")
 STAGES = ("validation", "test")
-
-
-def _unit(x):
-    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+RULES = ("own", "decoded", "feature_noise")
 
 
 def geometry(real, synthetic, sources, labels):
@@ -172,28 +175,48 @@ def training_batches(labels, classes_per_batch, images_per_class, rounds, rng):
     return batches
 
 
-def synthesized_batch(model, features, labels, noise_seed):
+def synthesized_batch(model, features, labels, noise_seed, rule="own", feature_std=None):
     """One training-layout batch's real and synthesized points in the metric loss's space.
 
     DVML runs: z_V drawn from the model's heads (one draw, the model's prior scale, its
     intra-class scaling), decoder centre and `synthesize` (transfer partners included);
     reference runs (`--synthesis`): the metric loss's own `synthesize` on the real points.
+    `rule="decoded"` replaces a DVML run's own synthesis with `variants.decoded_synthesis` (the
+    run's decoder, heads and options): where its samples would lie under that rule.
+    `rule="feature_noise"` (any run, a control): z_I + W (feature_std * eps), Gaussian noise in
+    feature space with the per-dimension intra-class scale, mapped by the embedding head's
+    kernel W: the alignment any feature-space perturbation gets from W alone.
 
     Args:
         model: a trained `DVMLModel` (or research subclass).
         features: float32 `[B, F]`, backbone features of a class-major batch.
         labels: int32 `[B]`.
         noise_seed: int, seeds z_V's draw and the transfer partners.
+        rule: "own" (the run's synthesis), "decoded" or "feature_noise".
+        feature_std: float `[F]`, the per-dimension intra-class standard deviation of f (for
+            `feature_noise`).
 
     Returns:
         `(real [B, D], synthetic [S * B, D], sources [S * B])`, numpy.
     """
+    if rule not in RULES or (rule == "decoded" and not model.use_dvml):
+        raise ValueError(f"rule must be one of {', '.join(RULES)} (decoded: DVML runs only); "
+                         f"got {rule!r}.")
+    if rule == "feature_noise" and feature_std is None:
+        raise ValueError("rule='feature_noise' needs feature_std.")
     features = tf.convert_to_tensor(features, tf.float32)
     labels = tf.convert_to_tensor(labels, tf.int32)
     z_inv = model.embedding_head(features)
     normalize = model.metric_loss.normalize
     real = tf.math.l2_normalize(z_inv, axis=-1) if normalize else z_inv
-    if model.use_dvml:
+    if rule == "feature_noise":
+        noise = tf.random.stateless_normal(features.shape, seed=[noise_seed, 4], alg="philox")
+        offset = tf.matmul(noise * tf.constant(feature_std, tf.float32),
+                           model.embedding_head.kernel)
+        synthetic = (z_inv + offset)[tf.newaxis]
+        if normalize:
+            synthetic = tf.math.l2_normalize(synthetic, axis=-1)
+    elif model.use_dvml:
         # The step counter seeds the transfer partners (`synthesize`): vary it per batch.
         model.step_counter.assign(noise_seed)
         batch = dvml_model._Batch(labels)
@@ -205,8 +228,11 @@ def synthesized_batch(model, features, labels, noise_seed):
             scale *= dvml_model._intra_class_rms(z_inv, labels)
         z_var = scale * (mean + sigma * noise)
         centre = model._decoder_centre(z_inv, z_inv, batch)
-        _, synthetic = model.synthesize(z_inv, z_var, features, noise, centre=centre,
-                                        batch=batch)
+        if rule == "decoded":
+            _, synthetic = variants.decoded_synthesis(model, z_inv, z_var, centre, batch)
+        else:
+            _, synthetic = model.synthesize(z_inv, z_var, features, noise, centre=centre,
+                                            batch=batch)
         if normalize:
             synthetic = tf.math.l2_normalize(synthetic, axis=-1)
     elif getattr(model.metric_loss, "method", None) is not None:
@@ -223,31 +249,32 @@ def synthesized_batch(model, features, labels, noise_seed):
     return real.numpy(), synthetic.numpy(), sources
 
 
-def analyse_run(run_dir, data_dir=None, rounds=4, seed=0, batch_size=256, cache=None):
-    """`geometry` of one run's synthesized samples on its training classes."""
+def analyse_run(run_dir, data_dir=None, rounds=4, seed=0, batch_size=256, cache=None,
+                rule="own"):
+    """`geometry` of one run's synthesized samples (under `rule`) on its training classes."""
     run = task.load_run(run_dir)
     config = run.config
     trained_steps = int(run.model.step_counter.numpy())  # before the batches reassign it
     dataset_splits, preprocess = table4.split_data(run, data_dir, {} if cache is None else cache)
     features, _, labels = table4.embed_split(run.model, dataset_splits.train, preprocess,
                                              batch_size)
+    # Every image's real point in the metric loss's space (each batch's must be its rows').
+    z_inv = run.model.embedding_head(tf.convert_to_tensor(features, tf.float32)).numpy()
+    if run.model.metric_loss.normalize:
+        z_inv = z_inv / np.maximum(np.linalg.norm(z_inv, axis=1, keepdims=True), 1e-12)
+    means, _, inverse = variance_analysis.class_means(features, labels)
+    feature_std = np.sqrt(np.mean((features - means[inverse]) ** 2, axis=0))
     rng = np.random.default_rng(seed)
-    real_points = np.zeros((len(labels), config.embedding_dim), np.float64)
     synthetic, sources = [], []
     for index, rows in enumerate(training_batches(labels, config.classes_per_batch,
                                                   config.images_per_class, rounds, rng)):
         real, points, local_sources = synthesized_batch(
-            run.model, features[rows], labels[rows], noise_seed=seed * 100_003 + index)
-        real_points[rows] = real
+            run.model, features[rows], labels[rows], noise_seed=seed * 100_003 + index,
+            rule=rule, feature_std=feature_std)
+        if not np.allclose(real, z_inv[rows], atol=1e-5):
+            raise RuntimeError("A batch's real points differ from the split's embeddings.")
         synthetic.append(points)
         sources.append(rows[local_sources])
-    # Every image's real point (the batches may not visit all of them): z_I in metric space.
-    z_inv = run.model.embedding_head(tf.convert_to_tensor(features, tf.float32)).numpy()
-    if run.model.metric_loss.normalize:
-        z_inv = _unit(z_inv)
-    if not np.allclose(real_points[np.concatenate(sources)],
-                       z_inv[np.concatenate(sources)], atol=1e-5):
-        raise RuntimeError("The batch's real points differ from the split's embeddings.")
     result = geometry(z_inv, np.concatenate(synthetic), np.concatenate(sources), labels)
     return {
         # The folder and its parent (e.g. the study's stage): no machine's path in the results.
@@ -257,6 +284,7 @@ def analyse_run(run_dir, data_dir=None, rounds=4, seed=0, batch_size=256, cache=
         "variance_transfer": config.variance_transfer if config.dvml else None,
         "variance_scale": config.variance_scale if config.dvml else None,
         "normalized": bool(run.model.metric_loss.normalize),
+        "rule": rule,
         "step": trained_steps,
         "geometry": result,
     }
@@ -290,8 +318,9 @@ def markdown(records):
     for record in records:
         g = record["geometry"]
         alignment = "—" if g["alignment"] is None else f"{g['alignment']:.2f}"
+        name = record["run"] if record["rule"] == "own" else f"{record['run']} ({record['rule']})"
         lines.append(
-            f"| {record['run']} | {g['spread_ratio']:.2f} | {alignment} "
+            f"| {name} | {g['spread_ratio']:.2f} | {alignment} "
             f"({g['isotropic_alignment']:.2f}) | {100 * g['label_kept_synthetic']:.1f} / "
             f"{100 * g['label_kept_real']:.1f} % |")
     return "\n".join(lines)
@@ -310,6 +339,10 @@ def main(argv=None):
     parser.add_argument("--rounds", type=int, default=4,
                         help="passes over the training classes (batches of the run's layout)")
     parser.add_argument("--seed", type=int, default=0, help="batches and z_V's draws")
+    parser.add_argument("--rule", default="own", choices=RULES,
+                        help="own: each run's synthesis; decoded: variants.decoded_synthesis "
+                             "with each DVML run's decoder; feature_noise: the control, "
+                             "intra-class-scaled feature noise mapped by W (any run)")
     parser.add_argument("--batch_size", type=int, default=256, help="embedding batch size")
     parser.add_argument("--output", default=RESULTS)
     args = parser.parse_args(argv)
@@ -323,10 +356,11 @@ def main(argv=None):
         parser.error("--rounds and --batch_size must be >= 1.")
     started = time.time()
     cache = {}
-    records = [analyse_run(d, args.data_dir, args.rounds, args.seed, args.batch_size, cache)
-               for d in run_dirs]
+    records = [analyse_run(d, args.data_dir, args.rounds, args.seed, args.batch_size, cache,
+                           args.rule) for d in run_dirs]
     table = markdown(records)
-    result = {"runs": records, "settings": {"rounds": args.rounds, "seed": args.seed},
+    result = {"runs": records,
+              "settings": {"rounds": args.rounds, "seed": args.seed, "rule": args.rule},
               "split": "train", "markdown": table, "date": time.strftime("%Y-%m-%d %H:%M"),
               "wall_seconds": round(time.time() - started, 1)}
     atomic.write_json(args.output, result)

@@ -1,5 +1,5 @@
 """`train.py` with the research variants of `variants.py`: the same flags, plus
-`--research_variant=unit|stop|reverse`.
+`--research_variant=unit|stop|reverse|decoded`.
 
     python research/dvml_omniglot/train.py --research_variant=stop --model_dir=runs/stop ...
 

@@ -7,16 +7,27 @@
   only.
 * `reverse`: L_syn's gradient is reversed at the variance heads: they make the synthesized
   samples harder (adversarial); the backbone and z_I learn from L_syn as before.
+* `decoded`: L_syn on z_I(x) + W (f_hat(c + z_V) - f_hat(c)), the decoder's feature-space
+  deviation for z_V mapped by the embedding head's kernel W (c: the decoder's centre, see
+  `DVMLModel(decoder_centre=...)`; with `variance_transfer`, z_V of an image of another class).
+  `synthesis_geometry.py` found the paper's z_I + z_V isotropic in the embedding (z_V is a code
+  in the decoder's basis), and the same trained decoders' deviations, embedded by W, aligned
+  with the real intra-class variation (mostly through W: feature noise mapped by W aligns about
+  as well). The decoded deviation is stop-gradient: the decoder and
+  the variance heads learn from KL and reconstruction only; L_syn trains z_I and W.
 
-Results: README.md of this folder (validation screen, `dvml_unit`, `dvml_stop`, `dvml_reverse`).
+Results: README.md of this folder (validation screen, `dvml_unit`, `dvml_stop`, `dvml_reverse`;
+the exploratory stage of `synthesis.py` for `decoded`).
 """
 
 import keras
 import tensorflow as tf
 
+from dvml_tf import losses as losses_lib
 from dvml_tf import models
+from dvml_tf.models import dvml_model
 
-VARIANTS = ("unit", "stop", "reverse")
+VARIANTS = ("unit", "stop", "reverse", "decoded")
 
 
 @keras.saving.register_keras_serializable(package="dvml_research")
@@ -37,7 +48,9 @@ class ResearchDVMLModel(models.DVMLModel):
         self.research_variant = research_variant
 
     def synthesize(self, z_inv, z_var, features, noise, centre=None, batch=None):
-        # The variants predate the product's decoder-centre and transfer options: they
+        if self.research_variant == "decoded":
+            return decoded_synthesis(self, z_inv, z_var, centre, batch)
+        # These variants predate the product's decoder-centre and transfer options: they
         # synthesize around the image's own z_I.
         del centre, batch
         if self.research_variant == "unit":
@@ -58,6 +71,24 @@ class ResearchDVMLModel(models.DVMLModel):
         config = super().get_config()
         config["research_variant"] = self.research_variant
         return config
+
+
+def decoded_synthesis(model, z_inv, z_var, centre=None, batch=None):
+    """The `decoded` synthesis (module docstring) with a `DVMLModel`'s decoder, heads and
+    options: `DVMLModel.synthesize`'s arguments and results. Also applied by
+    `synthesis_geometry.py --rule=decoded` to runs trained with another rule."""
+    centre = z_inv if centre is None else centre
+    decoder_input = centre + z_var
+    code = z_var
+    if model.variance_transfer:
+        partners = batch.local_rows(losses_lib.synthesis.other_class_partners(
+            batch.all_labels, model._step_seed(dvml_model._PARTNERS)))
+        code = tf.gather(batch.gather(z_var, axis=1), partners, axis=1)
+    deviation = model._decode(centre[tf.newaxis] + code) - model._decode(centre[tf.newaxis])
+    if model.reconstruction != "norm":  # the decoder rebuilds standardized features
+        deviation *= tf.sqrt(dvml_model.floored_variance(model.feature_variance))
+    offset = tf.einsum("tbf,fj->tbj", tf.stop_gradient(deviation), model.embedding_head.kernel)
+    return decoder_input, z_inv + offset
 
 
 def model_builder(variant):

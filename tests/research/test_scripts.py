@@ -165,11 +165,11 @@ def test_train_records_the_research_variant_and_refuses_another(tmp_path):
 # ---------------------------------------------------------------------------- synthesis.py
 
 def _validation_run(run_dir, recall_at_1, curve=None, diagnostics=None):
-    run_dir.mkdir(parents=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
     metrics = {"recall@1": recall_at_1, "recall@2": 0.95, "map@r": 0.5}
     if diagnostics:
         metrics["dvml_diagnostics"] = diagnostics
-    name = "metrics.json" if run_dir.parent.name == "test" else "metrics_validation.json"
+    name = "metrics.json" if run_dir.parent.name.endswith("test") else "metrics_validation.json"
     (run_dir / name).write_text(json.dumps(metrics))
     lines = [f"I1130 trainer.py:303] step {step} validation: recall@1={value} map@r=0.5"
              for step, value in (curve or {}).items()]
@@ -237,6 +237,49 @@ def test_synthesis_applies_the_protocols_rules_to_finished_runs(tmp_path):
     assert set(results["test"]["triplet"]) == {"baseline", "dvml", "reference"}
     assert results["test"]["npair"]["dvml"]["recall@1"] == [0.8, 0.8, 0.8]
     assert "| dvml | 3 | 80.0 ± 0.0 |" in proc.stdout
+
+    # The exploratory stage: its protocol is in the file before its runs; a variant within
+    # 0.5 points of the baseline's validation mean (0.9005 here) gets no test runs ...
+    exploratory = json.loads(output.read_text())["protocol_exploratory"]
+    assert set(exploratory["flags"]) == {"dvml_decoded", "dvml_decoded_transfer"}
+
+    def exploratory_runs(scores):
+        for seed in (0, 1):
+            for loss in ("npair", "triplet2_dws"):
+                for variant, value in scores.items():
+                    _validation_run(workdir / "exploratory_validation"
+                                    / f"{loss}_{variant}_seed{seed}", value,
+                                    diagnostics=diagnostics)
+
+    exploratory_runs({"dvml_decoded": 0.904, "dvml_decoded_transfer": 0.903})
+    before = output.read_text()
+    proc = subprocess.run([sys.executable, script, "--stage=exploratory", *common],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "no test runs" in proc.stdout and not (workdir / "exploratory_test").exists()
+    selected = json.loads(output.read_text())["exploratory"]["selected"]
+    assert selected["variant"] == "dvml_decoded" and not selected["to_test"]
+    assert selected["means"]["baseline"] == pytest.approx(0.9005)
+    # ... and one 0.5 points above it does (the same runs under a fresh exploratory record).
+    results = json.loads(before)
+    results["runs"].pop("exploratory_validation", None)
+    output.write_text(json.dumps(results))
+    for path in (workdir / "exploratory_validation").iterdir():
+        (path / "metrics_validation.json").unlink()
+    exploratory_runs({"dvml_decoded": 0.901, "dvml_decoded_transfer": 0.906})
+    for seed in (0, 1, 2):
+        for loss in ("triplet", "npair", "triplet2_dws"):
+            _validation_run(workdir / "exploratory_test"
+                            / f"{loss}_dvml_decoded_transfer_seed{seed}", 0.82)
+    proc = subprocess.run([sys.executable, script, "--stage=exploratory", *common],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(output.read_text())
+    assert results["exploratory"]["selected"]["to_test"]
+    assert results["exploratory"]["test"]["npair"]["dvml_decoded_transfer"]["recall@1"] == [
+        0.82, 0.82, 0.82]
+    assert results["test"]["npair"]["dvml"]["recall@1"] == [0.8, 0.8, 0.8]  # untouched
+    assert "exploratory_test, triplet" in proc.stdout
 
 
 def test_synthesis_reads_results_files_written_before_runs_existed(tmp_path):

@@ -123,6 +123,54 @@ def test_dvml_synthesis_is_z_inv_plus_the_drawn_z_var():
     np.testing.assert_array_equal(sources, np.arange(6))
 
 
+def test_the_decoded_rule_replays_the_research_variant_on_a_product_run():
+    from dvml_tf import task
+    from research.dvml_omniglot import variants
+
+    config = _config(dvml=True, reconstruction="standardized_squares",
+                     decoder_centre="class_mean")
+    model = task.build_model(config)
+    model.feature_variance.assign(np.linspace(0.5, 2.0, model.feature_dim).astype("float32"))
+    features = np.random.default_rng(2).normal(size=(6, model.feature_dim)).astype("float32")
+    labels = np.repeat(np.arange(3), 2).astype("int32")
+    _, decoded, _ = sg.synthesized_batch(model, features, labels, noise_seed=5, rule="decoded")
+    _, own, _ = sg.synthesized_batch(model, features, labels, noise_seed=5)
+    # The same draw through the `decoded` research model with the same weights.
+    research = task.build_model(config, variants.ResearchDVMLModel, research_variant="decoded")
+    research.set_weights(model.get_weights())
+    _, expected, _ = sg.synthesized_batch(research, features, labels, noise_seed=5)
+    np.testing.assert_allclose(decoded, expected, rtol=1e-5, atol=1e-6)
+    assert np.abs(decoded - own).max() > 1e-3
+    with pytest.raises(ValueError, match="rule must be one of own, decoded"):
+        sg.synthesized_batch(model, features, labels, noise_seed=5, rule="paper")
+    baseline = task.build_model(_config(dvml=False, loss="triplet",
+                                        synthesis="deviation_transfer"))
+    with pytest.raises(ValueError, match=r"decoded: DVML runs only"):
+        sg.synthesized_batch(baseline, features[:, :baseline.feature_dim], labels,
+                             noise_seed=5, rule="decoded")
+
+
+def test_the_feature_noise_control_maps_scaled_feature_noise_through_w():
+    import tensorflow as tf
+
+    from dvml_tf import task
+
+    model = task.build_model(_config(dvml=False, loss="triplet"))  # any run: no synthesis
+    features = np.random.default_rng(3).normal(size=(6, model.feature_dim)).astype("float32")
+    labels = np.repeat(np.arange(3), 2).astype("int32")
+    std = np.linspace(0.1, 1.0, model.feature_dim).astype("float32")
+    _, synthetic, sources = sg.synthesized_batch(model, features, labels, noise_seed=7,
+                                                 rule="feature_noise", feature_std=std)
+    noise = tf.random.stateless_normal([6, model.feature_dim], seed=[7, 4], alg="philox")
+    z_inv = model.embedding_head(features).numpy()
+    expected = z_inv + (noise.numpy() * std) @ model.embedding_head.kernel.numpy()
+    expected /= np.linalg.norm(expected, axis=1, keepdims=True)  # triplet: the unit sphere
+    np.testing.assert_allclose(synthetic, expected, rtol=1e-4, atol=1e-5)
+    np.testing.assert_array_equal(sources, np.arange(6))
+    with pytest.raises(ValueError, match="needs feature_std"):
+        sg.synthesized_batch(model, features, labels, noise_seed=7, rule="feature_noise")
+
+
 def test_reference_synthesis_replays_the_losses_own_method():
     from dvml_tf import task
 

@@ -1,12 +1,14 @@
 """The research variants of the synthesis (research/dvml_omniglot/variants.py): what L_syn's
-gradient does to the variance heads ("stop", "reverse"), the unit-norm centre ("unit"), and
-that they build, save and load like the product model."""
+gradient does to the variance heads ("stop", "reverse"), the unit-norm centre ("unit"), the
+embedded decoder deviation ("decoded"), and that they build, save and load like the product
+model."""
 
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
+from dvml_tf import losses as losses_lib
 from dvml_tf import models
 from dvml_tf import task
 from dvml_tf.training.config import TrainConfig
@@ -83,6 +85,67 @@ def test_unit_centre_shapes_the_synthesized_samples():
     _, scaled = make_model("unit", phase1_steps=0, variance_scale=0.1).loss_terms(images, labels)
     assert float(scaled["z_var_norm"]) == pytest.approx(0.1 * float(unit["z_var_norm"]), 1e-5)
     assert float(scaled["kl"]) == pytest.approx(float(unit["kl"]), 1e-6)
+
+
+def _decoded_model(**kwargs):
+    model = make_model("decoded", phase1_steps=0, reconstruction="standardized_squares",
+                       decoder_centre="class_mean", **kwargs)
+    # Running feature statistics far from 1, so that un-standardizing matters.
+    variance = np.linspace(0.5, 4.0, model.feature_dim).astype("float32")
+    model.feature_variance.assign(variance)
+    return model, variance
+
+
+def _decode(model, codes):
+    """The model's decoder on numpy codes [..., J] -> [..., F]."""
+    flat = model.decoder(tf.constant(codes.reshape(-1, EMBEDDING_DIM), tf.float32)).numpy()
+    return flat.reshape(*codes.shape[:-1], -1)
+
+
+def test_decoded_synthesis_embeds_the_decoders_feature_deviation():
+    model, variance = _decoded_model()
+    rng = np.random.default_rng(0)
+    z_inv = tf.constant(rng.normal(size=(4, EMBEDDING_DIM)), tf.float32)
+    centre = tf.constant(rng.normal(size=(4, EMBEDDING_DIM)), tf.float32)
+    z_var = tf.constant(rng.normal(size=(3, 4, EMBEDDING_DIM)), tf.float32)
+    labels = tf.constant([0, 0, 1, 1])
+    batch = models.dvml_model._Batch(labels)
+    decoder_input, metric_input = model.synthesize(z_inv, z_var, None, None, centre=centre,
+                                                   batch=batch)
+    np.testing.assert_allclose(decoder_input.numpy(), centre.numpy() + z_var.numpy(), rtol=1e-6)
+    # Independently: un-standardize the decoder's outputs, take the difference, apply W.
+    scale = np.sqrt(variance + 1e-3 * variance.mean() + 1e-8)
+    kernel = model.embedding_head.kernel.numpy()
+    deviation = (_decode(model, centre.numpy() + z_var.numpy())
+                 - _decode(model, centre.numpy())[None]) * scale
+    np.testing.assert_allclose(metric_input.numpy(), z_inv.numpy() + deviation @ kernel,
+                               rtol=1e-4, atol=1e-5)
+    # With variance transfer, each image's code is z_V of an image of another class.
+    transfer = make_model("decoded", variance_transfer=True)
+    _, transferred = transfer.synthesize(z_inv, z_var, None, None, centre=centre, batch=batch)
+    partners = losses_lib.synthesis.other_class_partners(
+        labels, transfer._step_seed(models.dvml_model._PARTNERS)).numpy()
+    assert (labels.numpy()[partners] != labels.numpy()).all()
+    expected = z_inv.numpy() + (
+        _decode(transfer, centre.numpy() + z_var.numpy()[:, partners])
+        - _decode(transfer, centre.numpy())[None]) @ transfer.embedding_head.kernel.numpy()
+    np.testing.assert_allclose(transferred.numpy(), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_decoded_synthesis_trains_the_embedding_not_the_decoder_or_the_heads():
+    images, labels = batch()
+    model, _ = _decoded_model(phase1_weights=ONLY_SYN, phase2_weights=ONLY_SYN)
+    with tf.GradientTape() as tape:
+        objective, logs = model.loss_terms(images, labels)
+    parts = {"decoder": model.decoder.trainable_variables, "mean": [model.mean_head.kernel],
+             "backbone": model.backbone.trainable_variables,
+             "head": [model.embedding_head.kernel]}
+    gradients = tape.gradient(objective, parts)
+    norm = {k: sum(0.0 if g is None else float(tf.reduce_sum(tf.abs(g))) for g in v)
+            for k, v in gradients.items()}
+    assert float(logs["metric_syn"]) > 0
+    assert norm["decoder"] == 0 and norm["mean"] == 0
+    assert norm["backbone"] > 0 and norm["head"] > 0
 
 
 def test_an_unknown_variant_is_a_clear_error():
