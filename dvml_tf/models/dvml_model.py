@@ -446,10 +446,6 @@ class DVMLModel(keras.Model):
             logs["loss"] = metric_inv
             return (metric_inv / batch.num_replicas, logs) + (({},) if details else ())
 
-        head_input = tf.stop_gradient(features) if self.detach_variance_heads else features
-        mean = self.mean_head(head_input)
-        log_variance = self.log_variance_head(head_input)
-        sigma = tf.exp(0.5 * log_variance)
         # Draw the noise of the whole global batch and keep this replica's rows, so that R
         # replicas use exactly the numbers one device would.
         # Philox explicitly: "auto_select" may pick another algorithm under XLA, and the same
@@ -458,10 +454,8 @@ class DVMLModel(keras.Model):
             [self.num_samples, batch.global_size, self.embedding_dim],
             seed=self._step_seed(_NOISE), alg="philox",
         ), axis=1)
-        scale = self.variance_scale
-        if self.scale_to_intra_class:
-            scale *= tf.stop_gradient(_intra_class_rms(all_z_inv, batch.all_labels))
-        z_var = scale * (mean + sigma * noise)  # [T, B, J], reparameterized
+        mean, log_variance, z_var = self.variance_draws(features, all_z_inv, batch, noise)
+        sigma = tf.exp(0.5 * log_variance)
         decoder_centre = self._decoder_centre(z_inv, all_z_inv, batch)
         z_syn, z_syn_metric = self.synthesize(z_inv, z_var, features, noise,
                                               centre=decoder_centre, batch=batch)
@@ -532,6 +526,34 @@ class DVMLModel(keras.Model):
             "recon": tf.reduce_mean(recon_per_sample, axis=0),
             "recon_shuffled": recon_shuffled,
         }
+
+    def variance_draws(self, features, all_z_inv, batch, noise):
+        """q(z_V | x) of each image and its reparameterized draws.
+
+        Args:
+            features: float32 `[B, F]`, this replica's backbone features f(x).
+            all_z_inv: float32 `[global B, J]`, z_I of the global batch (`scale_to_intra_class`).
+            batch: the step's `_Batch`.
+            noise: float32 `[T, B, J]`, standard normal draws.
+
+        Returns:
+            `(mean, log_variance, z_var)`: `[B, J]`, `[B, J]` and `[T, B, J]`.
+        """
+        head_input = tf.stop_gradient(features) if self.detach_variance_heads else features
+        mean = self.mean_head(head_input)
+        log_variance = self.log_variance_head(head_input)
+        scale = self.variance_scale
+        if self.scale_to_intra_class:
+            scale *= tf.stop_gradient(_intra_class_rms(all_z_inv, batch.all_labels))
+        return mean, log_variance, scale * (mean + tf.exp(0.5 * log_variance) * noise)
+
+    def partner_variance(self, z_var, batch):
+        """z_V of a random image of another class of the global batch, for each image
+        (`variance_transfer`): `[T, B, J]` from this replica's `z_var` `[T, B, J]`."""
+        partners = batch.local_rows(
+            losses_lib.synthesis.other_class_partners(batch.all_labels,
+                                                      self._step_seed(_PARTNERS)))
+        return tf.gather(batch.gather(z_var, axis=1), partners, axis=1)
 
     def _decode(self, decoder_input):
         """The decoder on [T, B, J] inputs -> [T, B, F]."""
@@ -615,12 +637,7 @@ class DVMLModel(keras.Model):
         decoder_input = centre + z_var
         if not self.variance_transfer:
             return decoder_input, z_inv + z_var
-        all_z_var = batch.gather(z_var, axis=1)
-        partners = batch.local_rows(
-            losses_lib.synthesis.other_class_partners(batch.all_labels,
-                                                      self._step_seed(_PARTNERS)))
-        transferred = tf.gather(all_z_var, partners, axis=1)
-        return decoder_input, z_inv + tf.stop_gradient(transferred)
+        return decoder_input, z_inv + tf.stop_gradient(self.partner_variance(z_var, batch))
 
     def train_step(self, data):
         images, labels = data[0], data[1]

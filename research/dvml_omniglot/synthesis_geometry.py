@@ -214,34 +214,26 @@ def synthesized_batch(model, features, labels, noise_seed, rule="own", feature_s
         offset = tf.matmul(noise * tf.constant(feature_std, tf.float32),
                            model.embedding_head.kernel)
         synthetic = (z_inv + offset)[tf.newaxis]
-        if normalize:
-            synthetic = tf.math.l2_normalize(synthetic, axis=-1)
     elif model.use_dvml:
         # The step counter seeds the transfer partners (`synthesize`): vary it per batch.
         model.step_counter.assign(noise_seed)
         batch = dvml_model._Batch(labels)
-        mean = model.mean_head(features)
-        sigma = tf.exp(0.5 * model.log_variance_head(features))
-        noise = tf.random.stateless_normal([1, *mean.shape], seed=[noise_seed, 1], alg="philox")
-        scale = model.variance_scale
-        if model.scale_to_intra_class:
-            scale *= dvml_model._intra_class_rms(z_inv, labels)
-        z_var = scale * (mean + sigma * noise)
+        noise = tf.random.stateless_normal([1, *z_inv.shape], seed=[noise_seed, 1],
+                                           alg="philox")
+        _, _, z_var = model.variance_draws(features, z_inv, batch, noise)
         centre = model._decoder_centre(z_inv, z_inv, batch)
         if rule == "decoded":
             _, synthetic = variants.decoded_synthesis(model, z_inv, z_var, centre, batch)
         else:
             _, synthetic = model.synthesize(z_inv, z_var, features, noise, centre=centre,
                                             batch=batch)
-        if normalize:
-            synthetic = tf.math.l2_normalize(synthetic, axis=-1)
     elif getattr(model.metric_loss, "method", None) is not None:
         synthetic = model.metric_loss.synthesize(real, labels, tf.constant([noise_seed, 2]))
-        if normalize:
-            synthetic = tf.math.l2_normalize(synthetic, axis=-1)
     else:
         raise ValueError("The run synthesizes nothing: it is neither a DVML run nor a base loss "
                          "with --synthesis.")
+    if normalize:  # the metric loss's space, as for its real points
+        synthetic = tf.math.l2_normalize(synthetic, axis=-1)
     count = int(synthetic.shape[0])
     size = int(real.shape[0])
     synthetic = tf.reshape(synthetic, [count * size, -1])

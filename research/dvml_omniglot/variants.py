@@ -23,7 +23,6 @@ the exploratory stage of `synthesis.py` for `decoded`).
 import keras
 import tensorflow as tf
 
-from dvml_tf import losses as losses_lib
 from dvml_tf import models
 from dvml_tf.models import dvml_model
 
@@ -79,11 +78,7 @@ def decoded_synthesis(model, z_inv, z_var, centre=None, batch=None):
     `synthesis_geometry.py --rule=decoded` to runs trained with another rule."""
     centre = z_inv if centre is None else centre
     decoder_input = centre + z_var
-    code = z_var
-    if model.variance_transfer:
-        partners = batch.local_rows(losses_lib.synthesis.other_class_partners(
-            batch.all_labels, model._step_seed(dvml_model._PARTNERS)))
-        code = tf.gather(batch.gather(z_var, axis=1), partners, axis=1)
+    code = model.partner_variance(z_var, batch) if model.variance_transfer else z_var
     deviation = model._decode(centre[tf.newaxis] + code) - model._decode(centre[tf.newaxis])
     if model.reconstruction != "norm":  # the decoder rebuilds standardized features
         deviation *= tf.sqrt(dvml_model.floored_variance(model.feature_variance))
