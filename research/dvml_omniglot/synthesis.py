@@ -186,6 +186,44 @@ def summarize(runs_of_stage):
     return summary
 
 
+SUCCESS_MIN_GAIN = 0.015  # `protocol["success"]`: at least 1.5 points of R@1 ...
+SUCCESS_MIN_LOSSES = 2    # ... for at least two of the three losses
+
+
+def success_check(summary, method):
+    """`protocol["success"]` applied to `method` against "baseline" in a test summary
+    ({loss: {variant: row}}, as `summarize` writes it); None until every loss has every seed.
+
+    Per loss: the gain in mean R@1, twice the larger seed std of the two (np.std over the
+    seeds, the spread the tables show) and whether the gain clears both bars; for a DVML method
+    also its fewest active units and whether its decoder uses z_V on every seed (error with
+    shuffled z_V above the error with its own). `success` needs SUCCESS_MIN_LOSSES losses
+    that clear the bars with active units > 0 and a decoder that uses z_V.
+    """
+    per_loss = {}
+    for loss in TEST_LOSSES:
+        rows = summary.get(loss, {})
+        if any(len(rows.get(name, {}).get("recall@1", [])) < len(TEST_SEEDS)
+               for name in ("baseline", method)):
+            return None
+        ours = np.asarray(rows[method]["recall@1"])
+        base = np.asarray(rows["baseline"]["recall@1"])
+        gain, noise = ours.mean() - base.mean(), 2 * max(ours.std(), base.std())
+        check = {"gain": float(gain), "twice_larger_std": float(noise),
+                 "clears_bars": bool(gain > noise and gain >= SUCCESS_MIN_GAIN)}
+        if method.startswith("dvml"):  # a DVML run without diagnostics meets neither condition
+            row = rows[method]
+            check["active_units_min"] = min(row.get("active_units") or [0])
+            check["decoder_uses_z_v"] = bool(row.get("recon")) and all(
+                shuffled > own
+                for own, shuffled in zip(row["recon"], row["recon_shuffled"], strict=True))
+        per_loss[loss] = check
+    met = [loss for loss, check in per_loss.items()
+           if check["clears_bars"] and check.get("active_units_min", 1) > 0
+           and check.get("decoder_uses_z_v", True)]
+    return {"per_loss": per_loss, "losses_met": met, "success": len(met) >= SUCCESS_MIN_LOSSES}
+
+
 def load_results():
     path = pathlib.Path(FLAGS.output)
     results = _migrate(json.loads(path.read_text()) if path.exists() else {})
@@ -208,8 +246,15 @@ def save_results(results):
         results[stage] = summarize(results["runs"].get(stage, {}))
     exploratory = {kind: summarize(results["runs"][stage])
                    for kind, stage in EXPLORATORY_STAGES.items() if stage in results["runs"]}
+    results["success"] = {method: success_check(results["test"], method)
+                          for method in ("dvml", "reference")}
     if exploratory:
         exploratory["selected"] = select_exploratory(results)
+        if "test" in exploratory:  # against the test stage's baselines (same seeds and flags)
+            merged = {loss: {**results["test"].get(loss, {}), **by_variant}
+                      for loss, by_variant in exploratory["test"].items()}
+            exploratory["success"] = {variant: success_check(merged, variant)
+                                      for variant in EXPLORATORY_VARIANTS}
         results["exploratory"] = exploratory
     curves = results["runs"].get("curve", {})
     results["curve"] = {loss: by["baseline"]["0"].get("curve", {})
@@ -477,6 +522,16 @@ def report(results):
                     active = recon = ratio = "—"
                 lines.append(f"| {variant} | {len(recall)} | {_cell(recall)} | {_cell(maps)} | "
                              f"{active} | {recon} | {ratio} |")
+    checks = {**results.get("success", {}),
+              **results.get("exploratory", {}).get("success", {})}
+    for method, check in checks.items():
+        if check:
+            lines.append(f"\nsuccess rule, {method} vs baseline (test): "
+                         f"{'MET' if check['success'] else 'not met'}\n| loss | gain in R@1 "
+                         "| 2 x larger std | clears both bars |\n|---|---|---|---|")
+            lines.extend(f"| {loss} | {100 * c['gain']:+.2f} | {100 * c['twice_larger_std']:.2f}"
+                         f" | {'yes' if c['clears_bars'] else 'no'} |"
+                         for loss, c in check["per_loss"].items())
     return "\n".join(lines)
 
 

@@ -237,6 +237,9 @@ def test_synthesis_applies_the_protocols_rules_to_finished_runs(tmp_path):
     assert set(results["test"]["triplet"]) == {"baseline", "dvml", "reference"}
     assert results["test"]["npair"]["dvml"]["recall@1"] == [0.8, 0.8, 0.8]
     assert "| dvml | 3 | 80.0 ± 0.0 |" in proc.stdout
+    assert results["success"]["dvml"]["success"] is False  # a tie meets no bar
+    assert results["success"]["dvml"]["per_loss"]["npair"]["gain"] == pytest.approx(0.0)
+    assert "success rule, dvml vs baseline (test): not met" in proc.stdout
 
     # The exploratory stage: its protocol is in the file before its runs; a variant within
     # 0.5 points of the baseline's validation mean (0.9005 here) gets no test runs ...
@@ -270,7 +273,8 @@ def test_synthesis_applies_the_protocols_rules_to_finished_runs(tmp_path):
     for seed in (0, 1, 2):
         for loss in ("triplet", "npair", "triplet2_dws"):
             _validation_run(workdir / "exploratory_test"
-                            / f"{loss}_dvml_decoded_transfer_seed{seed}", 0.82)
+                            / f"{loss}_dvml_decoded_transfer_seed{seed}", 0.82,
+                            diagnostics=diagnostics)
     proc = subprocess.run([sys.executable, script, "--stage=exploratory", *common],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -280,6 +284,65 @@ def test_synthesis_applies_the_protocols_rules_to_finished_runs(tmp_path):
         0.82, 0.82, 0.82]
     assert results["test"]["npair"]["dvml"]["recall@1"] == [0.8, 0.8, 0.8]  # untouched
     assert "exploratory_test, triplet" in proc.stdout
+    # Against the test stage's baselines (0.80): +2 points with no seed spread, z_V used.
+    assert results["exploratory"]["success"]["dvml_decoded_transfer"]["success"] is True
+    assert results["exploratory"]["success"]["dvml_decoded"] is None  # never went to the test
+    assert "success rule, dvml_decoded_transfer vs baseline (test): MET" in proc.stdout
+
+
+def test_synthesis_success_rule_on_hand_computed_cases():
+    """The protocol's success rule: more than twice the larger seed std AND at least 1.5 points,
+    on at least two of the three losses, with active units and a decoder that uses z_V."""
+    def row(recalls, active=None, recon=None):
+        out = {"recall@1": recalls}
+        if active is not None:
+            out.update(active_units=[active] * 3, recon=[1.0] * 3, recon_shuffled=[recon] * 3)
+        return out
+
+    base = [0.80, 0.81, 0.82]  # mean 0.81, np.std 0.00816: twice = 1.63 points
+    summary = {
+        # +2.0 points, larger std 0.0082: clears both bars.
+        "triplet": {"baseline": row(base), "dvml": row([0.82, 0.83, 0.84], 128, 2.0)},
+        # +1.4 points: above twice the std (0.0 vs 0.0) but under 1.5 points.
+        "npair": {"baseline": row([0.8] * 3), "dvml": row([0.814] * 3, 128, 2.0)},
+        # +1.6 points, but twice the larger std (the DVML runs': 0.0327) is 3.3 points.
+        "triplet2_dws": {"baseline": row([0.8] * 3),
+                         "dvml": row([0.776, 0.816, 0.856], 128, 2.0)},
+    }
+    cases = {
+        "one_loss": summary,
+        "two_losses": {**summary, "npair": {"baseline": row([0.8] * 3),
+                                            "dvml": row([0.816] * 3, 128, 2.0)}},
+        "collapsed": {loss: {"baseline": row([0.8] * 3), "dvml": row([0.83] * 3, 0, 2.0)}
+                      for loss in summary},
+        "z_v_ignored": {loss: {"baseline": row([0.8] * 3), "dvml": row([0.83] * 3, 128, 1.0)}
+                        for loss in summary},
+        "no_diagnostics": {loss: {"baseline": row([0.8] * 3), "dvml": row([0.83] * 3)}
+                           for loss in summary},
+        "seed_missing": {**summary, "npair": {"baseline": row([0.8] * 3),
+                                              "dvml": row([0.83] * 2, 128, 2.0)}},
+    }
+    # In a subprocess: synthesis.py defines absl flags that other scripts' tests define too.
+    code = ("import json, sys; from research.dvml_omniglot import synthesis; cases = "
+            "json.load(sys.stdin); print(json.dumps({name: synthesis.success_check(case, 'dvml')"
+            " for name, case in cases.items()}))")
+    proc = subprocess.run([sys.executable, "-c", code], input=json.dumps(cases),
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    checks = json.loads(proc.stdout)
+    one = checks["one_loss"]
+    assert one["per_loss"]["triplet"]["gain"] == pytest.approx(0.02)
+    assert one["per_loss"]["triplet"]["twice_larger_std"] == pytest.approx(0.01633, abs=1e-5)
+    assert [one["per_loss"][loss]["clears_bars"] for loss in ("triplet", "npair",
+                                                             "triplet2_dws")] == [True, False,
+                                                                                  False]
+    assert one["losses_met"] == ["triplet"] and one["success"] is False
+    assert checks["two_losses"]["losses_met"] == ["triplet", "npair"]
+    assert checks["two_losses"]["success"] is True
+    for name in ("collapsed", "z_v_ignored", "no_diagnostics"):
+        assert all(c["clears_bars"] for c in checks[name]["per_loss"].values()), name
+        assert checks[name]["losses_met"] == [] and checks[name]["success"] is False, name
+    assert checks["seed_missing"] is None
 
 
 def test_synthesis_reads_results_files_written_before_runs_existed(tmp_path):
