@@ -21,8 +21,9 @@ Results: research/dvml_omniglot/results/omniglot_synthesis.json, with `protocol`
 `selected` ({"dvml": NAME, "reference": NAME, "triplet_reduction": NAME, ...}), `curve`
 ({LOSS: {STEP: R@1}}), `validation` and `test` ({LOSS: {VARIANT: {"seeds": [...],
 "recall@1": [...], "map@r": [...], ..., "active_units": [...]}}}, one value per seed, fractions;
-the test stage's variants are `baseline`, `dvml` and `reference`), `exploratory` (the same for
-the post-hoc stage, under its own protocol `protocol_exploratory`, apart from the pre-registered
+the test stage's variants are `baseline`, `dvml` and `reference`), `success` (the protocol's
+success rule for `dvml` and `reference`: `success_check`), `exploratory` (the same for the
+post-hoc stage, under its own protocol `protocol_exploratory`, apart from the pre-registered
 result), and `runs`: every run's own record ({STAGE: {LOSS: {VARIANT: {SEED: metrics,
 diagnostics, last step}}}}), from which the other keys are derived.
 """
