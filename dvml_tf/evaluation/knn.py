@@ -8,10 +8,15 @@ Distances:
 
 With ``gallery=None`` the queries are their own gallery and each query is excluded from its own
 neighbours **by index** (not by distance), so an exact duplicate of the query is still returned,
-at distance 0. Neighbours are sorted by ascending distance; equal distances are ordered by the
-smaller gallery index first, so the result is deterministic. Scores are float32 (like faiss):
-the squared distances carry an absolute error of about 1e-7 * ||x||^2 (x measured from the
-centring point, see 1. below), so neighbours closer than that may swap relative to float64.
+at distance 0 up to rounding. Neighbours are sorted by ascending distance; equal distances are
+ordered by the smaller gallery index first, so the result is deterministic for given inputs and
+memory budget (the thread count never changes it). Scores are float32 (like faiss): the squared
+distances carry an absolute error of about 1e-7 * ||x||^2 (x measured from the centring point,
+see 1. below), so neighbours closer than that may swap relative to float64, and a duplicate's
+Euclidean distance may come out near sqrt(1e-7) * ||x|| instead of 0. Another memory budget
+splits the queries into chunks of another size, and BLAS may compute a product of another shape
+with another kernel (seen with x86_64 OpenBLAS): the distances then agree within that rounding,
+and near or exact ties may be ordered differently.
 
 Design (measured on the project machine, 2 cores, 60,502 x 512 float32, k = 1001, 1024-row
 chunks): one chunk costs about 0.62 s of matrix product (numpy and TF GEMM are equally fast)

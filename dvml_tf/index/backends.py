@@ -12,8 +12,9 @@ equal scores are ordered by position (the earlier added row first).
 
 * ``flat``: exact search with the code of `dvml_tf.evaluation.knn` (numpy matrix products and
   knn's selection), so it returns exactly the neighbours of `knn.nearest_neighbors` on the same
-  rows, ties included. faiss's IndexFlat is not used: it ranks near-ties by different float
-  roundings and breaks exact ties by heap order, so its neighbour lists differ from knn's.
+  rows with the same memory budget, ties included. faiss's IndexFlat is not used: it ranks
+  near-ties by different float roundings and breaks exact ties by heap order, so its neighbour
+  lists differ from knn's.
 * ``hnsw``: faiss IndexHNSWFlat (float32 vectors) or IndexHNSWSQ (float16 vectors). HNSW cannot
   delete nodes: removed rows become tombstones that searches skip through a faiss IDSelector
   (the graph keeps them as stepping stones, so recall does not drop), and the graph is rebuilt
@@ -133,7 +134,8 @@ def pad_columns(positions, scores, k):
 
 
 class FlatBackend:
-    """Exact search, identical to `dvml_tf.evaluation.knn.nearest_neighbors` on the same rows.
+    """Exact search, identical to `dvml_tf.evaluation.knn.nearest_neighbors` on the same rows
+    with the same `memory_budget_bytes` (another chunking may round products differently).
 
     The score block of each chunk of queries is built exactly as knn.py builds it (``-q.g`` for
     cosine; ``||g||^2 - 2 q.g`` for Euclidean, on data centred on the gallery mean when knn
