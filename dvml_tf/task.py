@@ -143,7 +143,7 @@ def raw_form(config, splits=None):
     """
     if splits is not None:
         return splits.raw_form
-    if config.dataset in data_lib.FILE_DATASETS:
+    if config.dataset in ("folder", "csv"):
         # Unknown folder size: assume the loader holds it decoded (the usual case); the only
         # difference otherwise is a rounding to uint8 after the resize.
         logging.warning("%s size unknown: assuming the loader holds the images decoded.",

@@ -134,6 +134,30 @@ def test_train_py_missing_or_empty_folder(tmp_path):
     assert "empty" in error
 
 
+def test_train_py_on_a_built_glyph_folder(tmp_path):
+    """--dataset=glyphs end to end: build a folder from DejaVu faces, train a few steps with
+    the glyphs preset on its training classes, validate on the built validation split."""
+    from dvml_tf.data import glyph_builder
+    from tests.data import fonts
+
+    data = tmp_path / "glyphs"
+    glyph_builder.build(glyph_builder.BuildSpec(
+        fonts=fonts.DEJAVU[:4], characters=glyph_builder.parse_characters(fonts.LETTERS),
+        image_size=16, splits=glyph_builder.SplitSizes(validation=8, test=12, pretrain=0)),
+        str(data), processes=1, log=lambda _: None)
+    run = tmp_path / "run"
+    assert run_main(*tiny_training_flags(run), "--dataset=glyphs", f"--data_dir={data}",
+                    "--resize_size=16", "--image_size=14", "--validation_classes=8",
+                    "--evaluation_split=validation") is None
+    config = json.loads((run / "config.json").read_text())
+    assert config["config"] == "glyphs" and config["dataset"] == "glyphs"
+    assert config["backbone"] == "convnet_wide"
+    metrics = json.loads((run / "metrics_validation.json").read_text())
+    assert 0.0 <= metrics["recall@1"] <= 1.0
+    identity = json.loads((run / "dataset.json").read_text())
+    assert identity["validation"] == {"images": identity["validation"]["images"], "classes": 8}
+
+
 SMALL_FOLDER_RUN = ["--dataset=folder", "--backbone=convnet_small", "--nopretrained",
                     "--image_size=16", "--resize_size=18", "--embedding_dim=8", "--num_samples=2",
                     "--steps=2", "--checkpoint_every=2", "--eval_every=0", "--eval_batch_size=64"]

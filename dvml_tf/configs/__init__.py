@@ -8,7 +8,7 @@ Without `--config`, the preset is the one named after `--dataset`.
 import importlib
 
 PRESETS = ("omniglot", "omniglot_paper", "cub200", "cars196", "sop", "folder", "folder_cpu",
-           "csv")
+           "csv", "glyphs")
 
 
 def get_preset(name):

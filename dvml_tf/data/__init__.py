@@ -20,7 +20,9 @@ Interface:
 
 * `load_dataset(name, data_dir=None, image_size=None, validation_classes=0, seed=0, raw=False)
   -> DatasetSplits` for `name` in `DATASETS` = omniglot, cub200, cars196, sop, folder, csv
-  (a CSV manifest: `path,label[,split,is_query,is_gallery]`, module `manifest`).
+  (a CSV manifest: `path,label[,split,is_query,is_gallery]`, module `manifest`), glyphs (a
+  folder of characters rendered from fonts, module `glyphs`; built by
+  `python -m dvml_tf.data.glyph_builder`, module `glyph_builder`, with `glyph_render`).
   `DatasetSplits` has `train`, `test`, optional `validation` (each an `ImageCatalog`),
   `num_channels` (1 for stored Omniglot, else 3), `grayscale` (Omniglot-like data,
   `is_grayscale(name)`), `raw` and `raw_form`. With `raw=True` the catalogs hold the same

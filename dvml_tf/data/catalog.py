@@ -336,13 +336,14 @@ class DatasetSplits:
     """The splits of one dataset and what the preprocessing needs to know about its images.
 
     Args:
-        name: dataset name ("omniglot", "cub200", "cars196", "sop", "folder", "csv").
+        name: dataset name ("omniglot", "cub200", "cars196", "sop", "folder", "csv", "glyphs").
         train: `ImageCatalog` of the training classes.
         test: `ImageCatalog` of the test classes (class-disjoint from train and validation).
         validation: optional `ImageCatalog` of classes carved out of the training classes.
         num_channels: channels of the images the catalogs yield (1 for stored Omniglot, 3 for
             photos and for every raw split).
-        grayscale: True for Omniglot-like data (grayscale strokes; stored ink bright on black):
+        grayscale: True for Omniglot-like data (grayscale strokes, Omniglot and glyphs; stored
+            ink bright on black):
             such images use the small-image recipe (resize 32, crop 28, no flip).
         raw: True when the catalogs yield the raw images (`load_dataset(..., raw=True)`):
             decoded RGB at the original size, to be mapped to the stored images with

@@ -1,5 +1,5 @@
-"""`load_dataset`: the named datasets (TFDS builders, zero-shot class splits), the folder layout
-and CSV manifests (`folder.py`, `manifest.py`).
+"""`load_dataset`: the named datasets (TFDS builders, zero-shot class splits), the folder layout,
+CSV manifests and glyph folders (`folder.py`, `manifest.py`, `glyphs.py`).
 
 | name     | TFDS builder             | train                       | test                        |
 | -------- | ------------------------ | --------------------------- | --------------------------- |
@@ -34,6 +34,7 @@ import tensorflow_datasets as tfds
 from absl import logging
 
 from dvml_tf.data import folder
+from dvml_tf.data import glyphs
 from dvml_tf.data import manifest
 from dvml_tf.data.catalog import DatasetSplits
 from dvml_tf.data.catalog import ImageCatalog
@@ -45,11 +46,12 @@ from dvml_tf.data.raw_form import NO_CONVERSION
 from dvml_tf.data.raw_form import OMNIGLOT_INK
 from dvml_tf.data.raw_form import RawForm
 
-DATASETS = ("omniglot", "cub200", "cars196", "sop", "folder", "csv")
-# Datasets read from the user's files (data_dir is required): an image folder, a CSV manifest.
-FILE_DATASETS = ("folder", "csv")
+DATASETS = ("omniglot", "cub200", "cars196", "sop", "folder", "csv", "glyphs")
+# Datasets read from the user's files (data_dir is required): an image folder, a CSV manifest,
+# a glyph folder (built by `glyph_builder`).
+FILE_DATASETS = ("folder", "csv", "glyphs")
 # Grayscale stroke data: stored as gray, and never flipped (a mirrored glyph is another glyph).
-GRAYSCALE_DATASETS = ("omniglot",)
+GRAYSCALE_DATASETS = ("omniglot", "glyphs")
 # Default side of the in-memory Omniglot images: the training recipe random-crops 28 from 32.
 OMNIGLOT_IMAGE_SIZE = 32
 NETWORK_TIMEOUT_SECONDS = 3.0
@@ -102,14 +104,16 @@ def load_dataset(name, data_dir=None, image_size=None, validation_classes=0, see
         name: one of `DATASETS`.
         data_dir: for TFDS datasets, the TFDS data dir (default: TFDS's default, which honours
             the TFDS_DATA_DIR environment variable); for "folder", the image folder; for
-            "csv", the CSV manifest file.
+            "csv", the CSV manifest file; for "glyphs", the glyph folder.
         image_size: optional int. Omniglot is always held decoded, at this size (default 32;
-            105 is the original). Other datasets are kept encoded and decoded on the fly, unless
+            105 is the original); glyphs too (default: the built size). Other datasets are
+            kept encoded and decoded on the fly, unless
             `image_size` is given and the decoded copy fits in `MAX_DECODED_BYTES`: then they
             are decoded once and held in memory at image_size x image_size (faster epochs;
             with a warning and no effect when it does not fit). See `raw_form_of`.
         validation_classes: int; carve this many training classes out as a validation split
-            (never test classes).
+            (never test classes). Glyph folders fix their validation split when they are
+            built: 0 or its size.
         seed: int, picks the validation classes.
         raw: bool. True returns the same splits (same records in the same order, same
             validation classes) holding the raw images instead: the encoded bytes or file paths,
@@ -129,6 +133,10 @@ def load_dataset(name, data_dir=None, image_size=None, validation_classes=0, see
     if image_size is not None and (int(image_size) != image_size or image_size < 1):
         raise ValueError(f"image_size must be a positive integer or None, got {image_size!r}.")
     data_dir = None if data_dir is None else os.fspath(data_dir)
+    if name == "glyphs":
+        splits = glyphs.load_glyphs(data_dir, image_size=image_size,
+                                    validation_classes=validation_classes, raw=raw)
+        return _checked(splits, name)
     if name == "folder":
         splits = folder.load_folder(data_dir)
     elif name == "csv":
@@ -152,13 +160,18 @@ def load_dataset(name, data_dir=None, image_size=None, validation_classes=0, see
             splits, train=materialize(splits.train, form), test=materialize(splits.test, form),
             num_channels=form.num_channels)
     # Omniglot validates on whole held-out alphabets, like its test split (see carve_validation).
-    splits = carve_validation(splits, validation_classes, seed, last=is_grayscale(name))
+    splits = carve_validation(splits, validation_classes, seed, last=name == "omniglot")
+    return _checked(splits, name)
+
+
+def _checked(splits, name):
+    """The training-class check and the per-split log line of every loaded dataset."""
     # Paper §4 is silent on single-image classes: left out of training batches (they have no
     # positive), kept in the evaluation splits (their images are gallery distractors).
     check_training_classes(splits.train, name)
     for split, catalog in splits.splits().items():
-        logging.info("%s %s%s: %d classes, %d images (%s).", name, "raw " if raw else "", split,
-                     catalog.num_classes, catalog.num_images, catalog.storage)
+        logging.info("%s %s%s: %d classes, %d images (%s).", name, "raw " if splits.raw else "",
+                     split, catalog.num_classes, catalog.num_images, catalog.storage)
     return splits
 
 
@@ -178,7 +191,9 @@ def raw_form_of(name, image_size=None, num_images=None):
     """The `RawForm` of `load_dataset(name, image_size=image_size)`: how it stores the images.
 
     Omniglot is converted to inverted gray ("omniglot_ink") and always held decoded at
-    `image_size` (default `OMNIGLOT_IMAGE_SIZE`). The other datasets keep RGB; they are held
+    `image_size` (default `OMNIGLOT_IMAGE_SIZE`); so are glyph folders (default: the default
+    build's size; `load_dataset` knows the built size and raw size, this function does not).
+    The other datasets keep RGB; they are held
     decoded at `image_size` when it is given and `num_images` RGB images of that size fit in
     `MAX_DECODED_BYTES`, else kept encoded at their original size.
 
@@ -186,7 +201,7 @@ def raw_form_of(name, image_size=None, num_images=None):
         name: one of `DATASETS`.
         image_size: optional int, as passed to `load_dataset`.
         num_images: train + test images; default: the real TFDS dataset's count (required for
-            "folder" and "csv").
+            "folder" and "csv"; unused for the decoded ones).
 
     Returns:
         `RawForm`.
@@ -198,6 +213,8 @@ def raw_form_of(name, image_size=None, num_images=None):
         raise ValueError(f"Unknown dataset {name!r}; valid datasets: {', '.join(DATASETS)}.")
     spec = _SPECS.get(name)
     raw_size = spec.raw_size if spec else None
+    if name == "glyphs":
+        return RawForm(OMNIGLOT_INK, image_size or glyphs.DEFAULT_IMAGE_SIZE, None)
     if is_grayscale(name):
         return RawForm(OMNIGLOT_INK, image_size or OMNIGLOT_IMAGE_SIZE, raw_size)
     if image_size is None:

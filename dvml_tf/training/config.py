@@ -113,8 +113,8 @@ class TrainConfig:
     # ------------------------------------------------------------------------------- data
     dataset: str = _field("omniglot", "Dataset.", choices=DATASETS, group="data")
     data_dir: str | None = _field(
-        None, "TFDS data directory, the image folder for --dataset=folder, or the CSV manifest "
-        "for --dataset=csv.", group="data"
+        None, "TFDS data directory, the image folder for --dataset=folder, the CSV manifest "
+        "for --dataset=csv, or the glyph folder for --dataset=glyphs.", group="data"
     )
     image_size: int = _field(28, "Side of the (cropped) training and test images.", group="data")
     resize_size: int = _field(
@@ -336,6 +336,9 @@ class TrainConfig:
         if self.dataset == "csv" and not self.data_dir:
             raise ValueError("dataset=csv needs --data_dir=<a CSV manifest with the columns "
                              "path,label[,split,is_query,is_gallery]>.")
+        if self.dataset == "glyphs" and not self.data_dir:
+            raise ValueError("dataset=glyphs needs --data_dir=<a glyph folder> (built with "
+                             "python -m dvml_tf.data.glyph_builder).")
         return self
 
     def to_dict(self):

@@ -10,7 +10,7 @@ from dvml_tf.training.config import TrainConfig
 def test_every_preset_is_valid_and_round_trips_through_json():
     for name in configs.PRESETS:
         config = configs.get_preset(name)
-        if config.dataset in ("folder", "csv"):  # the user's files: data_dir is required
+        if config.dataset in ("folder", "csv", "glyphs"):  # the user's files: data_dir needed
             with pytest.raises(ValueError, match=f"dataset={config.dataset} needs --data_dir"):
                 config.validate()
             config = config.replace(data_dir="/some/catalogue")
