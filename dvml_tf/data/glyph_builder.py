@@ -18,16 +18,19 @@ TFDS's `download_and_prepare`, and is not part of the train / evaluate / export 
    identical (at the output size) to the face's rendering of another requested character (a
    placeholder shared by several code points, or two classes one picture: Latin A, Greek Alpha
    and Cyrillic A). Each face also renders a seeded sample of characters for step 3.
-3. *Designs*: two faces draw the same design when, on the sample characters both draw, their
-   renderings at the output size match (sum |a - b| <= `MATCH_TOLERANCE` x the larger ink sum)
-   for at least `MATCH_FRACTION` of them (and at least `MIN_COMMON` are common); designs are
-   the connected groups, each rendered from one representative face (the one drawing the most
-   characters). Measured on Debian's CJK fonts (docs/glyphs.md): pairs of different designs
-   match on under 7 % of the sample, exact or near copies (IPA / Takao, IPAex / IPA, Droid /
-   WenQuanYi Micro Hei, MigMix / Migu) on 99-100 %, and the regional variants of one design
-   (Noto CJK JP / KR / SC / TC / HK, Ume's S variants, IPAmj / IPA Mincho) on 31-92 %:
-   the threshold (25 %) sits in the empty gap and counts each of them once. `--max_designs`
-   keeps a seeded random subset of the designs.
+3. *Designs*: faces draw one design when, for every two of them, their renderings at the
+   output size match (sum |a - b| <= `MATCH_TOLERANCE` x the larger ink sum) on at least
+   `MATCH_FRACTION` of the sample characters both draw (at least `MIN_COMMON` of them):
+   complete linkage (`group_designs`); each design is rendered from its most typical face.
+   Measured on Debian's CJK fonts (docs/glyphs.md):
+   faces of different designs match on under 7 % of the sample; exact or near copies (IPA /
+   Takao, IPAex / IPA, Droid / WenQuanYi Micro Hei) on 95-100 %; the regional variants of one
+   design (Noto CJK JP / KR / SC / TC / HK, Ume's variants, IPAmj / IPA Mincho) on 31-98 %;
+   composite fonts on about half (MigMix: M+'s kanji for some characters, IPA Gothic's for
+   the others; 46 % with IPA Gothic, 52 % with VL Gothic, itself M+ based). The threshold
+   (25 %) sits in the empty gap; requiring it of every pair keeps a composite from chaining
+   its two sources into one design. `--max_designs` keeps a seeded random subset of the
+   designs that draw at least half as many characters as the most prolific one.
 4. *Classes*: a character is a class when at least `--min_designs` designs draw it; within a
    class, an image identical (at the output size, before augmentation) to a lower design's is
    dropped. Classes are split by a seeded hash order: test, validation, pretrain, then train.
@@ -108,7 +111,7 @@ class BuildSpec:
         characters_text: how they were requested (for the record).
         image_size: output side in pixels (>= 16).
         min_designs: a character is a class when at least this many designs draw it (>= 2).
-        max_designs: keep at most this many designs (seeded choice); 0 = all.
+        max_designs: keep at most this many designs (`choose_designs`); 0 = all.
         max_characters: keep the requested characters mapped by the most faces; 0 = all.
         copies: augmented copies per design (instances per class = designs x copies).
         augmentation: `glyph_render.AugmentationRange`.
@@ -383,53 +386,139 @@ def _survey_job(job):
 
 # ---------------------------------------------------------------------------------- designs
 
-def group_designs(sample_images, sample_valid, valid_counts):
-    """Step 3: which faces draw the same design (module docstring).
+def match_shares(sample_images, sample_valid):
+    """How alike every two faces draw: the share of their common sample characters whose
+    renderings match (sum |a - b| <= `MATCH_TOLERANCE` x the larger ink sum).
 
     Args:
         sample_images: uint8 [F, M, S, S], each face's rendering of the M sample characters.
         sample_valid: bool [F, M], where a face drew a sample character.
-        valid_counts: int [F], the characters each face draws (the representative draws most).
 
     Returns:
-        (groups, matches): groups = list of lists of face indices, each sorted with its
-        representative first, ordered by representative; matches = dict (a, b) -> share of
-        matching common sample characters, for the pairs that were merged.
+        (share float [F, F], common int [F, F]): the share, and the number of common sample
+        characters it is computed on (diagonal: 1 and M).
     """
     count = len(sample_images)
     flat = sample_images.reshape(count, sample_images.shape[1], -1).astype(np.int32)
     ink = flat.sum(axis=2)
-    parent = list(range(count))
-
-    def root(i):
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    matches = {}
+    share = np.zeros((count, count))
+    common = np.zeros((count, count), np.int64)
     for a in range(count):
-        if not sample_valid[a].any():
-            continue
-        common = sample_valid[a][None, :] & sample_valid[a + 1:]
-        difference = np.abs(flat[a][None] - flat[a + 1:]).sum(axis=2)
-        larger = np.maximum(ink[a][None], ink[a + 1:])
-        same = (difference <= MATCH_TOLERANCE * larger) & common
-        shared = common.sum(axis=1)
-        share = same.sum(axis=1) / np.maximum(shared, 1)
-        for offset in np.flatnonzero((shared >= MIN_COMMON) & (share >= MATCH_FRACTION)):
-            b = a + 1 + int(offset)
-            matches[(a, b)] = float(share[offset])
-            parent[root(b)] = root(a)
-    members = {}
-    for face in range(count):
-        members.setdefault(root(face), []).append(face)
-    groups = []
-    for group in members.values():
-        representative = max(group, key=lambda f: (valid_counts[f], -f))
-        groups.append([representative, *[f for f in group if f != representative]])
+        both = sample_valid[a][None, :] & sample_valid
+        difference = np.abs(flat[a][None] - flat).sum(axis=2)
+        same = (difference <= MATCH_TOLERANCE * np.maximum(ink[a][None], ink)) & both
+        common[a] = both.sum(axis=1)
+        share[a] = same.sum(axis=1) / np.maximum(common[a], 1)
+    return share, common
+
+
+def group_designs(sample_images, sample_valid, valid_counts):
+    """Step 3: which faces draw the same design (module docstring).
+
+    Complete-linkage clustering: two groups of faces merge, the most alike first, only while
+    every face of one matches every face of the other on at least `MATCH_FRACTION` of their
+    common sample characters (at least `MIN_COMMON` of them). So a composite font (MigMix:
+    the kanji of M+ for some characters, of IPA Gothic for the others) joins one of its
+    sources but never chains the two into one design. Each design is rendered from its most
+    typical face: the one with the highest mean share with the others (then the one drawing
+    the most characters).
+
+    Args:
+        sample_images: uint8 [F, M, S, S], each face's rendering of the M sample characters.
+        sample_valid: bool [F, M], where a face drew a sample character.
+        valid_counts: int [F], the characters each face draws.
+
+    Returns:
+        (groups, matches, pairs): groups = list of lists of face indices, the representative
+        first, ordered by representative; matches = dict (representative, face) -> share, for
+        every other face of a design; pairs = `pair_statistics` of the face pairs.
+    """
+    share, common = match_shares(sample_images, sample_valid)
+    alike = np.where(common >= MIN_COMMON, share, 0.0)
+    np.fill_diagonal(alike, 1.0)
+    clusters = [[face] for face in range(len(alike))]
+    linkage = alike.copy()  # the least alike pair between two clusters
+    np.fill_diagonal(linkage, -1.0)
+    while len(clusters) > 1:
+        first, second = np.unravel_index(np.argmax(linkage), linkage.shape)
+        if linkage[first, second] < MATCH_FRACTION:
+            break
+        first, second = min(first, second), max(first, second)
+        clusters[first] += clusters.pop(second)
+        merged = np.minimum(linkage[first], linkage[second])
+        linkage[first], linkage[:, first] = merged, merged
+        linkage[first, first] = -1.0
+        linkage = np.delete(np.delete(linkage, second, axis=0), second, axis=1)
+    groups, matches = [], {}
+    for cluster in clusters:
+        typical = {f: np.mean([alike[f, g] for g in cluster if g != f]) if len(cluster) > 1
+                   else 1.0 for f in cluster}
+        representative = max(cluster, key=lambda f: (typical[f], valid_counts[f], -f))
+        others = sorted(f for f in cluster if f != representative)
+        groups.append([representative, *others])
+        matches.update({(representative, f): float(share[representative, f]) for f in others})
     groups.sort(key=lambda g: g[0])
-    return groups, matches
+    return groups, matches, pair_statistics(share, common, groups)
+
+
+# Bins of the share histogram the manifest records (the evidence for `MATCH_FRACTION`).
+SHARE_BINS = (0.0, 0.01, 0.07, 0.25, 0.5, 0.75, 0.9, 1.0)
+
+
+def pair_statistics(share, common, groups):
+    """How alike the face pairs draw, within and between the designs found.
+
+    Args:
+        share, common: `match_shares` of the faces.
+        groups: the designs (lists of face indices).
+
+    Returns:
+        dict: for "within" and "between" designs, the number of face pairs (with at least
+        `MIN_COMMON` common sample characters) per share bin (`SHARE_BINS`, the last bin
+        closed), their count, and the smallest ("within") or largest ("between") share.
+    """
+    design = np.empty(len(share), np.int64)
+    for index, group in enumerate(groups):
+        design[group] = index
+    upper = np.triu(np.ones_like(share, dtype=bool), k=1) & (common >= MIN_COMMON)
+    same = design[:, None] == design[None, :]
+    result = {"bins": list(SHARE_BINS)}
+    for name, mask in (("within", upper & same), ("between", upper & ~same)):
+        values = share[mask]
+        counts, _ = np.histogram(values, bins=SHARE_BINS)
+        extreme = (values.min() if name == "within" else values.max()) if values.size else None
+        result[name] = {"pairs": int(values.size), "counts": counts.tolist(),
+                        "min" if name == "within" else "max":
+                        None if extreme is None else round(float(extreme), 4)}
+    return result
+
+
+def choose_designs(groups, drawn_counts, count, seed):
+    """`--max_designs`: a seeded random choice of `count` designs among those that draw at
+    least half as many characters as the most prolific one (a design drawing a small part
+    of the characters would leave few characters drawn by all the chosen ones).
+
+    Args:
+        groups: the designs (lists of faces, representative first).
+        drawn_counts: int per design, the characters its representative draws.
+        count: how many to keep.
+        seed: int.
+
+    Returns:
+        the chosen groups, in their order.
+
+    Raises:
+        ValueError: fewer than `count` designs draw that many characters.
+    """
+    floor = max(drawn_counts) / 2
+    candidates = [i for i, n in enumerate(drawn_counts) if n >= floor]
+    if len(candidates) < count:
+        raise ValueError(f"--max_designs={count}: only {len(candidates)} of the {len(groups)} "
+                         f"designs draw at least half as many characters ({floor:.0f}) as the "
+                         "most prolific one.")
+    keep = np.sort(np.random.default_rng([seed, 0xDE]).choice(candidates, count,
+                                                               replace=False))
+    return [groups[i] for i in keep]
 
 
 def split_order(codes, seed):
@@ -541,16 +630,15 @@ def build(spec, output, processes=0, log=_log, cache_dir=None):
     drawing = [i for i in active if np.any(checked[i][0] == 0)]
     if not drawing:
         raise ValueError("No face draws any requested character (every glyph was rejected).")
-    groups, matches = group_designs(np.stack([checked[i][2] for i in drawing]),
-                                    np.stack([checked[i][3] for i in drawing]),
-                                    [int(np.sum(checked[i][0] == 0)) for i in drawing])
+    groups, matches, pairs = group_designs(np.stack([checked[i][2] for i in drawing]),
+                                           np.stack([checked[i][3] for i in drawing]),
+                                           [int(np.sum(checked[i][0] == 0)) for i in drawing])
     groups = [[drawing[f] for f in group] for group in groups]
     matches = {(drawing[a], drawing[b]): share for (a, b), share in matches.items()}
     all_designs = len(groups)
     if spec.max_designs and len(groups) > spec.max_designs:
-        keep = np.sort(np.random.default_rng([spec.seed, 0xDE]).choice(
-            len(groups), spec.max_designs, replace=False))
-        groups = [groups[i] for i in keep]
+        groups = choose_designs(groups, [int(np.sum(checked[g[0]][0] == 0)) for g in groups],
+                                spec.max_designs, spec.seed)
     log(f"designs: {all_designs} among the {len(drawing)} faces that draw; {len(groups)} "
         "kept.")
 
@@ -628,8 +716,8 @@ def build(spec, output, processes=0, log=_log, cache_dir=None):
         identical = identical_within_class(np.load(images_path, mmap_mode="r"),
                                            np.asarray(labels))
         manifest = _manifest(spec, files, file_digests, faces, mapped, checked, groups, matches,
-                             classes, split_of, drawn, augmentations, labels, all_designs,
-                             removed_identical, identical, characters, eligible)
+                             pairs, classes, split_of, drawn, augmentations, labels,
+                             all_designs, removed_identical, identical, characters, eligible)
         with open(os.path.join(staging, glyphs.MANIFEST), "w", encoding="utf-8") as f:
             json.dump(manifest, f, indent=1, ensure_ascii=False)
             f.write("\n")
@@ -668,9 +756,9 @@ def identical_within_class(images, labels):
     return repeats
 
 
-def _manifest(spec, files, file_digests, faces, mapped, checked, groups, matches, classes, split_of,
-              drawn, augmentations, labels, all_designs, removed_identical, identical,
-              characters, eligible):
+def _manifest(spec, files, file_digests, faces, mapped, checked, groups, matches, pairs,
+              classes, split_of, drawn, augmentations, labels, all_designs, removed_identical,
+              identical, characters, eligible):
     packages = debian_packages(files)
     file_index = {path: i for i, path in enumerate(files)}
     design_of = {face: design for design, group in enumerate(groups) for face in group}
@@ -706,14 +794,15 @@ def _manifest(spec, files, file_digests, faces, mapped, checked, groups, matches
             "ink": "bright (255) on 0",
         },
         "design_rule": {"match_tolerance": MATCH_TOLERANCE, "match_fraction": MATCH_FRACTION,
-                        "min_common": MIN_COMMON, "sample": DESIGN_SAMPLE},
+                        "min_common": MIN_COMMON, "sample": DESIGN_SAMPLE,
+                        "face_pairs": pairs},
         "fonts": [{"file": i, "path": path, "sha256": file_digests[path],
                    "package": packages.get(path)} for i, path in enumerate(files)],
         "faces": face_records,
         "designs": [{"design": d, "representative": group[0], "faces": group,
-                     # The merged pairs: [face, face, share of matching sample characters].
-                     "matches": [[a, b, round(share, 4)] for (a, b), share in sorted(
-                         matches.items()) if a in group],
+                     # Each merged face: [face, share of matching sample characters with the
+                     # representative].
+                     "matches": [[b, round(matches[(group[0], b)], 4)] for b in group[1:]],
                      "characters": sum(d in drawn[code] for code in classes)}
                     for d, group in enumerate(groups)],
         "instances": [{"instance": d * spec.copies + k, "design": d, "copy": k,
@@ -758,7 +847,9 @@ def _parser():
     parser.add_argument("--min_designs", type=int, default=2,
                         help="a character is a class when at least this many designs draw it")
     parser.add_argument("--max_designs", type=int, default=0,
-                        help="keep a seeded random subset of this many designs (0: all)")
+                        help="keep a seeded random subset of this many designs among those "
+                             "drawing at least half as many characters as the most prolific one "
+                             "(0: all)")
     parser.add_argument("--image_size", type=int, default=32, help="image side in pixels")
     parser.add_argument("--copies", type=int, default=1,
                         help="augmented copies per design (instances per class = designs x "

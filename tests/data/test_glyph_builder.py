@@ -118,10 +118,31 @@ def test_a_copied_font_is_one_design_and_another_design_is_not_merged(tmp_path):
     assert manifest["counts"]["faces"] == 3 and manifest["counts"]["designs"] == 2
     merged = [d for d in manifest["designs"] if len(d["faces"]) == 2]
     assert len(merged) == 1
-    (face_a, face_b, share), = merged[0]["matches"]
-    assert share == 1.0
-    paths = {manifest["fonts"][manifest["faces"][f]["file"]]["path"] for f in (face_a, face_b)}
+    (face, share), = merged[0]["matches"]
+    assert share == 1.0 and face == merged[0]["faces"][1]
+    paths = {manifest["fonts"][manifest["faces"][f]["file"]]["path"]
+             for f in merged[0]["faces"]}
     assert paths == {os.path.realpath(fonts.SANS), os.path.realpath(copy)}
+    # The evidence the manifest keeps: the one pair within a design, two pairs between.
+    pairs = manifest["design_rule"]["face_pairs"]
+    assert pairs["within"]["pairs"] == 1 and pairs["within"]["min"] == 1.0
+    assert pairs["between"]["pairs"] == 2 and pairs["between"]["max"] < 0.07
+    assert sum(pairs["between"]["counts"]) == 2 and pairs["within"]["counts"][-1] == 1
+
+
+def test_a_composite_font_does_not_chain_its_two_sources_into_one_design(tmp_path):
+    """Serif with Sans's lowercase letters and digits (like MigMix: M+ and IPA kanji) matches
+    both sources on a good share of characters; it joins one design, the two stay apart."""
+    composite = fonts.hybrid(str(tmp_path / "composite.ttf"),
+                             letters="abcdefghijklmnopqrstuvwxyz0123456789")
+    manifest = build([fonts.SANS, fonts.SERIF, composite], str(tmp_path / "out"),
+                     characters="U+0021-U+007E",
+                     splits=glyph_builder.SplitSizes(validation=5, test=10, pretrain=0))
+    design_of = {manifest["fonts"][f["file"]]["path"]: f["design"] for f in manifest["faces"]}
+    assert manifest["counts"]["designs"] == 2
+    assert design_of[os.path.realpath(fonts.SANS)] != design_of[os.path.realpath(fonts.SERIF)]
+    assert design_of[composite] in (design_of[os.path.realpath(fonts.SANS)],
+                                    design_of[os.path.realpath(fonts.SERIF)])
 
 
 def test_faces_sharing_their_outlines_in_a_collection_render_as_apart(tmp_path):
