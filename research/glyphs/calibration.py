@@ -1,0 +1,357 @@
+"""Calibration of the glyph benchmark (issue 21): which glyph folder puts the `--nodvml` N-pair
+baseline well below the ceiling on held-out training classes, within the run-time budget.
+
+Every setting is a glyph folder (`dvml_tf.data.glyph_builder` arguments) plus the baseline's
+training run on it: trained on the folder's training classes, evaluated once on its validation
+classes (held-out training classes). The test classes are never evaluated here. The rule
+(`PROTOCOL`, written into the results file before the first run) picks the setting.
+
+    python research/glyphs/calibration.py --workdir=RUNS              # every setting, resumes
+    python research/glyphs/calibration.py --workdir=RUNS --only=s32_d12
+    python research/glyphs/calibration.py --stage=step_time           # step time per size
+    python research/glyphs/calibration.py --stage=report              # the table
+
+Runs are single-threaded, two at a time (`research/dvml_omniglot/runs.py`); a run recorded in
+the results file is never trained again, an interrupted one resumes from its checkpoint; a glyph
+folder is built once (its render check cached in `--workdir`/cache*).
+
+Results: research/glyphs/results/calibration.json: `protocol`, `settings` (build arguments and
+training flags), `builds` (the folder's counts, bytes, build seconds and images per second),
+`runs` (validation metrics, the curve, CPU and wall seconds, seconds per step, the load average
+around the run), `selected`.
+"""
+
+import concurrent.futures
+import datetime
+import fcntl
+import json
+import os
+import pathlib
+import platform
+import re
+import sys
+import threading
+import time
+
+from absl import app
+from absl import flags
+
+HERE = pathlib.Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from dvml_tf.data import glyph_builder  # noqa: E402
+from dvml_tf.data import glyph_render  # noqa: E402
+from dvml_tf.data import glyphs  # noqa: E402
+from dvml_tf.utils import atomic  # noqa: E402
+from research.dvml_omniglot import runs  # noqa: E402
+from research.glyphs import recipe  # noqa: E402
+
+FLAGS = flags.FLAGS
+flags.DEFINE_enum("stage", "calibrate", ["calibrate", "step_time", "report"], "What to do.")
+flags.DEFINE_string("workdir", os.path.expanduser("~/dvml_runs/glyphs_calibration"),
+                    "Glyph folders, the render-check cache and the runs.")
+flags.DEFINE_string("fonts", "/usr/share/fonts", "Font files and folders (setup_fonts.sh).")
+flags.DEFINE_string("output", str(HERE / "results" / "calibration.json"), "Results file.")
+flags.DEFINE_list("only", [], "Run only these settings.")
+flags.DEFINE_integer("parallel", 2, "Runs at a time (each single-threaded).")
+
+CHARACTERS = "U+4E00-U+9FFF"
+# The ideographs mapped by the most faces: every design draws nearly all of them, and the
+# render check of three image sizes stays within an hour or two on 2 cores.
+MAX_CHARACTERS = 6000
+SPLITS = {"validation": 500, "test": 1000, "pretrain": 1000}
+STEPS, NETWORK = recipe.STEPS, recipe.NETWORK
+BUDGET_SECONDS = 12 * 60
+TARGET = (0.70, 0.90)
+
+PROTOCOL = {
+    "question": "Which glyph folder (image size, designs per class, training classes, shared "
+                "augmentation) puts the --nodvml N-pair baseline's validation Recall@1 well "
+                "below the ceiling (about 70-90 %) with a run of at most 12 minutes on a "
+                "2-core machine?",
+    "data": f"Glyph folders built from the Debian CJK font packages (setup_fonts.sh): the "
+            f"{MAX_CHARACTERS} characters of {CHARACTERS} mapped by the most faces, class "
+            f"splits by the builder's seeded hash order: test "
+            f"{SPLITS['test']}, validation {SPLITS['validation']}, pretrain "
+            f"{SPLITS['pretrain']}, then the training classes of the setting. The test classes "
+            "are never evaluated in the calibration.",
+    "network": "convnet_wide (F = 512) -> z_I (J = 128), N-pair 64 x 2, Adam 1e-3, "
+               f"{STEPS} steps, seed 0, no DVML; random crop of 7/8 of the image side, centre "
+               "crop at test; single-threaded, two runs at a time.",
+    "flags": NETWORK,
+    "evaluation": "Train on the folder's training classes, evaluate once on its validation "
+                  "classes (Recall@1, MAP@R); validation Recall@1 every 1,000 steps.",
+    "budget": "A run's cost is the CPU time of its train.py process (single-threaded: about "
+              "its wall time on an idle core, whatever the other jobs of a shared machine), "
+              "at most 12 minutes; wall time and load average are recorded with it.",
+    "selection": "Among the settings whose validation Recall@1 is within 70-90 % and whose run "
+                 "is within the budget, the one closest to 80 %; ties: the smaller images, "
+                 "then fewer training classes.",
+}
+
+
+def setting(image_size=32, designs=0, min_designs=None, train=1000, copies=1,
+            augmentation=None, extra=()):
+    """One setting: builder arguments and training flags."""
+    augmentation = augmentation or {}
+    build = {"characters": CHARACTERS, "max_characters": MAX_CHARACTERS,
+             "image_size": image_size, "max_designs": designs,
+             "min_designs": min_designs or max(designs, 2), "copies": copies,
+             "augmentation": glyph_render.AugmentationRange(**augmentation).to_dict(),
+             "splits": {"train": train, **SPLITS}, "seed": 0}
+    return {"build": build, "train": [*NETWORK, *recipe.size_flags(image_size), *extra]}
+
+
+# Moderate and strong shared augmentation (ranges, per instance).
+MODERATE = {"rotation": 10.0, "shear": 10.0, "scale": 0.1, "translation": 0.05, "stroke": 0.5}
+STRONG = {"rotation": 20.0, "shear": 20.0, "scale": 0.2, "translation": 0.08, "stroke": 0.8}
+
+SETTINGS = {
+    # The trial's regime (every design, no augmentation): the ceiling.
+    "s32_all": setting(32, designs=0, min_designs=30),
+    # Fewer designs per class.
+    "s32_d12": setting(32, designs=12),
+    "s32_d6": setting(32, designs=6),
+    # Shared augmentation: instance j = (design, copy) distorted alike in every class.
+    "s32_d6_c4_moderate": setting(32, designs=6, copies=4, augmentation=MODERATE),
+    "s32_d6_c4_strong": setting(32, designs=6, copies=4, augmentation=STRONG),
+    # Image size.
+    "s28_d6": setting(28, designs=6),
+    "s48_d6": setting(48, designs=6),
+    # Fewer training classes.
+    "s32_d6_t300": setting(32, designs=6, train=300),
+}
+
+
+# ---------------------------------------------------------------------------------- results
+
+_LOCK = threading.Lock()
+
+
+def _path():
+    return pathlib.Path(FLAGS.output)
+
+
+def update(change):
+    """Read-modify-write of the results file under a lock (threads and processes)."""
+    with _LOCK, open(_path().with_suffix(".lock"), "a+") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        path = _path()
+        results = json.loads(path.read_text()) if path.exists() else {}
+        if results.get("protocol", PROTOCOL) != PROTOCOL:
+            raise SystemExit(f"{path} was written under another protocol.")
+        results["protocol"] = PROTOCOL
+        results.setdefault("machine", {"python": platform.python_version(),
+                                       "cpu_count": os.cpu_count(),
+                                       "machine": platform.machine()})
+        change(results)
+        results["selected"] = select(results)
+        atomic.write_json(path, results)
+        return results
+
+
+def select(results):
+    """The protocol's rule over the finished runs (None when no setting qualifies)."""
+    candidates = []
+    for name, run in results.get("runs", {}).items():
+        recall = run["recall@1"]
+        if TARGET[0] <= recall <= TARGET[1] and run["cpu_seconds"] <= BUDGET_SECONDS:
+            build = results["settings"][name]["build"]
+            candidates.append((abs(recall - 0.80), build["image_size"],
+                               build["splits"]["train"], name))
+    return min(candidates)[-1] if candidates else None
+
+
+# ---------------------------------------------------------------------------------- stages
+
+def folder_of(name):
+    return pathlib.Path(FLAGS.workdir) / "data" / name
+
+
+def build_folder(name, values):
+    """Builds a setting's glyph folder once; returns its build record."""
+    output = folder_of(name)
+    if output.exists():
+        return None
+    output.parent.mkdir(parents=True, exist_ok=True)
+    build = values["build"]
+    spec = glyph_builder.BuildSpec(
+        fonts=tuple(FLAGS.fonts.split(",")),
+        characters=glyph_builder.parse_characters(build["characters"]),
+        characters_text=build["characters"], image_size=build["image_size"],
+        min_designs=build["min_designs"], max_designs=build["max_designs"],
+        max_characters=build["max_characters"],
+        copies=build["copies"], augmentation=glyph_render.AugmentationRange(
+            **{k: v for k, v in build["augmentation"].items()}),
+        splits=glyph_builder.SplitSizes(**build["splits"]), seed=build["seed"])
+    started = time.time()
+    manifest = glyph_builder.build(
+        spec, str(output), processes=FLAGS.parallel,
+        cache_dir=str(pathlib.Path(FLAGS.workdir) / f"cache{build['image_size']}"))
+    timing = manifest["timing"]
+    return {"counts": manifest["counts"], "splits": manifest["splits"],
+            "bytes": sum(f.stat().st_size for f in output.iterdir()),
+            "images_bytes": (output / glyphs.IMAGES).stat().st_size,
+            "build_seconds": round(time.time() - started, 1),
+            "render_images_per_second": round(timing["images_per_second"], 1),
+            "check_glyphs_per_second": round(timing["glyphs_checked_per_second"], 1),
+            "load_average": os.getloadavg()}
+
+
+_TIME = re.compile(r"^I\d{4} (\d\d):(\d\d):(\d\d\.\d+)")
+
+
+def seconds_per_step(log_text):
+    """Training seconds per step from the absl timestamps of the first and last `step N/N`
+    lines of the last attempt in a train.log (None when there are fewer than two)."""
+    points = []
+    for line in log_text.splitlines():
+        match, step = _TIME.match(line), runs.STEP_LINE.search(line)
+        if match and step:
+            hours, minutes, seconds = match.groups()
+            stamp = int(hours) * 3600 + int(minutes) * 60 + float(seconds)
+            points.append((int(step.group(1)), stamp))
+    # The last monotonic stretch (a resumed run starts again at its checkpoint).
+    stretch = points[-1:]
+    for point in reversed(points[:-1]):
+        if point[0] >= stretch[0][0]:
+            break
+        stretch.insert(0, point)
+    if len(stretch) < 2:
+        return None
+    (first_step, first), (last_step, last) = stretch[0], stretch[-1]
+    return round(((last - first) % 86400) / (last_step - first_step), 4)
+
+
+_BUILD_LOCK = threading.Lock()
+
+
+def run_setting(name, values):
+    """Builds the folder (once; one build at a time, each uses every worker process), trains
+    and evaluates the baseline, records both."""
+    with _BUILD_LOCK:
+        record = build_folder(name, values)
+    if record:
+        update(lambda r: r.setdefault("builds", {}).__setitem__(name, record))
+    manifest = glyphs.read_manifest(folder_of(name))
+    validation = manifest["splits"]["validation"]["classes"]
+    model_dir = pathlib.Path(FLAGS.workdir) / "runs" / name
+    load_before = os.getloadavg()
+    fresh = not (model_dir / runs.metrics_file("validation")).exists()
+    metrics = runs.run(model_dir, "validation",
+                       [*values["train"], "--dataset=glyphs", f"--data_dir={folder_of(name)}"],
+                       label=name, config="glyphs", validation_classes=validation)
+    log = (model_dir / "train.log").read_text()
+    entry = {key: metrics[key] for key in ("recall@1", "recall@2", "recall@4", "recall@8",
+                                           "map@r", "nmi", "f1") if key in metrics}
+    entry["curve"] = {str(step): values_["recall@1"]
+                      for step, values_ in sorted(metrics.get("curve", {}).items())}
+    entry["seconds_per_step"] = seconds_per_step(log)
+    entry["steps"] = STEPS
+    costs = json.loads((model_dir / runs.COST_FILE).read_text())
+    entry["cpu_seconds"] = round(sum(c["cpu_seconds"] for c in costs), 1)
+    entry["wall_seconds"] = round(sum(c["wall_seconds"] for c in costs), 1)
+    entry["attempts"] = len(costs)
+    if fresh:
+        entry["load_average"] = {"before": load_before, "after": os.getloadavg()}
+        entry["date"] = datetime.date.today().isoformat()
+    update(lambda r: r.setdefault("runs", {}).__setitem__(
+        name, {**r.get("runs", {}).get(name, {}), **entry}))
+
+
+def calibrate():
+    update(lambda r: r.__setitem__("settings", {**r.get("settings", {}), **SETTINGS}))
+    done = set(update(lambda r: None).get("runs", {}))
+    names = [n for n in SETTINGS if (not FLAGS.only or n in FLAGS.only) and n not in done]
+    # Two settings at a time: one builds while the other trains.
+    with concurrent.futures.ThreadPoolExecutor(FLAGS.parallel) as pool:
+        list(pool.map(lambda name: run_setting(name, SETTINGS[name]), names))
+
+
+def step_time(repeats=7, steps=10, warmup=3):
+    """The baseline's training step at each image size, single-threaded, in one process: the
+    sizes alternate `repeats` times, `steps` steps each (the median step and its ratio to the
+    32 px step; alternating keeps the ratio honest on a loaded machine)."""
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    from dvml_tf import task
+    from dvml_tf.training import distribution
+    from dvml_tf.training import trainer as trainer_lib
+    from dvml_tf.training.config import TrainConfig
+
+    tf.config.threading.set_intra_op_parallelism_threads(1)
+    tf.config.threading.set_inter_op_parallelism_threads(1)
+    strategy = distribution.make_strategy("default")
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(64), 2).astype(np.int64)
+    steppers = {}
+    for size, crop in recipe.CROPS.items():
+        config = TrainConfig(config="glyphs", dataset="glyphs", data_dir="unused",
+                             backbone="convnet_wide", image_size=crop, resize_size=size,
+                             embedding_dim=128, loss="npair", dvml=False, classes_per_batch=64,
+                             images_per_class=2, model_dir="unused").validate()
+        with strategy.scope():
+            keras.utils.set_random_seed(0)
+            model = task.build_model(config)
+            model.compile(optimizer=task.build_optimizer(config))
+            model.optimizer.build(model.trainable_variables)
+        images = rng.uniform(0, 255, (128, crop, crop, 3)).astype(np.float32)
+        dataset = tf.data.Dataset.from_tensors((images, labels)).repeat()
+        iterator = iter(strategy.distribute_datasets_from_function(lambda _, d=dataset: d))
+        step_fn = trainer_lib.make_distributed_step(strategy, model, False)
+        steppers[size] = (step_fn, iterator)
+        for _ in range(warmup):
+            {k: float(v) for k, v in step_fn(iterator).items()}
+    seconds = {size: [] for size in steppers}
+    load_before = os.getloadavg()
+    for _ in range(repeats):
+        for size, (step_fn, iterator) in steppers.items():
+            started = time.perf_counter()
+            for _ in range(steps):
+                {k: float(v) for k, v in step_fn(iterator).items()}
+            seconds[size].append((time.perf_counter() - started) / steps)
+    medians = {size: float(np.median(values)) for size, values in seconds.items()}
+    record = {"crops": {str(k): v for k, v in recipe.CROPS.items()},
+              "median_step_seconds": {str(k): round(v, 4) for k, v in medians.items()},
+              "ratio_to_32": {str(k): round(v / medians[32], 3) for k, v in medians.items()},
+              "repeats": repeats, "steps": steps, "threads": 1,
+              "load_average": {"before": load_before, "after": os.getloadavg()},
+              "date": datetime.date.today().isoformat()}
+    update(lambda r: r.__setitem__("step_time", record))
+    print(json.dumps(record, indent=1))
+
+
+def report(results):
+    lines = ["| setting | image | designs x copies | train classes | images | R@1 | MAP@R "
+             "| R@1 by 1,000 steps | CPU time | wall time | load avg |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, run in results.get("runs", {}).items():
+        build = results["settings"][name]["build"]
+        counts = results.get("builds", {}).get(name, {}).get("counts", {})
+        curve = ", ".join(f"{100 * v:.1f}" for v in run.get("curve", {}).values())
+        load = run.get("load_average", {})
+        lines.append(
+            f"| {name} | {build['image_size']} | {counts.get('designs', '?')} x "
+            f"{build['copies']} | {build['splits']['train']} | {counts.get('images', '?')} | "
+            f"{100 * run['recall@1']:.1f} | {100 * run['map@r']:.1f} | {curve} | "
+            f"{run['cpu_seconds'] / 60:.1f} min | {run['wall_seconds'] / 60:.1f} min | "
+            f"{load.get('before', ['?'])[0]} |")
+    lines.append(f"\nselected: {results.get('selected')}")
+    return "\n".join(lines)
+
+
+def main(argv):
+    del argv
+    if FLAGS.stage == "calibrate":
+        calibrate()
+    elif FLAGS.stage == "step_time":
+        step_time()
+    print(report(update(lambda r: None)))
+
+
+if __name__ == "__main__":
+    app.run(main)
