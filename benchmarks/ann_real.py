@@ -41,6 +41,7 @@ Quick run: python benchmarks/ann_real.py --num=20000 --dim=128 --engines=faiss_h
 """
 
 import argparse
+import fcntl
 import json
 import os
 import resource
@@ -213,6 +214,16 @@ def merge_record(path, key, record, replace):
     Raises:
         ValueError: runs[key] exists and `replace` is False, or `path` is not a results file.
     """
+    # Two runs may finish at once into one file: a lock file next to it serialises the
+    # read-modify-write, so that neither loses the other's run.
+    folder, name = os.path.split(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, f".{name}.lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _merge_locked(path, key, record, replace)
+
+
+def _merge_locked(path, key, record, replace):
     content = {"runs": {}}
     if os.path.exists(path):
         try:
@@ -511,6 +522,39 @@ def markdown(key, record):
     return "\n".join(lines)
 
 
+def smallest_setting(curve, k, target=GOAL["recall@10"]):
+    """The least search effort (smallest setting tuple, e.g. ef_search) whose recall interval
+    lies at or above `target`; None when no setting of the curve reaches it."""
+    ok = [point for point in curve if point[f"recall@{k}"]["ci95"][0] >= target]
+    return min(ok, key=lambda p: tuple(p["setting"].values())) if ok else None
+
+
+def summary_table(runs):
+    """One Markdown row per run and engine: the default setting, then the least effort that
+    reaches the goal's recall (its interval's lower bound >= 0.95)."""
+    lines = ["| run | engine | recall@10 default [95 % CI] | p99 CPU ms | p99 ms | build s "
+             "(CPU s) | RSS GB | least setting with recall >= 0.95 | its recall | its p99 CPU ms "
+             "| its p99 ms |", "|---" * 11 + "|"]
+    for key, record in runs.items():
+        if key == "install":
+            continue
+        k = record["k"]
+        for name, result in record["engines"].items():
+            curve = result["serve"]["curve"]
+            point, build = curve[0], result["build"]
+            recall = point[f"recall@{k}"]
+            best = smallest_setting(curve, k)
+            tail = ("| none | | | |" if best is None else
+                    f"| {_setting_text(best['setting'])} | {best[f'recall@{k}']['recall']:.4f} | "
+                    f"{best['p99_cpu_ms']:.2f} | {best['p99_ms']:.2f} |")
+            lines.append(
+                f"| {key} | {name} {_setting_text(point['setting'])} | {recall['recall']:.4f} "
+                f"[{recall['ci95'][0]:.3f}, {recall['ci95'][1]:.3f}] | {point['p99_cpu_ms']:.2f} "
+                f"| {point['p99_ms']:.2f} | {build['build_s']:.0f} ({build['build_cpu_s']:.0f}) | "
+                f"{result['serve']['rss_gb']:.3f} " + tail)
+    return "\n".join(lines)
+
+
 def _setting_text(setting):
     return ", ".join(f"{key} {value}" for key, value in setting.items())
 
@@ -699,9 +743,11 @@ def main(argv=None):
                         *(argv if argv is not None else sys.argv[1:])])
     if args.tables:
         with open(args.tables) as f:
-            for key, record in json.load(f)["runs"].items():
-                if key != "install":
-                    print(markdown(key, record) + "\n")
+            runs = json.load(f)["runs"]
+        for key, record in runs.items():
+            if key != "install":
+                print(markdown(key, record) + "\n")
+        print(summary_table(runs))
         return None
     if args.embed_run:
         if not args.vectors:

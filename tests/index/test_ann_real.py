@@ -6,6 +6,7 @@ import importlib.util
 import json
 import os
 import pathlib
+import subprocess
 import sys
 import tempfile
 
@@ -111,6 +112,16 @@ def test_match_latent_dim_recovers_the_generating_dimension(ann_real, latent):
     assert distances[latent] < min(v for d, v in distances.items() if d != latent)
 
 
+def test_smallest_setting_needs_the_whole_interval_above_the_target(ann_real):
+    def point(ef, recall, low):
+        return {"setting": {"ef_search": ef}, "recall@10": {"recall": recall, "ci95": [low, 1]}}
+
+    curve = [point(128, 0.99, 0.985), point(16, 0.90, 0.88), point(32, 0.955, 0.945),
+             point(64, 0.97, 0.96)]
+    assert ann_real.smallest_setting(curve, 10)["setting"] == {"ef_search": 64}
+    assert ann_real.smallest_setting(curve[1:3], 10) is None
+
+
 # ------------------------------------------------------------------------------------ hygiene
 
 def test_default_output_is_a_scratch_file_named_after_the_run(ann_real):
@@ -137,6 +148,18 @@ def test_merge_record_never_replaces_a_run_without_replace(ann_real, tmp_path):
     with pytest.raises(ValueError, match="not an ann_real results file"):
         ann_real.merge_record(str(other), "a", {}, replace=True)
     assert other.read_text() == '{"backends": {}}'
+
+
+def test_concurrent_merges_keep_every_run(tmp_path):
+    path = tmp_path / "results.json"
+    code = ("import sys; sys.path.insert(0, {bench!r}); import ann_real\n"
+            "for i in range(15): ann_real.merge_record({path!r}, f'{{sys.argv[1]}}{{i}}', {{}}, "
+            "False)").format(bench=str(ROOT / "benchmarks"), path=str(path))
+    procs = [subprocess.Popen([sys.executable, "-c", code, tag]) for tag in ("a", "b")]
+    assert [proc.wait(timeout=120) for proc in procs] == [0, 0]
+    runs = json.loads(path.read_text())["runs"]
+    assert sorted(runs) == sorted(f"{tag}{i}" for tag in "ab" for i in range(15))
+    assert sorted(os.listdir(tmp_path)) == [".results.json.lock", "results.json"]
 
 
 def test_bad_flags_and_bad_vector_files_are_named(ann_real, tmp_path, capsys):
@@ -194,7 +217,8 @@ def test_small_run_records_every_measure_and_refuses_to_overwrite(ann_real, tmp_
     np.testing.assert_array_equal(np.sort(np.load(work / "truth.npy")), np.sort(expected))
     hnsw = record["engines"]["faiss_hnsw_f16"]
     curve = hnsw["serve"]["curve"]
-    assert [p["setting"]["ef_search"] for p in curve][0] == 128 and len(curve) == 8
+    efs = [point["setting"]["ef_search"] for point in curve]
+    assert efs[0] == 128 and sorted(efs) == [16, 32, 64, 96, 128, 192, 256, 384]
     for point in curve:
         assert len(point["repeats"]) == 2 and point["repeats"][0]["timed_queries"] == 20
         assert point["p50_ms"] <= point["p99_ms"] and point["queries_per_s"] > 0
