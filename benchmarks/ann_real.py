@@ -556,6 +556,52 @@ def summary_table(runs):
     return "\n".join(lines)
 
 
+def plot_curves(runs, path):
+    """One panel per run: recall@10 against the median CPU time per query, one line per engine
+    over its search-time settings; writes a PNG to `path` atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    keys = [key for key in runs if key != "install"]
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.9), squeeze=False)
+    colours, styles = {}, {False: "-", True: ":"}
+    for ax, key in zip(axes[0], keys, strict=True):
+        record = runs[key]
+        k = record["k"]
+        for name, result in record["engines"].items():
+            # One line per value of the settings after the first (IVF: one per k_factor, over
+            # nprobe); HNSW has one line over ef_search.
+            lines = {}
+            for point in result["serve"]["curve"]:
+                rest = list(point["setting"].items())[1:]
+                lines.setdefault(tuple(rest), []).append(point)
+            for rest, points in sorted(lines.items()):
+                points.sort(key=lambda p: tuple(p["setting"].values()))
+                label = " ".join([name] + [f"{key} {value}" for key, value in rest])
+                ax.plot([p["p50_cpu_ms"] for p in points],
+                        [p[f"recall@{k}"]["recall"] for p in points], marker="o", ms=3,
+                        label=label, color=colours.setdefault(name, f"C{len(colours)}"),
+                        ls=styles[len(lines) > 1 and rest != max(lines)])
+        ax.axhline(GOAL["recall@10"], color="grey", ls="--", lw=0.8)
+        ax.set_xscale("log")
+        ax.set_title(key, fontsize=9)
+        ax.set_xlabel("p50 CPU ms per query (one thread)")
+        ax.set_ylabel(f"recall@{k}")
+        ax.set_ylim(0.75, 1.005)
+    handles = {}
+    for ax in axes[0]:
+        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            handles.setdefault(label, handle)
+    fig.legend(handles.values(), handles.keys(), loc="lower center", ncol=len(handles),
+               fontsize=7, frameon=False)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    with ann_scale._atomic().replacing(path, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+
+
 def _setting_text(setting):
     return ", ".join(f"{key} {value}" for key, value in setting.items())
 
@@ -656,6 +702,8 @@ def _parse_args(argv):
     parser.add_argument("--replace", action="store_true",
                         help="replace this run's key if --output holds it already")
     parser.add_argument("--tables", default=None, help="print the tables of a results file")
+    parser.add_argument("--plot", default=None,
+                        help="with --tables: also draw the recall / CPU-time curves to this PNG")
     parser.add_argument("--install_cost", action="store_true",
                         help="measure download sizes and the sdist compile time; merged into "
                              "--output under 'install'")
@@ -749,6 +797,9 @@ def main(argv=None):
             if key != "install":
                 print(markdown(key, record) + "\n")
         print(summary_table(runs))
+        if args.plot:
+            plot_curves(runs, args.plot)
+            print(f"Curves written to {args.plot}")
         return None
     if args.embed_run:
         if not args.vectors:

@@ -235,6 +235,11 @@ def test_small_run_records_every_measure_and_refuses_to_overwrite(ann_real, tmp_
     with pytest.raises(SystemExit):  # the same run again: refused before any engine is built
         ann_real.main(flags)
     assert output.read_bytes() == before
+    # --tables reprints the run's tables and the summary; --plot draws the curves.
+    ann_real.main([f"--tables={output}", f"--plot={tmp_path / 'curves.png'}"])
+    printed = capsys.readouterr().out
+    assert "| synthetic_1500x32_latent8 | faiss_hnsw_f16 ef_search 128 |" in printed
+    assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.mark.slow
