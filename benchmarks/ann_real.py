@@ -563,11 +563,18 @@ def plot_curves(runs, path):
 
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
+    from matplotlib import ticker
 
     keys = [key for key in runs if key != "install"]
-    fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.9), squeeze=False)
+    columns = min(2, len(keys))
+    rows = -(-len(keys) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(5.2 * columns, 3.6 * rows + 0.5),
+                             squeeze=False)
+    axes = axes.ravel()
+    for ax in axes[len(keys):]:
+        ax.set_visible(False)
     colours, styles = {}, {False: "-", True: ":"}
-    for ax, key in zip(axes[0], keys, strict=True):
+    for ax, key in zip(axes, keys, strict=False):
         record = runs[key]
         k = record["k"]
         for name, result in record["engines"].items():
@@ -586,17 +593,20 @@ def plot_curves(runs, path):
                         ls=styles[len(lines) > 1 and rest != max(lines)])
         ax.axhline(GOAL["recall@10"], color="grey", ls="--", lw=0.8)
         ax.set_xscale("log")
+        # Minor ticks unlabelled: a curve within one decade would print overlapping labels.
+        ax.xaxis.set_minor_formatter(ticker.NullFormatter())
+        ax.xaxis.set_major_formatter(ticker.FormatStrFormatter("%g"))
         ax.set_title(key, fontsize=9)
         ax.set_xlabel("p50 CPU ms per query (one thread)")
         ax.set_ylabel(f"recall@{k}")
         ax.set_ylim(0.75, 1.005)
     handles = {}
-    for ax in axes[0]:
+    for ax in axes:
         for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
             handles.setdefault(label, handle)
-    fig.legend(handles.values(), handles.keys(), loc="lower center", ncol=len(handles),
-               fontsize=7, frameon=False)
-    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    fig.legend(handles.values(), handles.keys(), loc="lower center", ncol=4, fontsize=7,
+               frameon=False)
+    fig.tight_layout(rect=(0, 0.5 / (3.6 * rows + 0.5) + 0.02, 1, 1))
     with ann_scale._atomic().replacing(path, suffix=".png") as tmp:
         fig.savefig(tmp, dpi=110)
     plt.close(fig)
