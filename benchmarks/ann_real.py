@@ -29,13 +29,21 @@ smallest mean absolute gap between cumulative explained-variance curves).
 Results: without --output, a scratch file in the temporary folder named after the source and
 its size (never a committed file); with --output, the run is merged into that file under its
 key (e.g. "synthetic_200000x512_latent32"); replacing a key already there needs --replace.
-A Markdown table is printed (`--tables=FILE` prints those of a results file again).
+A Markdown table is printed (`--tables=FILE` prints those of a results file again, with a
+cross-run summary; `--plot=PNG` draws the curves).
 
-    nice -n 5 python benchmarks/ann_real.py --num=200000 --dim=512 --latent_dim=32 \\
-        --output=benchmarks/results/ann_engines_200k.json --work_dir=/tmp/ann_real
+The medium-scale results (benchmarks/results/ann_engines_medium.json; one command per run,
+19 to 45 minutes each on a 2-core machine at load 11-19; docs/index.md has them all):
+
+    nice -n 5 python benchmarks/ann_real.py --num=20000 --dim=512 --latent_dim=full --sweep \\
+        --repeats=2 --engines=faiss_hnsw_f16,usearch_f16,usearch_i8,voyager_f32,hnswlib_f32 \\
+        --work_dir=WORK --output=benchmarks/results/ann_engines_medium.json
     python benchmarks/ann_real.py --embed_run=RUN --vectors=omniglot.npz   # TFDS_DATA_DIR set
-    python benchmarks/ann_real.py --vectors=omniglot.npz --output=...
+    python benchmarks/ann_real.py --vectors=omniglot.npz --sweep --repeats=2 --output=...
     python benchmarks/ann_real.py --install_cost --output=...   # wheel sizes, hnswlib compile
+
+The 1M runs of issue 23: --num=1000000 (or the 1M glyph embeddings with --vectors) and
+--work_dir, so that an interrupted run reuses its data, exact neighbours and built indexes.
 
 Quick run: python benchmarks/ann_real.py --num=20000 --dim=128 --engines=faiss_hnsw_f16
 """
@@ -844,14 +852,16 @@ def main(argv=None):
             index_dir = os.path.join(work, f"index_{name}")
             build_json = os.path.join(work, f"build_{name}.json")
             build = ann_scale._read_json(build_json)
+            # A build is reused only over the same vectors with the same options.
             if build is not None and build.get("requested_options") == options and \
-                    os.path.isdir(index_dir):
+                    build.get("data_settings") == data["settings"] and os.path.isdir(index_dir):
                 print(f"{name}: reusing the index built in {build['build_s']:.1f} s.", flush=True)
             else:
                 shutil.rmtree(index_dir, ignore_errors=True)
                 build = run_worker("build", args, engine=name, index_dir=index_dir,
                                    options=json.dumps(options))
                 build["requested_options"] = options
+                build["data_settings"] = data["settings"]
                 ann_scale._atomic().write_json(build_json, build)
                 print(f"{name}: built in {build['build_s']:.1f} s.", flush=True)
             serve = run_worker("serve", args, engine=name, index_dir=index_dir,

@@ -235,10 +235,19 @@ def test_small_run_records_every_measure_and_refuses_to_overwrite(ann_real, tmp_
     with pytest.raises(SystemExit):  # the same run again: refused before any engine is built
         ann_real.main(flags)
     assert output.read_bytes() == before
+    # --work_dir: the same settings reuse the data and the build; other data rebuild it.
+    rerun = [f for f in flags if f not in ("--sweep", "--engines=faiss_hnsw_f16,faiss_ivf_pq")]
+    ann_real.main([*rerun, "--engines=faiss_hnsw_f16", "--replace"])
+    printed = capsys.readouterr().out
+    assert "Reusing the data" in printed and "faiss_hnsw_f16: reusing the index" in printed
+    ann_real.main([*rerun, "--engines=faiss_hnsw_f16", "--num=1400"])
+    printed = capsys.readouterr().out
+    assert "Reusing" not in printed and "faiss_hnsw_f16: built in" in printed
     # --tables reprints the run's tables and the summary; --plot draws the curves.
     ann_real.main([f"--tables={output}", f"--plot={tmp_path / 'curves.png'}"])
     printed = capsys.readouterr().out
     assert "| synthetic_1500x32_latent8 | faiss_hnsw_f16 ef_search 128 |" in printed
+    assert "| synthetic_1400x32_latent8 | faiss_hnsw_f16 ef_search 128 |" in printed
     assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
