@@ -1,13 +1,16 @@
 """Training runs of the research studies, each `train.py` (this folder's) in a subprocess.
 
 Shared by `zero_shot.py` and `synthesis.py` (Omniglot) and `research/glyphs` (whose runs name
-their preset and validation split: `config=`, `validation_classes=`). A run is reused when its
-metrics file exists, so an interrupted study continues where it stopped; a run that was
-interrupted mid-training resumes from its last checkpoint (train.py's own resume). Runs are
-single-threaded: two of them train faster side by side than one with two threads on a 2-core
-machine.
+their preset and validation split: `config=`, `validation_classes=`), with the bookkeeping of a
+pre-registered study (a locked results file, claimed runs, per-seed summaries: `execute`).
+A run is reused when its metrics file exists, so an interrupted study continues where it
+stopped; a run that was interrupted mid-training resumes from its last checkpoint (train.py's
+own resume). Runs are single-threaded: two of them train faster side by side than one with
+two threads on a 2-core machine.
 """
 
+import concurrent.futures
+import fcntl
 import json
 import os
 import pathlib
@@ -95,6 +98,12 @@ def validation_curve(log_text):
 COST_FILE = "run_cost.json"
 
 
+def single_threaded_env():
+    """The environment of a single-threaded TensorFlow subprocess (two side by side on 2 cores)."""
+    return {**os.environ, "TF_NUM_INTRAOP_THREADS": "1", "TF_NUM_INTEROP_THREADS": "1",
+            "OMP_NUM_THREADS": "1", "TF_CPP_MIN_LOG_LEVEL": "2"}
+
+
 def train(model_dir, stage, flags, label="", **command_options):
     """Trains one run to completion (resuming it if a checkpoint exists); raises on failure.
     `command_options` go to `command` (config, validation_classes).
@@ -103,8 +112,7 @@ def train(model_dir, stage, flags, label="", **command_options):
     shared machine measures the run's cost independently of the other jobs' load) are
     appended to `<model_dir>/run_cost.json`.
     """
-    env = {**os.environ, "TF_NUM_INTRAOP_THREADS": "1", "TF_NUM_INTEROP_THREADS": "1",
-           "OMP_NUM_THREADS": "1", "TF_CPP_MIN_LOG_LEVEL": "2"}
+    env = single_threaded_env()
     started = time.time()
     os.makedirs(model_dir, exist_ok=True)
     log = pathlib.Path(model_dir) / "train.log"
@@ -142,3 +150,111 @@ def run(model_dir, stage, flags, label="", **command_options):
     if curve:
         result["curve"] = curve
     return result
+
+
+# ------------------------------------------------------------------- a study's bookkeeping
+# The pieces of a pre-registered study around its runs (Omniglot's synthesis.py, the glyph
+# study): a results file under a lock, runs claimed by one process, each run's record kept
+# there, and per-seed summaries. The results file, committed, is what a study resumes from.
+
+def claim(directory):
+    """Whether this process may train a run (another process of the study may hold it): an
+    open, exclusively locked handle to keep until the run ends, or None."""
+    directory = pathlib.Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    handle = open(directory / ".claim", "a+")  # noqa: SIM115 (held until the run ends)
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        return None
+    return handle
+
+
+def run_record(metrics):
+    """What a study's results file keeps of a run: its metrics, its DVML diagnostics (without
+    the per-dimension KL, of which the largest is kept), the last training step's values and
+    the validation curve's Recall@1."""
+    keep = {key: value for key, value in metrics.items()
+            if not key.startswith("train/") and key not in ("curve", "dvml_diagnostics")}
+    diagnostics = metrics.get("dvml_diagnostics")
+    if diagnostics:
+        keep["diagnostics"] = {k: v for k, v in diagnostics.items() if k != "kl_per_dim"}
+        keep["diagnostics"]["kl_per_dim_max"] = max(diagnostics["kl_per_dim"])
+    keep["last_step"] = {k.removeprefix("train/"): v for k, v in metrics.items()
+                         if k.startswith("train/")}
+    if "curve" in metrics:
+        keep["curve"] = {str(step): values["recall@1"]
+                         for step, values in sorted(metrics["curve"].items())}
+    return keep
+
+
+SUMMARY_METRICS = ("recall@1", "map@r", "nmi", "f1")
+SUMMARY_DIAGNOSTICS = ("active_units", "kl", "recon", "recon_shuffled", "syn_to_inv")
+
+
+def summarize(runs_of_stage):
+    """{loss: {variant: {"seeds": [...], "recall@1": [...], ..., "active_units": [...]}}}: the
+    per-seed records of a stage ({loss: {variant: {seed: run_record}}}) as lists, one value
+    per seed."""
+    summary = {}
+    for loss, by_variant in runs_of_stage.items():
+        for variant, by_seed in by_variant.items():
+            seeds = sorted(by_seed, key=int)
+            row = {"seeds": [int(seed) for seed in seeds]}
+            for key in SUMMARY_METRICS:
+                row[key] = [by_seed[seed].get(key) for seed in seeds]
+            if all("diagnostics" in by_seed[seed] for seed in seeds):
+                for key in SUMMARY_DIAGNOSTICS:
+                    row[key] = [by_seed[seed]["diagnostics"][key] for seed in seeds]
+            summary.setdefault(loss, {})[variant] = row
+    return summary
+
+
+def locked_update(path, load, save, change):
+    """Read-modify-write of a results file under a lock file next to it (several processes of
+    a study write it): `save(change(load()))`-like; returns the results."""
+    with open(pathlib.Path(path).with_suffix(".lock"), "a+") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        results = load()
+        change(results)
+        save(results)
+        return results
+
+
+def execute(stage, jobs, directory_of, recorded, record, parallel=2, only=(),
+            **command_options):
+    """Runs (or reuses) a stage's jobs, two (`parallel`) at a time.
+
+    Args:
+        stage: the stage's name (`is_test` decides the evaluated split).
+        jobs: [(loss, variant, seed, flags)].
+        directory_of: (stage, loss, variant, seed) -> the run's folder.
+        recorded: {loss: {variant: {str(seed): ...}}}, the stage's runs the results file
+            already holds: they are done, even when their folder is gone.
+        record: (loss, variant, seed, metrics) -> None, writes a finished run's record.
+        parallel: runs at a time (each single-threaded).
+        only: "LOSS/VARIANT/SEED" keys to restrict the stage to.
+        **command_options: to `command` (config, validation_classes).
+    """
+    if only:
+        jobs = [job for job in jobs if "/".join(map(str, job[:3])) in only]
+    jobs = [job for job in jobs
+            if str(job[2]) not in recorded.get(job[0], {}).get(job[1], {})]
+
+    def one(job):
+        loss, variant, seed, flags_ = job
+        directory = directory_of(stage, loss, variant, seed)
+        handle = claim(directory)
+        if handle is None:
+            print(f"skip {stage} {loss}/{variant}/{seed}: another process trains it", flush=True)
+            return
+        try:
+            metrics = run(directory, stage, flags_, label=f"{stage} {loss}/{variant}/{seed}",
+                          **command_options)
+        finally:
+            handle.close()
+        record(loss, variant, seed, metrics)
+
+    with concurrent.futures.ThreadPoolExecutor(parallel) as pool:
+        list(pool.map(one, jobs))

@@ -29,8 +29,6 @@ result), `protocol_clarifications` (what the frozen protocol left unsaid, dated:
 metrics, diagnostics, last step}}}}), from which the other keys are derived.
 """
 
-import concurrent.futures
-import fcntl
 import json
 import os
 import pathlib
@@ -47,6 +45,7 @@ if str(HERE.parents[1]) not in sys.path:
 
 from dvml_tf.evaluation.seed_comparison import compare_over_seeds  # noqa: E402
 from dvml_tf.utils import atomic  # noqa: E402
+from research.dvml_omniglot import methods  # noqa: E402
 from research.dvml_omniglot import runs  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -61,29 +60,11 @@ flags.DEFINE_list("only", [], "Run only these LOSS/VARIANT/SEED jobs of the stag
 
 NETWORK = ["--backbone=convnet_wide", "--embedding_dim=128", "--learning_rate=1e-3",
            "--log_every=250"]
-# The variance branch made informative, step by step (each adds to the previous one).
-GAUSSIAN = ["--dvml", "--variance_scale=1", "--reconstruction=standardized_squares",
-            "--detach_variance_heads"]
-FREE_BITS = [*GAUSSIAN, "--kl_free_bits=0.1", "--kl_warmup"]
-CENTRE = [*FREE_BITS, "--decoder_centre=class_mean"]
-TRANSFER = [*CENTRE, "--variance_transfer"]
-DVML_VARIANTS = {
-    "dvml_paper": ["--dvml", "--variance_scale=1"],
-    "dvml_preset": ["--dvml", "--variance_scale=0.1"],
-    "dvml_gaussian": GAUSSIAN,
-    "dvml_free_bits": FREE_BITS,
-    "dvml_centre": CENTRE,
-    "dvml_transfer": TRANSFER,
-    "dvml_transfer_scaled": [*TRANSFER, "--scale_to_intra_class"],
-}
-REFERENCE_VARIANTS = {
-    "ref_embedding_expansion": ["--nodvml", "--synthesis=embedding_expansion"],
-    "ref_symmetrical": ["--nodvml", "--synthesis=symmetrical"],
-    "ref_deviation_transfer": ["--nodvml", "--synthesis=deviation_transfer"],
-}
-VARIANTS = {"baseline": ["--nodvml"], **DVML_VARIANTS, **REFERENCE_VARIANTS}
-TRIPLET_REDUCTIONS = {"baseline": ["--nodvml"],
-                      "baseline_active": ["--nodvml", "--loss_options=reduction=active"]}
+# The study's methods as train.py flags (methods.py: shared with the glyph study).
+GAUSSIAN, FREE_BITS, CENTRE, TRANSFER = (methods.GAUSSIAN, methods.FREE_BITS, methods.CENTRE,
+                                         methods.TRANSFER)
+DVML_VARIANTS, REFERENCE_VARIANTS = methods.DVML_VARIANTS, methods.REFERENCE_VARIANTS
+VARIANTS, TRIPLET_REDUCTIONS = methods.VARIANTS, methods.TRIPLET_REDUCTIONS
 
 PROTOCOL = {
     "question": "Does a DVML variant whose variance branch is informative beat its base-loss "
@@ -138,10 +119,7 @@ TEST_LOSSES = ("triplet", "npair", "triplet2_dws")
 
 # A post-hoc stage, added while the test stage ran: not part of the pre-registered protocol
 # above, reported apart from it, and chosen on held-out training classes like it.
-EXPLORATORY_VARIANTS = {
-    "dvml_decoded": [*CENTRE, "--research_variant=decoded"],
-    "dvml_decoded_transfer": [*TRANSFER, "--research_variant=decoded"],
-}
+EXPLORATORY_VARIANTS = methods.EXPLORATORY_VARIANTS
 EXPLORATORY_MARGIN = 0.005  # R@1 over the baseline's validation mean needed to reach the test
 EXPLORATORY = {
     "origin": "Post hoc, written before its first run: synthesis_geometry.py (seed 0 of every "
@@ -174,8 +152,8 @@ EXPLORATORY = {
 STAGES = ("curve", "validation", "test")
 EXPLORATORY_STAGES = {"validation": "exploratory_validation", "test": "exploratory_test"}
 # What the summaries keep of each run, one value per seed (fractions).
-SUMMARY_METRICS = ("recall@1", "map@r", "nmi", "f1")
-SUMMARY_DIAGNOSTICS = ("active_units", "kl", "recon", "recon_shuffled", "syn_to_inv")
+SUMMARY_METRICS, SUMMARY_DIAGNOSTICS = runs.SUMMARY_METRICS, runs.SUMMARY_DIAGNOSTICS
+summarize = runs.summarize
 
 
 def _migrate(results):
@@ -183,23 +161,6 @@ def _migrate(results):
     if "runs" not in results:
         results["runs"] = {stage: results.pop(stage) for stage in STAGES if stage in results}
     return results
-
-
-def summarize(runs_of_stage):
-    """{loss: {variant: {"seeds": [...], "recall@1": [...], ..., "active_units": [...]}}}: the
-    per-seed records of a stage as lists, one value per seed (the issue's results schema)."""
-    summary = {}
-    for loss, by_variant in runs_of_stage.items():
-        for variant, by_seed in by_variant.items():
-            seeds = sorted(by_seed, key=int)
-            row = {"seeds": [int(seed) for seed in seeds]}
-            for key in SUMMARY_METRICS:
-                row[key] = [by_seed[seed].get(key) for seed in seeds]
-            if all("diagnostics" in by_seed[seed] for seed in seeds):
-                for key in SUMMARY_DIAGNOSTICS:
-                    row[key] = [by_seed[seed]["diagnostics"][key] for seed in seeds]
-            summary.setdefault(loss, {})[variant] = row
-    return summary
 
 
 SUCCESS_MIN_GAIN = 0.015  # `protocol["success"]`: at least 1.5 points of R@1 ...
@@ -283,12 +244,7 @@ def save_results(results):
 
 def _update_results(update):
     """Read-modify-write of the results file under a lock (several processes write it)."""
-    with open(pathlib.Path(FLAGS.output).with_suffix(".lock"), "a+") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        results = load_results()
-        update(results)
-        save_results(results)
-        return results
+    return runs.locked_update(FLAGS.output, load_results, save_results, update)
 
 
 # ---------------------------------------------------------------------------------- stages
@@ -297,60 +253,17 @@ def run_dir(stage, loss, variant, seed):
     return pathlib.Path(FLAGS.workdir) / stage / f"{loss}_{variant}_seed{seed}"
 
 
-def _claim(directory):
-    """Whether this process may train a run (another process of this script may hold it)."""
-    directory.mkdir(parents=True, exist_ok=True)
-    handle = open(directory / ".claim", "a+")  # noqa: SIM115 (held until the run ends)
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.close()
-        return None
-    return handle
-
-
-def _summary(metrics):
-    """What the results file keeps of a run."""
-    keep = {key: value for key, value in metrics.items()
-            if not key.startswith("train/") and key not in ("curve", "dvml_diagnostics")}
-    diagnostics = metrics.get("dvml_diagnostics")
-    if diagnostics:
-        keep["diagnostics"] = {k: v for k, v in diagnostics.items() if k != "kl_per_dim"}
-        keep["diagnostics"]["kl_per_dim_max"] = max(diagnostics["kl_per_dim"])
-    keep["last_step"] = {k.removeprefix("train/"): v for k, v in metrics.items()
-                         if k.startswith("train/")}
-    if "curve" in metrics:
-        keep["curve"] = {str(step): values["recall@1"]
-                         for step, values in sorted(metrics["curve"].items())}
-    return keep
+_claim, _summary = runs.claim, runs.run_record
 
 
 def execute(stage, jobs):
     """Runs (or reuses) `jobs` = [(loss, variant, seed, flags)], recording each result."""
-    if FLAGS.only:
-        jobs = [job for job in jobs if "/".join(map(str, job[:3])) in FLAGS.only]
-    # A run recorded in the results file is done, even when its folder is gone (another
-    # machine or session): the results file, committed, is what the study resumes from.
-    recorded = load_results()["runs"].get(stage, {})
-    jobs = [job for job in jobs
-            if str(job[2]) not in recorded.get(job[0], {}).get(job[1], {})]
-
-    def one(job):
-        loss, variant, seed, flags_ = job
-        directory = run_dir(stage, loss, variant, seed)
-        claim = _claim(directory)
-        if claim is None:
-            print(f"skip {stage} {loss}/{variant}/{seed}: another process trains it", flush=True)
-            return
-        try:
-            metrics = runs.run(directory, stage, flags_, label=f"{stage} {loss}/{variant}/{seed}")
-        finally:
-            claim.close()
+    def record(loss, variant, seed, metrics):
         _update_results(lambda results: results["runs"].setdefault(stage, {}).setdefault(
             loss, {}).setdefault(variant, {}).__setitem__(str(seed), _summary(metrics)))
 
-    with concurrent.futures.ThreadPoolExecutor(FLAGS.parallel) as pool:
-        list(pool.map(one, jobs))
+    runs.execute(stage, jobs, lambda *key: run_dir(*key), load_results()["runs"].get(stage, {}),
+                 record, parallel=FLAGS.parallel, only=FLAGS.only)
 
 
 def common_flags(loss, seed, steps):
