@@ -177,15 +177,7 @@ def build_folder(name, values):
         return None
     output.parent.mkdir(parents=True, exist_ok=True)
     build = values["build"]
-    spec = glyph_builder.BuildSpec(
-        fonts=tuple(FLAGS.fonts.split(",")),
-        characters=glyph_builder.parse_characters(build["characters"]),
-        characters_text=build["characters"], image_size=build["image_size"],
-        min_designs=build["min_designs"], max_designs=build["max_designs"],
-        max_characters=build["max_characters"],
-        copies=build["copies"], augmentation=glyph_render.AugmentationRange(
-            **{k: v for k, v in build["augmentation"].items()}),
-        splits=glyph_builder.SplitSizes(**build["splits"]), seed=build["seed"])
+    spec = recipe.build_spec(build, FLAGS.fonts.split(","))
     started = time.time()
     manifest = glyph_builder.build(
         spec, str(output), processes=FLAGS.parallel,

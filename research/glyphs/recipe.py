@@ -1,5 +1,6 @@
-"""The baseline recipe shared by the glyph calibration and the premise measurement: one network,
-one schedule, so that the glyph and Omniglot baselines differ only in their data."""
+"""The recipe shared by the glyph calibration, the premise measurement and the study: one
+baseline network and schedule (so that the glyph and Omniglot baselines differ only in their
+data), and a folder's build arguments as the builder's `BuildSpec`."""
 
 STEPS = 3000
 NETWORK = ["--nodvml", "--backbone=convnet_wide", "--embedding_dim=128", "--loss=npair",
@@ -13,3 +14,19 @@ CROPS = {28: 24, 32: 28, 48: 42}
 def size_flags(image_size):
     """The resize and crop flags of an image size."""
     return [f"--resize_size={image_size}", f"--image_size={CROPS[image_size]}"]
+
+
+def build_spec(build, fonts):
+    """The builder's `BuildSpec` of a setting's build arguments (calibration.py's `setting()`
+    ["build"]: characters, max_characters, image_size, min/max_designs, copies, augmentation,
+    splits, seed) and font files or folders."""
+    from dvml_tf.data import glyph_builder
+    from dvml_tf.data import glyph_render
+
+    return glyph_builder.BuildSpec(
+        fonts=tuple(fonts), characters=glyph_builder.parse_characters(build["characters"]),
+        characters_text=build["characters"], image_size=build["image_size"],
+        min_designs=build["min_designs"], max_designs=build["max_designs"],
+        max_characters=build["max_characters"], copies=build["copies"],
+        augmentation=glyph_render.AugmentationRange(**build["augmentation"]),
+        splits=glyph_builder.SplitSizes(**build["splits"]), seed=build["seed"])
