@@ -132,9 +132,12 @@ def estimate(seconds_per_step, steps):
                                 "test": len(TEST_SEEDS) * len(TEST_LOSSES) * 3}}
 
 
-def make_protocol(calibration_path):
+def make_protocol(calibration_path, step_seconds=0.0):
+    """The protocol; `step_seconds` (CPU seconds of a baseline step) replaces the calibration
+    run's own figure when given (that run's CPU time grows on a machine shared beyond its
+    cores: measure the step on an idle machine, e.g. `calibration.py --stage=step_time`)."""
     name, build, run = calibration_choice(calibration_path)
-    seconds_per_step = run["cpu_seconds"] / run["steps"]
+    seconds_per_step = step_seconds or run["cpu_seconds"] / run["steps"]
     # The budget's cap on steps: a DVML run within BUDGET_SECONDS of CPU, by 500s.
     cap = int(BUDGET_SECONDS / (seconds_per_step * DVML_COST_RATIO) // 500 * 500)
     return {
@@ -197,6 +200,10 @@ def make_protocol(calibration_path):
                   "at a time on 2 cores).",
         "estimate": estimate(seconds_per_step, {"cap": cap}),
         "cap_steps": cap,
+        "baseline_step_cpu_seconds": {
+            "value": round(seconds_per_step, 4),
+            "source": "--step_seconds (an idle machine's measurement)" if step_seconds
+            else f"the calibration run of {name}: its CPU seconds / steps"},
     }
 
 
@@ -270,7 +277,7 @@ def stage_protocol():
     """Writes the protocol (and what it rests on) before any run; refuses to change it."""
     path = pathlib.Path(FLAGS.output)
     existing = json.loads(path.read_text()) if path.exists() else {}
-    protocol = make_protocol(FLAGS.calibration)
+    protocol = make_protocol(FLAGS.calibration, FLAGS.step_seconds)
     if existing.get("protocol") not in (None, protocol):
         raise SystemExit(f"{path} was written under another protocol; it is fixed once "
                          "written (write a new results file).")
@@ -490,6 +497,9 @@ def define_flags():
     flags.DEFINE_string("output", str(HERE / "results" / "glyphs_synthesis.json"), "Results file.")
     flags.DEFINE_integer("parallel", 2, "Runs at a time (each single-threaded).")
     flags.DEFINE_list("only", [], "Run only these LOSS/VARIANT/SEED jobs of the stage.")
+    flags.DEFINE_float("step_seconds", 0.0,
+                       "protocol: CPU seconds of a baseline step measured on an idle machine "
+                       "(0: the calibration run's CPU seconds / steps).")
     flags.DEFINE_integer("max_steps", 0, "Tests only: cap every run's steps (0: the protocol's).")
 
 
