@@ -365,6 +365,7 @@ def evaluate_embeddings(
     kmeans_kwargs=None,
     is_query=None,
     is_gallery=None,
+    precision="auto",
 ):
     """All test metrics of one embedding set: NMI, F1, Recall@K and MAP@R.
 
@@ -372,8 +373,8 @@ def evaluate_embeddings(
     by index. With `is_query` / `is_gallery` (the In-Shop protocol) the queries are the rows of
     `is_query` and they search only the rows of `is_gallery` (a query that is also a gallery row
     still never finds itself); R counts the gallery rows of the query's class. The neighbour
-    search streams over chunks of queries (`knn.iter_nearest_neighbors`), so only
-    O(chunk x N) scratch memory is used and the [N, K] neighbour table is never stored.
+    search streams over blocks of queries (`knn.exact_search_for`), so only
+    the memory budget's scratch memory is used and the [N, K] neighbour table is never stored.
 
     Args:
         embeddings: float array [N, D].
@@ -389,6 +390,8 @@ def evaluate_embeddings(
         is_query: optional bool [N], the queries (default: every row).
         is_gallery: optional bool [N], the gallery (default: every row). NMI and F1 cluster
             all N rows either way.
+        precision: product format of the kNN candidate pass ("auto", "float32", "bfloat16");
+            the metrics are the same for all three (see `knn.iter_nearest_neighbors`).
 
     Returns:
         dict of plain floats with keys, in this order: "nmi", "f1" (if compute_clustering),
@@ -431,7 +434,7 @@ def evaluate_embeddings(
         results.update(
             _retrieval_metrics(
                 embeddings, codes, class_sizes, recall_ks, metric, compute_map,
-                memory_budget_bytes
+                memory_budget_bytes, precision
             )
         )
     else:
@@ -439,7 +442,7 @@ def evaluate_embeddings(
         results.update(
             _query_gallery_metrics(
                 embeddings, codes, is_query, is_gallery, recall_ks, metric, compute_map,
-                memory_budget_bytes
+                memory_budget_bytes, precision
             )
         )
     return results
@@ -462,7 +465,8 @@ def neighbours_needed(recall_ks, num_relevant, compute_map, available):
     return min(needed, available)
 
 
-def _retrieval_metrics(embeddings, codes, class_sizes, recall_ks, metric, compute_map, budget):
+def _retrieval_metrics(embeddings, codes, class_sizes, recall_ks, metric, compute_map, budget,
+                       precision):
     """Recall@K and MAP@R, accumulated chunk by chunk over the exact kNN search."""
     num = codes.shape[0]
     # Paper §4.1 is silent: a query whose class has no other test sample counts as a Recall@K
@@ -470,8 +474,11 @@ def _retrieval_metrics(embeddings, codes, class_sizes, recall_ks, metric, comput
     num_relevant = class_sizes[codes] - 1
     k = neighbours_needed(recall_ks, num_relevant, compute_map, num - 1)
     sums = RetrievalSums(recall_ks, compute_map)
-    for start, ids, _ in knn.iter_nearest_neighbors(
-        embeddings, k, metric=metric, memory_budget_bytes=budget
+    # The metrics see only which neighbours share the query's class, so the search leaves the
+    # order among neighbours of one kind uncertified (see exact_search).
+    for start, ids, _ in knn.exact_search_for(
+        embeddings, k, metric=metric, memory_budget_bytes=budget, precision=precision,
+        codes=(codes, codes),
     ):
         stop = start + ids.shape[0]
         sums.add(codes[start:stop], codes[ids], num_relevant[start:stop])
@@ -479,7 +486,7 @@ def _retrieval_metrics(embeddings, codes, class_sizes, recall_ks, metric, comput
 
 
 def _query_gallery_metrics(embeddings, codes, is_query, is_gallery, recall_ks, metric,
-                           compute_map, budget):
+                           compute_map, budget, precision):
     """Recall@K and MAP@R of separate query and gallery sets (which may share rows)."""
     query_rows, gallery_rows = np.flatnonzero(is_query), np.flatnonzero(is_gallery)
     position = np.full(len(codes), -1, dtype=np.int64)
@@ -488,7 +495,7 @@ def _query_gallery_metrics(embeddings, codes, is_query, is_gallery, recall_ks, m
     def search(k):
         for start, ids, _ in knn.iter_nearest_neighbors(
             embeddings[query_rows], k, gallery=embeddings[gallery_rows], metric=metric,
-            memory_budget_bytes=budget,
+            memory_budget_bytes=budget, precision=precision,
         ):
             yield start, ids
 

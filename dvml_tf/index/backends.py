@@ -10,11 +10,11 @@ Scores: metric "cosine" gives the inner product of the normalised vectors, i.e. 
 similarity; "euclidean" gives the negative squared Euclidean distance. Within a result row,
 equal scores are ordered by position (the earlier added row first).
 
-* ``flat``: exact search with the code of `dvml_tf.evaluation.knn` (numpy matrix products and
-  knn's selection), so it returns exactly the neighbours of `knn.nearest_neighbors` on the same
-  rows with the same memory budget, ties included. faiss's IndexFlat is not used: it ranks
-  near-ties by different float roundings and breaks exact ties by heap order, so its neighbour
-  lists differ from knn's.
+* ``flat``: exact search with `dvml_tf.evaluation.exact_search` (the engine of
+  `knn.nearest_neighbors`: a float32 or bfloat16 candidate pass with a proven error bound, exact
+  re-scoring where the bound leaves the order open), so it returns exactly the neighbours of
+  `knn.nearest_neighbors` on the same rows, ties included. faiss's IndexFlat is not used: it
+  ranks near-ties by float roundings and breaks exact ties by heap order.
 * ``hnsw``: faiss IndexHNSWFlat (float32 vectors) or IndexHNSWSQ (float16 vectors). HNSW cannot
   delete nodes: removed rows become tombstones that searches skip through a faiss IDSelector
   (the graph keeps them as stepping stones, so recall does not drop), and the graph is rebuilt
@@ -25,14 +25,14 @@ equal scores are ordered by position (the earlier added row first).
   (kept here in numpy, so that removal stays a faiss `remove_ids` plus an array deletion).
 """
 
-import itertools
 import math
-from concurrent.futures import ThreadPoolExecutor
 from typing import ClassVar
 
 import numpy as np
 
+from dvml_tf.evaluation import exact_search
 from dvml_tf.evaluation import knn
+from dvml_tf.evaluation import score_bounds
 from dvml_tf.index import storage
 
 BACKENDS = ("flat", "hnsw", "ivf_pq")
@@ -134,28 +134,29 @@ def pad_columns(positions, scores, k):
 
 
 class FlatBackend:
-    """Exact search, identical to `dvml_tf.evaluation.knn.nearest_neighbors` on the same rows
-    with the same `memory_budget_bytes` (another chunking may round products differently).
+    """Exact search with `dvml_tf.evaluation.exact_search`: the same neighbours, order and
+    ties (exact ties to the smaller position, i.e. the earlier added row) as
+    `knn.nearest_neighbors` on the same rows, whatever the memory budget or product format.
 
-    The score block of each chunk of queries is built exactly as knn.py builds it (``-q.g`` for
-    cosine; ``||g||^2 - 2 q.g`` for Euclidean, on data centred on the gallery mean when knn
-    would centre it) and handed to knn's own selection, so neighbours, order and ties (to the
-    smaller position, i.e. the earlier added row) are knn's. The centring decision and the
-    gallery's squared norms are cached until the next add or remove.
+    Scores are the float64 re-scored exact scores rounded to float32: the inner product of the
+    (normalised) vectors for "cosine", the negative squared distance for "euclidean".
 
     Args:
         dim: vector dimension.
         metric: "cosine" or "euclidean".
-        options: dict with "memory_budget_bytes" (scratch memory per chunk of queries, as in
-            knn.py) and "num_threads" (threads for the selection; None: the usable cores).
+        options: dict with "memory_budget_bytes" (scratch memory of a search, as in knn.py),
+            "num_threads" (threads for the certification; None: the usable cores) and
+            "precision" (product format of the candidate pass: "auto", "float32" or
+            "bfloat16"; the results are the same).
     """
 
     name = "flat"
     DEFAULTS: ClassVar[dict] = {
         "memory_budget_bytes": knn.DEFAULT_MEMORY_BUDGET_BYTES,
         "num_threads": None,
+        "precision": "auto",
     }
-    SEARCH_OPTIONS = ("memory_budget_bytes", "num_threads")
+    SEARCH_OPTIONS = ("memory_budget_bytes", "num_threads", "precision")
     FILES = ("flat_vectors.npy",)
 
     def __init__(self, dim, metric, options=None):
@@ -164,8 +165,8 @@ class FlatBackend:
         self.options = _merge_options(self.name, options, self.DEFAULTS)
         _check_int(self.options, "memory_budget_bytes")
         _check_int(self.options, "num_threads", allow_none=True)
+        _check_choice(self.options, "precision", score_bounds.PRECISIONS)
         self._vectors = np.empty((0, dim), dtype=np.float32)
-        self._prepared = None
 
     def __len__(self):
         return self._vectors.shape[0]
@@ -177,70 +178,24 @@ class FlatBackend:
     def add(self, vectors):
         """Appends rows; `vectors` (float32 [n, dim]) becomes the backend's when it is empty."""
         self._vectors = vectors if len(self) == 0 else np.concatenate([self._vectors, vectors])
-        self._prepared = None
 
     def remove(self, positions):
         """Deletes the rows at `positions` (sorted, unique); the others keep their order."""
         self._vectors = np.delete(self._vectors, positions, axis=0)
-        self._prepared = None
-
-    def _gallery(self):
-        """(gallery, squared norms or None, centre or None), as knn._prepare/_iterate build them."""
-        if self._prepared is None:
-            gallery, gallery_sq, center = self._vectors, None, None
-            if self.metric == "euclidean":
-                # knn._prepare's rule, on the same array: centre on the gallery mean when the
-                # offset dominates the spread (it limits the cancellation of the expansion).
-                mean = gallery.mean(axis=0, dtype=np.float64)
-                mean_sq_norm = np.einsum("ij,ij->i", gallery, gallery).mean(dtype=np.float64)
-                if 2.0 * (mean @ mean) > mean_sq_norm:
-                    center = mean.astype(np.float32)
-                    gallery = gallery - center
-                gallery_sq = np.einsum("ij,ij->i", gallery, gallery)
-            self._prepared = (gallery, gallery_sq, center)
-        return self._prepared
 
     def search(self, queries, k):
-        """Exact top-k positions and scores (see the module docstring), padded to k columns."""
+        """Exact top-k positions and scores (see the class docstring), padded to k columns."""
         k_eff = min(k, len(self))
-        gallery, gallery_sq, center = self._gallery()
-        euclidean = self.metric == "euclidean"
-        if center is not None:
-            queries = queries - center
-        query_sq = np.einsum("ij,ij->i", queries, queries) if euclidean else None
-        num_queries = queries.shape[0]
-        chunk = knn.chunk_size_for(len(self), k_eff, self.options["memory_budget_bytes"])
-        threads = knn._num_threads(self.options["num_threads"])
-        positions = np.empty((num_queries, k_eff), dtype=np.int64)
-        scores = np.empty((num_queries, k_eff), dtype=np.float32)
-        # Multiplying the small query block by -2 or -1 is exact: knn.py does the same, so the
-        # scores are bit-identical to knn's.
-        scale = np.float32(-2.0 if euclidean else -1.0)
-        gallery_t = gallery.T
-        pool = ThreadPoolExecutor(max_workers=threads) if threads > 1 and num_queries > 1 else None
-        try:
-            for start in range(0, num_queries, chunk):
-                stop = min(start + chunk, num_queries)
-                block = np.matmul(queries[start:stop] * scale, gallery_t)
-                if euclidean:
-                    block += gallery_sq
-                if pool is None:
-                    ids, vals = knn._topk_rows(block, k_eff)
-                else:
-                    bounds = np.linspace(0, stop - start, min(threads, stop - start) + 1)
-                    parts = [block[a:b] for a, b in itertools.pairwise(bounds.astype(int))]
-                    done = list(pool.map(knn._topk_rows, parts, itertools.repeat(k_eff)))
-                    ids = np.concatenate([d[0] for d in done])
-                    vals = np.concatenate([d[1] for d in done])
-                del block
-                if euclidean:
-                    vals += query_sq[start:stop, None]
-                    np.maximum(vals, 0.0, out=vals)  # Rounding can push a true 0 below 0.
-                positions[start:stop] = ids
-                np.negative(vals, out=scores[start:stop])
-        finally:
-            if pool is not None:
-                pool.shutdown()
+        positions = np.empty((len(queries), k_eff), dtype=np.int64)
+        scores = np.empty((len(queries), k_eff), dtype=np.float32)
+        # The stored vectors are the canonical rows (normalised already for cosine).
+        search = exact_search.Search(
+            queries, self._vectors, k_eff, self.metric, self.options["memory_budget_bytes"],
+            self.options["precision"], knn.resolve_threads(self.options["num_threads"]))
+        for start, ids, values in search:
+            positions[start:start + len(ids)] = ids
+            # exact_search scores are smaller-is-nearer: -||q - g||^2, or -q.g for cosine.
+            scores[start:start + len(ids)] = -values
         return pad_columns(positions, scores, k)
 
     def save(self, folder):
