@@ -131,14 +131,30 @@ class _Candidates:
             self.limits[part] + query_weights[rows] + max_gallery_weight).astype(np.float32)
 
 
-def _kth_per_row(rows, values, k, num_rows):
-    """k-th smallest value of each row's entries (inf for rows with fewer than k)."""
-    order = np.lexsort((values, rows))
+def _group_by_row(rows, num_rows):
+    """(order, counts, slots): entries grouped by row in a stable order, in O(n).
+
+    numpy's stable sort is a radix sort for 16-bit keys (a block has at most 65,535 rows, the
+    usual case) and a merge sort otherwise.
+    """
+    keys = rows.astype(np.uint16) if num_rows <= np.iinfo(np.uint16).max else rows
+    order = np.argsort(keys, kind="stable")
     counts = np.bincount(rows, minlength=num_rows)
     starts = np.concatenate(([0], np.cumsum(counts)[:-1]))
-    kth = np.full(num_rows, np.inf)
-    full = counts >= k
-    kth[full] = values[order[starts[full] + k - 1]]
+    slots = np.arange(len(rows)) - np.repeat(starts, counts)
+    return order, counts, slots
+
+
+def _kth_per_row(rows, values, k, num_rows):
+    """k-th smallest value of each row's entries (inf for rows with fewer than k)."""
+    order, counts, slots = _group_by_row(rows, num_rows)
+    width = int(counts.max(initial=0))
+    if width < k:
+        return np.full(num_rows, np.inf)
+    table = np.full((num_rows, width), np.inf)
+    table[rows[order], slots] = values[order]
+    kth = np.partition(table, k - 1, axis=1)[:, k - 1]
+    kth[counts < k] = np.inf
     return kth
 
 
@@ -352,10 +368,9 @@ class _Table:
     """Per-row padded candidate table: ids, values (candidate or float64 scores), bounds."""
 
     def __init__(self, rows, cols, values, lower, upper, num_rows, pad_id):
-        counts = np.bincount(rows, minlength=num_rows)
+        order, counts, slots = _group_by_row(rows, num_rows)
+        rows, cols, values, lower, upper = (a[order] for a in (rows, cols, values, lower, upper))
         width = int(counts.max(initial=0))
-        starts = np.concatenate(([0], np.cumsum(counts)[:-1]))
-        slots = np.arange(len(rows)) - np.repeat(starts, counts)
         self.ids = np.full((num_rows, width), pad_id, dtype=np.int64)
         self.values = np.full((num_rows, width), np.inf)
         self.lower = np.full((num_rows, width), np.inf)
