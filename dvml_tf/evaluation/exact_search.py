@@ -183,10 +183,12 @@ class Search:
         codes: None, or (query_codes, gallery_codes) int arrays: only the same-code /
             other-code pattern of each ranking needs to be exact (retrieval metrics), and no
             distances are computed.
+        prepared_gallery: the `score_bounds.Prepared` gallery of an earlier search of the same
+            rows (reused when its precision is the one resolved here), or None.
     """
 
     def __init__(self, queries, gallery, k, metric, memory_budget_bytes, precision,
-                 num_threads, codes=None):
+                 num_threads, codes=None, prepared_gallery=None):
         self.self_search = gallery is None
         gallery = queries if self.self_search else gallery
         self.k = k
@@ -194,10 +196,13 @@ class Search:
         self.codes = codes
         self.threads = num_threads
         self.precision = score_bounds.resolve_precision(precision, k)
-        centre = score_bounds.centre_for(gallery) if metric == "euclidean" else None
-        self.gallery = score_bounds.prepare(gallery, metric, self.precision, centre)
+        if prepared_gallery is None or prepared_gallery.precision != self.precision:
+            centre = score_bounds.centre_for(gallery) if metric == "euclidean" else None
+            prepared_gallery = score_bounds.prepare(gallery, metric, self.precision, centre)
+        self.gallery = prepared_gallery
         self.queries = (self.gallery if self.self_search
-                        else score_bounds.prepare(queries, metric, self.precision, centre))
+                        else score_bounds.prepare(queries, metric, self.precision,
+                                                  prepared_gallery.centre))
         self.plan = Plan(len(queries), len(gallery), k, self.self_search, memory_budget_bytes)
 
     def __iter__(self):
@@ -231,8 +236,9 @@ class Search:
                 limits[a - start:b - start] = np.partition(block, self.k - 1, axis=1)[:, self.k - 1]
         return limits
 
-    def _tiles(self, count):
-        return [(a, min(a + self.plan.tile, count)) for a in range(0, count, self.plan.tile)]
+    def _tiles(self, count, width=None):
+        width = width or self.plan.tile
+        return [(a, min(a + width, count)) for a in range(0, count, width)]
 
     def _symmetric(self):
         """Candidates of each row block from tiles (i, j), i <= j, each computed once."""
@@ -265,7 +271,10 @@ class Search:
     def _chunked(self):
         """Candidates of query chunks, each against every gallery tile."""
         num_queries = len(self.queries.weights)
-        gallery_tiles = self._tiles(len(self.gallery.weights))
+        # Few queries (an index search) get wide tiles of the same area: one product per query
+        # block rather than a Python loop over hundreds of thin ones.
+        rows = min(self.plan.tile, num_queries)
+        gallery_tiles = self._tiles(len(self.gallery.weights), self.plan.tile**2 // rows)
         tile_weight = [self.gallery.weights[c:d].max() for c, d in gallery_tiles]
         for start in range(0, num_queries, self.plan.chunk):
             stop = min(start + self.plan.chunk, num_queries)

@@ -199,9 +199,12 @@ class Prepared:
         weights: float64 [N], ``w_i = C a_i^2 + t / 2`` (the bound of a pair is w_i + w_j).
         metric: "euclidean" or "cosine".
         precision: "float32" or "bfloat16".
+        centre: float32 [D] subtracted from the rows for the product, or None.
     """
 
-    def __init__(self, canonical, product_rows, sq_norms, weights, metric, precision):
+    def __init__(self, canonical, product_rows, sq_norms, weights, metric, precision,
+                 centre=None):
+        self.centre = centre
         self.canonical = canonical
         self.product_rows = product_rows
         self.sq_norms = sq_norms
@@ -214,7 +217,7 @@ class Prepared:
         """The same rows' data for the row indices `rows` (a gallery sample)."""
         return Prepared(self.canonical[rows], self.product_rows[rows],
                         None if self.sq_norms is None else self.sq_norms[rows],
-                        self.weights[rows], self.metric, self.precision)
+                        self.weights[rows], self.metric, self.precision, self.centre)
 
     def bfloat16_rows(self, rows):
         """Rows `rows` (a slice) as a bfloat16 TF tensor, converted once per search."""
@@ -266,7 +269,7 @@ def prepare(canonical, metric, precision, centre=None):
     constant = bound_constant(metric, precision, rows.shape[1], centre is not None)
     weights = constant * norms * norms + _ABSOLUTE / 2
     sq_norms = np.einsum("ij,ij->i", rows, rows) if metric == "euclidean" else None
-    return Prepared(canonical, rows, sq_norms, weights, metric, precision)
+    return Prepared(canonical, rows, sq_norms, weights, metric, precision, centre)
 
 
 def candidate_block(queries, gallery, query_rows, gallery_rows):

@@ -167,6 +167,9 @@ class FlatBackend:
         _check_int(self.options, "num_threads", allow_none=True)
         _check_choice(self.options, "precision", score_bounds.PRECISIONS)
         self._vectors = np.empty((0, dim), dtype=np.float32)
+        # The gallery's prepared rows (centring, norms, bound weights), kept until the next add
+        # or remove: preparing 1M rows costs more than searching one query.
+        self._prepared = None
 
     def __len__(self):
         return self._vectors.shape[0]
@@ -178,10 +181,12 @@ class FlatBackend:
     def add(self, vectors):
         """Appends rows; `vectors` (float32 [n, dim]) becomes the backend's when it is empty."""
         self._vectors = vectors if len(self) == 0 else np.concatenate([self._vectors, vectors])
+        self._prepared = None
 
     def remove(self, positions):
         """Deletes the rows at `positions` (sorted, unique); the others keep their order."""
         self._vectors = np.delete(self._vectors, positions, axis=0)
+        self._prepared = None
 
     def search(self, queries, k):
         """Exact top-k positions and scores (see the class docstring), padded to k columns."""
@@ -191,7 +196,9 @@ class FlatBackend:
         # The stored vectors are the canonical rows (normalised already for cosine).
         search = exact_search.Search(
             queries, self._vectors, k_eff, self.metric, self.options["memory_budget_bytes"],
-            self.options["precision"], knn.resolve_threads(self.options["num_threads"]))
+            self.options["precision"], knn.resolve_threads(self.options["num_threads"]),
+            prepared_gallery=self._prepared)
+        self._prepared = search.gallery
         for start, ids, values in search:
             positions[start:start + len(ids)] = ids
             # exact_search scores are smaller-is-nearer: -||q - g||^2, or -q.g for cosine.
