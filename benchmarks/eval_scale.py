@@ -18,18 +18,20 @@ over its wall time), and checks that the shared metrics are identical (to 1e-12)
 
 The peer's virtual environment (torch's CPU wheel, pytorch-metric-learning, faiss):
 
-    python3 -m venv /tmp/pml && /tmp/pml/bin/pip install torch==2.13.0 \
-        --index-url https://download.pytorch.org/whl/cpu   # or a local torch 2.13 cpu wheel
-    /tmp/pml/bin/pip install pytorch-metric-learning==2.9.0 faiss-cpu==1.15.1 numpy==2.4.6
+    python3 -m venv /path/to/pml-venv
+    /path/to/pml-venv/bin/pip install TORCH_2_13_CPU_WHEEL pytorch-metric-learning==2.9.0 \
+        faiss-cpu==1.15.1 numpy==2.4.6
+
+(TORCH_2_13_CPU_WHEEL: torch 2.13's CPU-only wheel file, or `torch==2.13.0` from your index.)
 
 Full scale (several minutes on 2 cores; writes benchmarks/results/eval_scale.json):
 
-    python benchmarks/eval_scale.py --peer_python=/tmp/pml/bin/python --repeats=2
+    python benchmarks/eval_scale.py --peer_python=/path/to/pml-venv/bin/python --repeats=2
 
 A run of another size writes to a temporary file unless `--output` is given, so that quick
 runs never overwrite the committed results:
 
-    python benchmarks/eval_scale.py --num=5000 --peer_python=/tmp/pml/bin/python
+    python benchmarks/eval_scale.py --num=5000 --peer_python=/path/to/pml-venv/bin/python
 """
 
 import argparse

@@ -66,7 +66,8 @@ class Plan:
 
     def __init__(self, num_queries, num_gallery, k, self_search, memory_budget_bytes):
         per_row_state = int((k + _SLACK) * _BYTES_PER_ENTRY * _PRUNE_GROWTH) + 64
-        # Tile scratch: the float32 tile, a bool mask and a copy of the rows/columns that pass.
+        # Tile scratch: the float32 tile (4 bytes per cell), the masks of the two filters (1 byte
+        # each) and their index arrays, with room to spare.
         self.tile = int(np.clip(int(np.sqrt(memory_budget_bytes / 48)), _MIN_TILE, _MAX_TILE))
         tile_bytes = 9 * self.tile * self.tile
         self.symmetric = (self_search

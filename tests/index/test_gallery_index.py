@@ -95,6 +95,21 @@ def test_flat_returns_exactly_the_neighbours_of_knn(metric, offset, k, options):
 
 
 @pytest.mark.parametrize("metric", ["cosine", "euclidean"])
+def test_flat_precision_option_changes_speed_not_results(metric):
+    x = gallery_with_ties()
+    q = queries_for(x)
+    found = {}
+    for precision in ("float32", "bfloat16"):
+        index = build("flat", x, metric=metric, backend_options={"precision": precision})
+        found[precision] = index.search(q, 12)
+        index.search(q[:3], 12)  # a second search reuses the prepared gallery
+    np.testing.assert_array_equal(found["float32"][0], found["bfloat16"][0])
+    np.testing.assert_array_equal(found["float32"][1], found["bfloat16"][1])
+    with pytest.raises(ValueError, match="precision"):
+        GalleryIndex(16, metric, "flat", backend_options={"precision": "int8"})
+
+
+@pytest.mark.parametrize("metric", ["cosine", "euclidean"])
 def test_flat_ties_go_to_the_earlier_row_and_survive_removal(metric):
     x = gallery_with_ties()
     index = build("flat", x, metric=metric)
