@@ -123,7 +123,7 @@ def resolve_precision(precision, k):
 
     Args:
         precision: "auto", "float32" or "bfloat16".
-        k: neighbours per query. bfloat16's bound is ~400x float32's, so with many neighbours
+        k: neighbours per query. bfloat16's bound is 257x float32's (cosine: 516x), so with many neighbours
             most of the top k must be re-scored in float64 and the pass saves nothing; "auto"
             uses it for k <= 64.
 
