@@ -123,9 +123,9 @@ def resolve_precision(precision, k):
 
     Args:
         precision: "auto", "float32" or "bfloat16".
-        k: neighbours per query. bfloat16's bound is 257x float32's (cosine: 516x), so with many neighbours
-            most of the top k must be re-scored in float64 and the pass saves nothing; "auto"
-            uses it for k <= 64.
+        k: neighbours per query. bfloat16's bound is 257x float32's (cosine: 516x), so with
+            many neighbours most of the top k must be re-scored in float64 and the pass saves
+            nothing; "auto" uses it for k <= 64.
 
     Returns:
         "float32" or "bfloat16".
