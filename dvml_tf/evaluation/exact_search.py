@@ -18,8 +18,9 @@ Work plan:
    state of the blocks not yet finished is the price: about (k + 32) entries of 12 bytes
    (int32 row, int32 column, float32 score) per row, up to 2x between prunings; for 60,502
    rows that is 68 MB at k = 12 (R@1 + MAP@R on SOP) and 1.5 GB at k = 1001 (R@1000). When it
-   exceeds half the memory budget, query chunks sized to the budget are searched against the
-   whole gallery instead (the full product, no reuse).
+   exceeds half the memory budget, blocks of query rows (a tile's worth, fewer if the budget is
+   small) are searched one after the other against the whole gallery instead (the full
+   product, no reuse).
 3. Certification. Per row, the candidates are sorted by lower bound and split into groups of
    overlapping intervals: the order between groups is proven. Groups that reach the first k
    positions and hold several members (or, for reported distances, every such group) are
@@ -54,7 +55,7 @@ _MIN_SAMPLE = 1024
 
 
 class Plan:
-    """Tile side, symmetric or not, and rows per query chunk for a budget.
+    """Tile side, symmetric or not, and rows per query block for a budget.
 
     Args:
         num_queries: Q.
@@ -73,7 +74,9 @@ class Plan:
         self.symmetric = (self_search
                           and num_queries * per_row_state <= memory_budget_bytes // 2)
         room = max(memory_budget_bytes - tile_bytes, per_row_state)
-        self.chunk = max(1, min(num_queries, room // per_row_state))
+        # Rows per query block of the non-symmetric search: a tile's worth, fewer if the
+        # budget cannot hold their candidates.
+        self.chunk = max(1, min(num_queries, self.tile, room // per_row_state))
         self.sample = min(num_gallery, max(_MIN_SAMPLE, 2 * (k + 1)))
         # A sample that covers most of the gallery costs a full extra pass for little gain.
         if self.sample > num_gallery // 2:
@@ -124,12 +127,12 @@ class _Candidates:
         self._pending = int(keep.sum())
         self._next_prune = _PRUNE_GROWTH * self._pending
 
-    def thresholds(self, query_weights, max_gallery_weight, part=slice(None)):
-        """float32 score thresholds of rows `part` (local) for a tile whose columns weigh at
-        most max_gallery_weight."""
-        rows = np.arange(self.start, self.start + self.rows)[part]
+    def thresholds(self, query_weights, max_gallery_weight):
+        """float32 score thresholds of the rows for a tile whose columns weigh at most
+        max_gallery_weight."""
+        rows = slice(self.start, self.start + self.rows)
         return score_bounds.round_up_float32(
-            self.limits[part] + query_weights[rows] + max_gallery_weight).astype(np.float32)
+            self.limits + query_weights[rows] + max_gallery_weight).astype(np.float32)
 
 
 def _group_by_row(rows, num_rows):
@@ -274,25 +277,24 @@ class Search:
         num_queries = len(self.queries.weights)
         # Few queries (an index search) get wide tiles of the same area: one product per query
         # block rather than a Python loop over hundreds of thin ones.
-        rows = min(self.plan.tile, num_queries)
+        rows = min(self.plan.chunk, num_queries)
         gallery_tiles = self._tiles(len(self.gallery.weights), self.plan.tile**2 // rows)
         tile_weight = [self.gallery.weights[c:d].max() for c, d in gallery_tiles]
-        for start in range(0, num_queries, self.plan.chunk):
-            stop = min(start + self.plan.chunk, num_queries)
-            state = _Candidates(start, stop, self._initial_limits(start, stop))
-            for a in range(start, stop, self.plan.tile):
-                b = min(a + self.plan.tile, stop)
-                for (c, d), weight in zip(gallery_tiles, tile_weight, strict=True):
-                    block = score_bounds.candidate_block(self.queries, self.gallery,
-                                                         slice(a, b), slice(c, d))
-                    if self.self_search:
-                        rows = np.arange(max(a, c), min(b, d))
-                        block[rows - a, rows - c] = np.inf
-                    thresholds = state.thresholds(self.queries.weights, weight,
-                                                  slice(a - start, b - start))
-                    rows, cols, scores = _filter(block, thresholds[:, None])
-                    state.add(rows + (a - start), cols + c, scores)
-                    state.maybe_prune(self.k, self.queries.weights, self.gallery.weights)
+        # One block of query rows at a time, finished before the next: its state (and every
+        # pruning) covers only its rows.
+        for a in range(0, num_queries, self.plan.chunk):
+            b = min(a + self.plan.chunk, num_queries)
+            state = _Candidates(a, b, self._initial_limits(a, b))
+            for (c, d), weight in zip(gallery_tiles, tile_weight, strict=True):
+                block = score_bounds.candidate_block(self.queries, self.gallery, slice(a, b),
+                                                     slice(c, d))
+                if self.self_search:
+                    rows = np.arange(max(a, c), min(b, d))
+                    block[rows - a, rows - c] = np.inf
+                rows, cols, scores = _filter(
+                    block, state.thresholds(self.queries.weights, weight)[:, None])
+                state.add(rows, cols + c, scores)
+                state.maybe_prune(self.k, self.queries.weights, self.gallery.weights)
             yield state
 
     # --- certification ----------------------------------------------------------------------
