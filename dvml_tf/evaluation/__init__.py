@@ -1,4 +1,4 @@
-"""Evaluation on numpy embeddings: exact chunked kNN, Recall@K / MAP@R / NMI / F1, k-means,
+"""Evaluation on numpy embeddings: exact tiled kNN, Recall@K / MAP@R / NMI / F1, k-means,
 figures, TensorBoard projector files and an optional tensorflow-similarity cross-check.
 
 The metrics depend on neither the model nor the data modules; `RetrievalMetricsCallback`

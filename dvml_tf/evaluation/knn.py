@@ -31,7 +31,7 @@ from dvml_tf.evaluation import score_bounds
 
 METRICS = ("euclidean", "cosine")
 # About 1 GiB of scratch: 60,502 x 512 searches its 12 neighbours (R@1 + MAP@R on SOP) with
-# symmetric 2048 x 2048 tiles and about 45 MB of candidates.
+# symmetric 2048 x 2048 tiles and at most about 70 MB of candidates.
 DEFAULT_MEMORY_BUDGET_BYTES = 1 << 30
 
 
