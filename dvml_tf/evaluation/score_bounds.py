@@ -100,7 +100,7 @@ def has_native_bfloat16(flags=None):
 
 @functools.cache
 def _tf_bfloat16_accumulates_in_float32():
-    """Checks the accumulation precision that the bound assumes (step 1 of the derivation).
+    """Checks the rounding and accumulation that the bound assumes (step 1 of the derivation).
 
     1 + 511 * 2^-9 summed in bfloat16 would stay at 1 (each 2^-9 is below half an ulp of 1);
     a float32 accumulator gives 1.998, which the conversion to bfloat16 turns into 2 (rounding)
@@ -115,7 +115,11 @@ def _tf_bfloat16_accumulates_in_float32():
     b = np.ones((512, 1), dtype=np.float32)
     result = tf.matmul(tf.cast(a, tf.bfloat16), tf.cast(b, tf.bfloat16))
     exact = 1.0 + 511 * 2.0**-9
-    return abs(float(tf.cast(result, tf.float32).numpy()[0, 0]) - exact) <= 2.0**-7
+    accumulates = abs(float(tf.cast(result, tf.float32).numpy()[0, 0]) - exact) <= 2.0**-7
+    # The inputs' error of u_b assumes tf.cast rounds to nearest: 1 + 0.75 * 2^-7 -> 1 + 2^-7.
+    value = tf.cast(tf.constant([1.0 + 0.75 * 2.0**-7]), tf.bfloat16)
+    rounds = float(tf.cast(value, tf.float32).numpy()[0]) == 1.0 + 2.0**-7
+    return accumulates and rounds
 
 
 def resolve_precision(precision, k):

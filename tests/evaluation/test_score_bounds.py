@@ -8,7 +8,7 @@ from dvml_tf.evaluation import score_bounds
 
 
 def exact_scores(x, pairs, metric):
-    """Exact scores as Python fractions' numerators at 2^-298 (independent of the module)."""
+    """Exact scores (integers at a scale of 2^-298) as floats, computed independently."""
     scaled = [[int(v) for v in row.astype(np.float64) * 2.0**149] for row in x]
     out = []
     for i, j in pairs:
