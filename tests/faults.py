@@ -10,14 +10,16 @@
 the development machine) and `fill` writes a file that takes all of its free space: the writes
 that follow fail with ENOSPC at the write call, in Python, numpy, faiss and TensorFlow's C++
 alike. Where mounting is not allowed (CI containers), it falls back to the kernel's file size
-limit (RLIMIT_FSIZE, set to 0 by `fill` for this process and, with `preexec_fn`, for child
-processes): writes then fail with EFBIG at the same write calls. Python ignores the SIGXFSZ that
-comes with it, so the error reaches the code as an OSError, as a full disk's does.
+limit (RLIMIT_FSIZE, set to 0 by `fill` for this process, or for the child processes started
+with `command`): writes then fail with EFBIG at the same write calls. Python ignores the SIGXFSZ
+that comes with it, so the error reaches the code as an OSError, as a full disk's does.
 
 `read_only` bind-mounts a folder read-only (EROFS) when it may mount. Elsewhere a non-root user
 loses the folder's write permission (EACCES); root, whom permission bits do not stop, gets EROFS
 injected at `os.open` for paths in the folder (the first write of the lock files these tests
 check), which is the documented reason for that last fallback.
+
+DVML_TEST_NO_MOUNT=1 python -m pytest ... runs the fallbacks on a machine that may mount.
 """
 
 import contextlib
@@ -25,12 +27,26 @@ import errno
 import os
 import resource
 import subprocess
+import sys
+import textwrap
 
+# Set (to anything) to run the fallbacks where mounting works too, as CI without it would.
+NO_MOUNT = "DVML_TEST_NO_MOUNT"
 _FILLER = ".filler"
 _BLOCK = 1 << 20
+# Runs sys.argv[1] as __main__ with a file size limit of 0, set after the heavy imports.
+_LIMITED = textwrap.dedent("""
+    import resource, runpy, sys
+    import dvml_tf, tensorflow  # noqa: F401  (they write temporary files while importing)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (0, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+    sys.argv = sys.argv[1:]
+    runpy.run_path(sys.argv[0], run_name="__main__")
+""")
 
 
 def _mount(*args):
+    if os.environ.get(NO_MOUNT):
+        return False
     try:
         return subprocess.run(["mount", *args], capture_output=True, timeout=30).returncode == 0
     except (OSError, subprocess.SubprocessError):
@@ -54,40 +70,53 @@ class Disk:
         self.mounted = mounted
         self.kind = "tmpfs" if mounted else "RLIMIT_FSIZE"
         self._limit = None
+        self._children_full = False
 
-    def fill(self):
-        """Makes every later write fail (ENOSPC on the tmpfs, EFBIG under the size limit)."""
+    def fill(self, in_process=True):
+        """Makes every later write fail (ENOSPC on the tmpfs, EFBIG under the size limit).
+
+        Args:
+            in_process: under the size limit, limit this process (else only the processes
+                started with `command`: a Python process limited from its start could not
+                even import its modules, which write temporary files).
+        """
         if not self.mounted:
+            if not in_process:
+                self._children_full = True
+                return
             soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
             self._limit = (soft, hard)
             resource.setrlimit(resource.RLIMIT_FSIZE, (0, hard))
             return
-        with open(os.path.join(self.path, _FILLER), "ab") as f:
+        fd = os.open(os.path.join(self.path, _FILLER), os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+        try:
             block = _BLOCK
             while block:
                 try:
-                    f.write(b"\0" * block)
-                    f.flush()
+                    os.write(fd, b"\0" * block)
                 except OSError as error:
                     if error.errno != errno.ENOSPC:
                         raise
                     block //= 2
+        finally:
+            os.close(fd)
         assert os.statvfs(self.path).f_bavail == 0
+
+    def command(self, script, *args):
+        """The command line running the Python `script` in a child that finds the disk full
+        (under the size limit, the limit is set once the script's modules are imported)."""
+        if not self._children_full:
+            return [sys.executable, script, *args]
+        return [sys.executable, "-c", _LIMITED, script, *args]
 
     def free(self):
         """Gives the space back."""
+        self._children_full = False
         if self._limit is not None:
             resource.setrlimit(resource.RLIMIT_FSIZE, self._limit)
             self._limit = None
         with contextlib.suppress(FileNotFoundError):
             os.remove(os.path.join(self.path, _FILLER))
-
-    def preexec_fn(self):
-        """For `subprocess.Popen(preexec_fn=...)`: a child that finds the disk full."""
-        if self.mounted:
-            return None
-        return lambda: resource.setrlimit(
-            resource.RLIMIT_FSIZE, (0, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
 
 
 @contextlib.contextmanager

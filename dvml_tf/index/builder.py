@@ -82,6 +82,7 @@ PROGRESS_FILE = "progress.json"
 # progress.json and shard.json record the SHA-256 of every file they describe since format 2.
 STAGING_FORMAT = 2
 SHARD_FORMAT = 2
+_CHUNK_KEYS = {"file", "count", "failures", "sha256", "bytes", "inputs"}
 SHARD_ARRAYS = ("embeddings", "ids", "labels", "paths")
 SHARD_BY = ("range", "modulo")
 DEFAULT_BATCH_SIZE = 256
@@ -381,7 +382,10 @@ class _Staging:
                 with open(progress_path) as f:
                     progress = json.load(f)
                 stored_plan, chunks = progress["plan"], progress["chunks"]
-            except (OSError, ValueError, KeyError, TypeError):
+                if progress.get("format") == STAGING_FORMAT and not all(
+                        isinstance(chunk, dict) and set(chunk) >= _CHUNK_KEYS for chunk in chunks):
+                    raise KeyError("chunks")
+            except (OSError, ValueError, KeyError, TypeError, AttributeError):
                 raise ValueError(f"{path} is not a readable staging folder of index.py (no valid "
                                  f"{PROGRESS_FILE}); it is left untouched: remove it yourself "
                                  "or build into another --output.") from None

@@ -216,7 +216,9 @@ class AtomicDirectory:
         if os.path.isdir(self.tmp):
             shutil.rmtree(self.tmp, ignore_errors=True)
         if isinstance(exc, Exception):
-            explained = write_errors.failure(exc, os.path.dirname(self.path), self.what)
+            # Described as this folder's write, not as a file of its hidden temporary folder.
+            explained = write_errors.failure(exc, os.path.dirname(self.path), self.what,
+                                             replace=True)
             if explained is not None and explained is not exc:
                 raise explained from None
         if exc_type is None:

@@ -88,7 +88,7 @@ def human_bytes(count):
     return f"{value:.1f} TB"  # unreachable; keeps linters sure of a return
 
 
-def failure(error, folder, what, needed=None, kept=None):
+def failure(error, folder, what, needed=None, kept=None, replace=False):
     """The `WriteFailedError` that explains `error`, or None when `error` is no refused write.
 
     Args:
@@ -98,6 +98,8 @@ def failure(error, folder, what, needed=None, kept=None):
         needed: bytes the write needed, when known.
         kept: what the user still has, e.g. "The last checkpoint, ckpt-4, is intact."
             Default: "Nothing was half-written."
+        replace: describe a `WriteFailedError` of an inner step again at this level (e.g. the
+            export rather than a file of its hidden staging folder); by default it is kept.
 
     Returns:
         `WriteFailedError` or None.
@@ -105,7 +107,7 @@ def failure(error, folder, what, needed=None, kept=None):
     code = _errno_of(error)
     if code is None:
         return None
-    if isinstance(error, WriteFailedError):
+    if isinstance(error, WriteFailedError) and not replace:
         return error
     folder = os.path.abspath(os.fspath(folder))
     reason, advice = _REASONS[code]
@@ -123,17 +125,17 @@ def failure(error, folder, what, needed=None, kept=None):
 
 
 @contextlib.contextmanager
-def reported(folder, what, needed=None, kept=None):
+def reported(folder, what, needed=None, kept=None, replace=False):
     """Turns a refused write inside the block into a `WriteFailedError` (see `failure`); any
     other exception passes unchanged.
 
     Args:
-        folder, what, needed, kept: see `failure`.
+        folder, what, needed, kept, replace: see `failure`.
     """
     try:
         yield
     except Exception as error:
-        explained = failure(error, folder, what, needed, kept)
+        explained = failure(error, folder, what, needed, kept, replace)
         if explained is None or explained is error:
             raise
         raise explained from None
