@@ -34,7 +34,8 @@ p99; HNSW alone on an idle machine took 10 minutes, build included):
     python benchmarks/ann_scale.py
     python benchmarks/ann_scale.py --backends=hnsw --output=benchmarks/results/ann_scale_idle.json
 
-Quick run (writes benchmarks/results/ann_scale_20000x512_200q.json):
+Quick run (its results go to ann_scale_20000x512_200q.json in benchmarks/results/, not to the
+committed ann_scale.json):
 
     python benchmarks/ann_scale.py --num=20000 --queries=200
 """
