@@ -161,6 +161,13 @@ def validate_contract(contract, dim, metric):
     return contract
 
 
+def predates_weights(stored, given):
+    """Whether `stored` is a contract written before the fingerprint covered the weights (it
+    cannot be compared with `given`, which does)."""
+    return bool(stored and stored.get("fingerprint") and not stored.get("weights")
+                and given.get("weights"))
+
+
 def fingerprint_difference(stored, given):
     """Why two contracts' fingerprints differ, in words: other weights, or the same weights with
     another preprocessing or output."""
@@ -196,7 +203,7 @@ def contract_mismatches(stored, given, dim, metric):
         problems.append("the given contract has no 'fingerprint'")
     elif not stored.get("fingerprint"):
         problems.append("the index's contract has no 'fingerprint'")
-    elif given.get("weights") and not stored.get("weights"):
+    elif predates_weights(stored, given):
         problems.append(
             "the index was built by an older dvml_tf whose fingerprint did not cover the "
             "model's weights, so nothing proves which weights built it (rebuild it: index.py "

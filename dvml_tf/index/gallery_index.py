@@ -489,6 +489,11 @@ class GalleryIndex:
             built_with = ""
             if self._contract and self._contract.get("saved_model"):
                 built_with = f" ({self._contract['saved_model']})"
+            if contract_lib.predates_weights(self._contract, contract):
+                raise ValueError(
+                    f"This index{built_with} was built by an older dvml_tf, whose contract "
+                    "fingerprint did not cover the model's weights: nothing proves that its "
+                    "vectors come from this model. Rebuild it (index.py build --overwrite).")
             raise ValueError(
                 "The queries come from another model than the one this index was built "
                 f"with{built_with}: {'; '.join(problems)}. Embed the queries with the index's "
