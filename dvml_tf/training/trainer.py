@@ -11,7 +11,10 @@ Faults: SIGTERM (preemption, Kubernetes, Slurm, `timeout`) finishes the current 
 checkpoint at that step and raises `Terminated` (train.py exits with `EXIT_TERMINATED`, 143);
 Ctrl-C saves one too. A latest checkpoint that cannot be read is moved aside (never deleted)
 and training resumes from the newest readable one, with a warning. A resumed run must train on
-the data it started with (`dataset.json`) and never describes fewer steps than it trained.
+the data it started with (`dataset.json`) and never describes fewer steps than it trained. One
+run writes a folder at a time (`lock_model_dir`: a second process is refused). A full disk or a
+read-only folder ends the run with a `WriteFailedError` naming the folder; a refused checkpoint
+leaves no `ckpt-N_temp/` behind, and the last checkpoint stays.
 """
 
 import contextlib
