@@ -35,6 +35,7 @@ from dvml_tf.evaluation import metrics as metrics_lib
 from dvml_tf.evaluation import runner
 from dvml_tf.training import flags as flags_lib
 from dvml_tf.utils import atomic
+from dvml_tf.utils import write_errors
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model_dir", None, "A run folder written by train.py.")
@@ -158,7 +159,8 @@ def main(argv):
                                       images=thumbnails, class_names=embedded.catalog.class_names)
             print(f"wrote projector files to {FLAGS.projector} "
                   f"(tensorboard --logdir {FLAGS.projector}, or projector.tensorflow.org)")
-    except (ValueError, FileNotFoundError, ImportError, PermissionError, TimeoutError) as error:
+    except (ValueError, FileNotFoundError, ImportError, PermissionError, TimeoutError,
+            write_errors.WriteFailedError) as error:
         sys.exit(f"evaluate.py: error: {error}")
 
 

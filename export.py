@@ -26,6 +26,7 @@ from dvml_tf.export import exporter
 from dvml_tf.export import layout
 from dvml_tf.export import verify
 from dvml_tf.utils import atomic
+from dvml_tf.utils import write_errors
 
 FLAGS = flags.FLAGS
 
@@ -77,7 +78,8 @@ def main(argv):
             calibration_images=FLAGS.int8_calibration_images,
             source=run.source,
         )
-    except (FileNotFoundError, FileExistsError, ValueError, PermissionError) as error:
+    except (FileNotFoundError, FileExistsError, ValueError, PermissionError,
+            write_errors.WriteFailedError) as error:
         # A clear one-line error instead of a traceback for what the user can fix.
         logging.error("%s", error)
         sys.exit(f"export.py: error: {error}")
@@ -87,8 +89,11 @@ def main(argv):
     if FLAGS.verify:
         figures = verify.verify_export(result.export_dir, run.model, run.config, raw_splits,
                                        split=FLAGS.gallery_split)
-        atomic.write_json(os.path.join(result.export_dir, layout.VERIFICATION_FILE), figures)
         print(json.dumps({key: figures[key] for key in figures if key != "bounds"}, indent=2))
+        try:
+            atomic.write_json(os.path.join(result.export_dir, layout.VERIFICATION_FILE), figures)
+        except write_errors.WriteFailedError as error:
+            sys.exit(f"export.py: error: {error}")
         failed = [name for name, ok in figures["checks"].items() if not ok]
         if failed:
             sys.exit(f"export.py: verification failed: {', '.join(failed)} (see "

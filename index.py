@@ -26,6 +26,7 @@ from absl import logging
 from dvml_tf import data as data_lib
 from dvml_tf.index import BACKENDS
 from dvml_tf.training import flags as flags_lib
+from dvml_tf.utils import write_errors
 
 FLAGS = flags.FLAGS
 COMMANDS = ("build", "merge", "search")
@@ -185,7 +186,8 @@ def main(argv):
                  f"{staging}: run the same command again to resume." if command == "build"
                  else "index.py: interrupted.")
     except (ValueError, FileNotFoundError, FileExistsError, PermissionError, ImportError,
-            TimeoutError, ConnectionError, builder.BuildLockedError) as error:
+            TimeoutError, ConnectionError, builder.BuildLockedError,
+            write_errors.WriteFailedError) as error:
         sys.exit(f"index.py: error: {error}")
 
 

@@ -9,12 +9,13 @@ Each answer is `{"query": path, "results": [{"id", "label", "class_name", "score
 "path"?}, ...]}`, or `{"query": path, "error": message}` for a file that cannot be read or
 decoded (the other queries are still answered).
 
-The embedding model must be the one the index was built with: a local SavedModel's report is
-fingerprinted and compared with the index's contract (`GalleryIndex.check_contract`), and a
-different model is refused. Through TF Serving the request names the version the index was
-built with (`/v1/models/<name>/versions/<v>`), and the answer's dimension must match; TF
-Serving's answer carries no fingerprint, so a different model served under the same name and
-version number cannot be detected there.
+The embedding model must be the one the index was built with: a local SavedModel is
+fingerprinted (its weights, input preprocessing and output: `builder.load_model`) and compared
+with the index's contract (`GalleryIndex.check_contract`), and a different model is refused; the
+same weights exported under another version number are accepted. Through TF Serving the request
+names the version the index was built with (`/v1/models/<name>/versions/<v>`), and the answer's
+dimension must match; TF Serving's answer carries no fingerprint, so a different model served
+under the same name and version number cannot be detected there.
 
 `matched` marks the results whose score reaches the threshold of the chosen target precision
 (`evaluate.py --calibrate`, `dvml_tf.index.matching`). The thresholds come from the SavedModel's

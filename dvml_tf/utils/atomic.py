@@ -1,7 +1,9 @@
 """Writes that never leave a half-written file or folder in place of a good one.
 
 Everything is first written to a temporary sibling (same filesystem, so the final rename is
-atomic) and then moved over the destination.
+atomic) and then moved over the destination. A write the file system refuses (a full disk, a
+read-only folder) removes the temporary and raises `write_errors.WriteFailedError` naming the
+folder.
 """
 
 import contextlib
@@ -9,6 +11,8 @@ import json
 import os
 import shutil
 import tempfile
+
+from dvml_tf.utils import write_errors
 
 
 def check_writable(path, directory=False):
@@ -54,23 +58,28 @@ def _ordinary_permissions(path, directory=False):
 
 
 @contextlib.contextmanager
-def replacing(path, suffix=".tmp"):
+def replacing(path, suffix=".tmp", needed=None):
     """Yields a temporary sibling of `path` to write; on success it replaces `path` atomically.
 
-    On an exception the temporary file is removed and `path` is untouched.
+    On an exception the temporary file is removed and `path` is untouched; a refused write (full
+    disk, read-only folder) becomes a `write_errors.WriteFailedError` naming the folder.
 
     Args:
         path: the destination file.
         suffix: suffix of the temporary name (some writers check it, e.g. ".keras").
+        needed: bytes the file needs, when known (for the message of a full disk).
     """
     directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=suffix)
-    os.close(fd)
+    what = os.path.basename(path)
+    with write_errors.reported(directory, what, needed):
+        os.makedirs(directory, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{what}.", suffix=suffix)
+        os.close(fd)
     try:
-        yield tmp
-        _ordinary_permissions(tmp)
-        os.replace(tmp, path)
+        with write_errors.reported(directory, what, needed):
+            yield tmp
+            _ordinary_permissions(tmp)
+            os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -79,7 +88,7 @@ def replacing(path, suffix=".tmp"):
 
 def write_bytes(path, data):
     """Atomically writes `data` (bytes) to `path`; returns `path`."""
-    with replacing(path) as tmp, open(tmp, "wb") as f:
+    with replacing(path, needed=len(data)) as tmp, open(tmp, "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
@@ -96,6 +105,23 @@ def write_json(path, value, sort_keys=False):
     return write_text(path, json.dumps(value, indent=2, sort_keys=sort_keys))
 
 
+def write_json_files(values):
+    """Atomically writes several JSON files together: every file is written in full before any
+    replaces its destination, so a failed write (a full disk) leaves all of them as they were.
+
+    Args:
+        values: dict path -> JSON value (written indented, as `write_json`).
+    """
+    texts = {path: json.dumps(value, indent=2).encode("utf-8") for path, value in values.items()}
+    with contextlib.ExitStack() as stack:
+        for path, data in texts.items():
+            tmp = stack.enter_context(replacing(path, needed=len(data)))
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+
+
 def save_keras_model(model, path):
     """Atomically saves `model` as a `.keras` archive at `path`."""
     with replacing(path, suffix=".keras") as tmp:
@@ -106,40 +132,95 @@ class AtomicDirectory:
     """Context manager yielding a temporary folder that replaces `path` only on success.
 
     An existing `path` is kept until the new folder is complete; on an exception the temporary
-    folder is removed and `path` is untouched.
+    folder is removed and `path` is untouched (a refused write becomes a
+    `write_errors.WriteFailedError` naming the folder).
+
+    With `owned`, replacing a folder replaces only what its writer wrote: the old folder's other
+    entries (a README.txt, an eval/ folder the user keeps beside an index) are carried into the
+    new folder. They are hard-linked in before the swap (no data is copied, and the originals stay
+    where they are until the new folder is in place), so no crash can lose them.
 
     Args:
         path: the destination folder.
         overwrite: bool. Replace an existing `path`; when False, an existing `path` raises
             FileExistsError before anything is written.
+        owned: None (the old folder is replaced whole) or the names of the old folder's entries
+            that the writer owns; entries the new folder writes are replaced too.
+        what: what the folder is, for messages (e.g. "the index").
     """
 
-    def __init__(self, path, overwrite=False):
+    def __init__(self, path, overwrite=False, owned=None, what=None):
         self.path = os.path.abspath(path)
         self.overwrite = overwrite
+        self.owned = None if owned is None else set(owned)
+        self.what = what or os.path.basename(self.path)
         self.tmp = None
 
     def __enter__(self):
         if os.path.exists(self.path) and not self.overwrite:
             raise FileExistsError(f"{self.path} already exists; pass overwrite to replace it.")
         parent = os.path.dirname(self.path)
-        os.makedirs(parent, exist_ok=True)
-        self.tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(self.path)}.")
-        _ordinary_permissions(self.tmp, directory=True)
+        with write_errors.reported(parent, self.what):
+            os.makedirs(parent, exist_ok=True)
+            self.tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(self.path)}.")
+            _ordinary_permissions(self.tmp, directory=True)
         return self.tmp
 
+    def _kept(self, old, new):
+        """The entries of the `old` folder that are not the writer's (see `owned`) and that the
+        `new` folder does not have."""
+        if self.owned is None or not os.path.isdir(old):
+            return []
+        written = set(os.listdir(new))
+        return [name for name in sorted(os.listdir(old))
+                if name not in self.owned and name not in written]
+
+    def _carry_over(self):
+        """Hard-links the user's entries of the old folder into the new one."""
+        for name in self._kept(self.path, self.tmp):
+            source, target = os.path.join(self.path, name), os.path.join(self.tmp, name)
+            try:
+                if os.path.isdir(source) and not os.path.islink(source):
+                    shutil.copytree(source, target, symlinks=True, copy_function=os.link)
+                else:
+                    os.link(source, target, follow_symlinks=False)
+            except OSError as error:
+                raise OSError(
+                    f"Cannot keep {source} in the new {self.what} (hard link: "
+                    f"{error.strerror or error}); nothing was changed: move it out of "
+                    f"{self.path} and run again.") from None
+
+    def _swap(self):
+        if not os.path.exists(self.path):
+            os.replace(self.tmp, self.path)
+            return
+        # Move the old folder aside first so that a crash between the two renames leaves either
+        # the old or the new folder under a recognisable name, never a mix.
+        old = self.path + ".old"
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(self.path, old)
+        os.replace(self.tmp, self.path)
+        # What reached the old folder after the links were made is moved over, not lost.
+        for name in self._kept(old, self.path):
+            os.replace(os.path.join(old, name), os.path.join(self.path, name))
+        shutil.rmtree(old, ignore_errors=True)
+
     def __exit__(self, exc_type, exc, traceback):
-        if exc_type is not None:
+        if exc_type is None:
+            try:
+                self._carry_over()
+                self._swap()
+                return False
+            except Exception as error:
+                exc = error
+        if os.path.isdir(self.tmp):
             shutil.rmtree(self.tmp, ignore_errors=True)
-            return False
-        if os.path.exists(self.path):
-            # Move the old folder aside first so that a crash between the two renames leaves
-            # either the old or the new folder under a recognisable name, never a mix.
-            old = self.path + ".old"
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(self.path, old)
-            os.replace(self.tmp, self.path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(self.tmp, self.path)
+        if isinstance(exc, Exception):
+            # Described as this folder's write, not as a file of its hidden temporary folder.
+            explained = write_errors.failure(exc, os.path.dirname(self.path), self.what,
+                                             replace=True)
+            if explained is not None and explained is not exc:
+                raise explained from None
+        if exc_type is None:
+            raise exc
         return False

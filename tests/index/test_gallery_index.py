@@ -27,7 +27,8 @@ SMALL_OPTIONS = {"flat": None, "hnsw": None, "ivf_pq": {"nbits": 6, "m": 4}}
 REPORT = {
     "version": 3,
     "model": {"source": "runs/sop", "dataset": "sop", "backbone": "googlenet", "loss": "npair",
-              "dvml": True, "embedding_dim": 16, "normalized": True},
+              "dvml": True, "embedding_dim": 16, "normalized": True,
+              "weights": "sha256:" + "ab" * 32},
     "raw_input": {"raw_size": [256, 256]},
 }
 
@@ -214,9 +215,10 @@ def test_set_search_options_changes_only_search_time_settings():
 def test_save_load_round_trip(tmp_path, backend, id_kind):
     x = gallery_with_ties()
     ids = np.arange(600) * 3 if id_kind == "int" else np.array([f"id-{i}" for i in range(600)])
-    contract = contract_from_report(REPORT, saved_model="exports/3")
-    index = GalleryIndex(16, "euclidean" if backend == "hnsw" else "cosine", backend,
-                         contract=contract, backend_options=SMALL_OPTIONS[backend])
+    metric = "euclidean" if backend == "hnsw" else "cosine"
+    contract = contract_from_report({**REPORT, "metric": metric}, saved_model="exports/3")
+    index = GalleryIndex(16, metric, backend, contract=contract,
+                         backend_options=SMALL_OPTIONS[backend])
     index.add(ids, x, labels=np.arange(600) % 7, metadata={"path": [f"/d/{i}" for i in range(600)]})
     index.remove(ids[100:150])  # hnsw keeps them as tombstones through the save
     q = queries_for(x)
@@ -240,7 +242,7 @@ def test_save_load_round_trip(tmp_path, backend, id_kind):
     assert len(loaded) == 550
     loaded.save(path)
     assert len(GalleryIndex.load(path)) == 550
-    assert sorted(os.listdir(tmp_path)) == [".gallery.lock", "gallery"]
+    assert sorted(os.listdir(tmp_path)) == ["gallery"]  # the lock file is removed on release
     header = json.loads((tmp_path / "gallery" / "index.json").read_text())
     assert header["format_version"] == 1 and header["count"] == 550
     assert set(header["files"]) == set(os.listdir(path)) - {"index.json"}
@@ -262,8 +264,9 @@ def test_check_contract_refuses_another_model():
     index = build("flat", gallery_with_ties(), contract=contract)
     index.check_contract(contract)
     index.check_contract(contract_from_report(json.loads(json.dumps(REPORT))))  # same model
-    retrained = {**REPORT, "version": 4}
-    with pytest.raises(ValueError, match=r"another model.*exports/3.*fingerprint"):
+    index.check_contract(contract_from_report({**REPORT, "version": 4}))  # exported again
+    retrained = {**REPORT, "model": {**REPORT["model"], "weights": "sha256:" + "cd" * 32}}
+    with pytest.raises(ValueError, match=r"another model.*exports/3.*fingerprint.*other weights"):
         index.check_contract(contract_from_report(retrained))
     wrong_dim = {**contract, "dim": 32}
     with pytest.raises(ValueError, match="dim 32 != the index's 16"):
@@ -452,7 +455,7 @@ def test_interrupted_save_leaves_the_previous_index_intact(tmp_path, monkeypatch
     loaded = GalleryIndex.load(path)
     assert len(loaded) == 600
     np.testing.assert_array_equal(loaded.search(x[:5], 4)[0], good.search(x[:5], 4)[0])
-    assert sorted(os.listdir(tmp_path)) == [".g.lock", "g"]  # the temporary folder is gone
+    assert sorted(os.listdir(tmp_path)) == ["g"]  # no temporary folder, no lock file
 
 
 CHILD = textwrap.dedent("""
@@ -523,7 +526,7 @@ def test_concurrent_saves_from_two_processes_never_interleave(tmp_path):
     assert len(loaded) == {"a": 300, "b": 500}[last]
     assert loaded.ids[0] == {"a": 0, "b": 10_000}[last]
     leftovers = [n for n in os.listdir(tmp_path) if n.startswith(".gallery.")]
-    assert leftovers == [".gallery.lock"]
+    assert leftovers == []  # the last holder removed the lock file
 
 
 @pytest.mark.slow

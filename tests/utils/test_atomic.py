@@ -101,3 +101,33 @@ def test_check_writable_refuses_files_in_the_way_and_unwritable_folders(tmp_path
         atomic.check_writable(tmp_path / "folder" / "m.json")
     with pytest.raises(PermissionError, match=f"{tmp_path}/folder is not writable"):
         atomic.check_writable(tmp_path / "folder", directory=True)
+
+
+def test_atomic_directory_keeps_what_its_writer_does_not_own(tmp_path):
+    target = tmp_path / "I"
+    with atomic.AtomicDirectory(target) as tmp:
+        for name in ("index.json", "ids.npy", "old_backend.faiss"):
+            (tmp_path / os.path.basename(tmp) / name).write_text("v1")
+    (target / "README.txt").write_text("mine")
+    (target / "eval").mkdir()
+    (target / "eval" / "metrics.json").write_text("{}")
+    (target / "latest").symlink_to("eval/metrics.json")
+    inode = os.stat(target / "README.txt").st_ino
+    owned = {"index.json", "ids.npy", "old_backend.faiss"}
+    # A failure leaves the old folder, the user's files included, as it was.
+    with pytest.raises(RuntimeError), atomic.AtomicDirectory(target, True, owned) as tmp:
+        (tmp_path / os.path.basename(tmp) / "index.json").write_text("half")
+        raise RuntimeError("crash")
+    assert sorted(os.listdir(target)) == ["README.txt", "eval", "ids.npy", "index.json",
+                                          "latest", "old_backend.faiss"]
+    with atomic.AtomicDirectory(target, overwrite=True, owned=owned) as tmp:
+        for name in ("index.json", "ids.npy", "new_backend.npy"):
+            (tmp_path / os.path.basename(tmp) / name).write_text("v2")
+    assert sorted(os.listdir(target)) == ["README.txt", "eval", "ids.npy", "index.json",
+                                          "latest", "new_backend.npy"]
+    assert (target / "index.json").read_text() == "v2"
+    assert (target / "README.txt").read_text() == "mine"
+    assert os.stat(target / "README.txt").st_ino == inode  # the same file, not a copy
+    assert (target / "eval" / "metrics.json").read_text() == "{}"
+    assert os.readlink(target / "latest") == "eval/metrics.json"
+    assert sorted(os.listdir(tmp_path)) == ["I"]
