@@ -67,6 +67,7 @@ from dvml_tf.data.manifest import load_manifest
 from dvml_tf.data.pipeline import load_thumbnails
 from dvml_tf.data.pipeline import make_eval_dataset
 from dvml_tf.data.pipeline import make_train_dataset
+from dvml_tf.data.pixel_limit import DEFAULT_MAX_PIXELS
 from dvml_tf.data.preprocessing import PreprocessConfig
 from dvml_tf.data.preprocessing import preprocess_test
 from dvml_tf.data.preprocessing import preprocess_test_batch
@@ -86,6 +87,7 @@ from dvml_tf.data.sampler import replica_slice
 __all__ = [
     "CONVERSIONS",
     "DATASETS",
+    "DEFAULT_MAX_PIXELS",
     "FILE_DATASETS",
     "NO_CONVERSION",
     "OMNIGLOT_INK",

@@ -69,6 +69,7 @@ OVERRIDES = {
     "image_size": (["--image_size=24"], {"image_size": 24}),
     "resize_size": (["--resize_size=40"], {"resize_size": 40}),
     "validation_classes": (["--validation_classes=7"], {"validation_classes": 7}),
+    "max_image_pixels": (["--max_image_pixels=1000000"], {"max_image_pixels": 1000000}),
     "backbone": (["--backbone=googlenet"], {"backbone": "googlenet"}),
     "pretrained": (["--pretrained"], {"pretrained": True}),
     "backbone_weights": (["--backbone_weights=/w.weights.h5"],
