@@ -1,7 +1,12 @@
 """Small files that decode to huge images (decompression bombs), written without ever holding
-the decoded pixels: the reproductions of the pixel limit's tests."""
+the decoded pixels, and the peak memory of a process that is given one: the reproductions of
+the pixel limit's tests."""
 
+import os
 import struct
+import subprocess
+import sys
+import time
 import zlib
 
 # Rows compressed per zlib call: bounds the memory of writing a bomb to a few MB.
@@ -30,3 +35,31 @@ def png_bomb(width=20000, height=20000):
     header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
     return (b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", header) + _chunk(b"IDAT", b"".join(parts))
             + _chunk(b"IEND", b""))
+
+
+# Runs argv[2:] and writes its peak RSS (KiB) to argv[1]. Measured from this small go-between,
+# not from the test process: a child's ru_maxrss includes the memory of the process it was
+# forked from, and a test process holding TensorFlow would hide what the child itself used.
+_MEASURE = """
+import os, subprocess, sys
+child = subprocess.Popen(sys.argv[2:])
+_, status, usage = os.wait4(child.pid, 0)
+with open(sys.argv[1], "w") as f:
+    f.write(str(usage.ru_maxrss))
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
+def run_measured(argv, tmp_path, **kwargs):
+    """Runs a command; returns (CompletedProcess with text output, its own peak RSS in MB).
+
+    Args:
+        argv: the command.
+        tmp_path: a folder for the measurement's file.
+        **kwargs: for `subprocess.run` (cwd, env, timeout).
+    """
+    record = os.path.join(tmp_path, f"peak_rss_{os.getpid()}_{time.monotonic_ns()}")
+    result = subprocess.run([sys.executable, "-c", _MEASURE, record, *argv],
+                            capture_output=True, text=True, **kwargs)
+    with open(record) as f:
+        return result, int(f.read()) / 1024
