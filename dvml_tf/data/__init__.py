@@ -49,6 +49,9 @@ Interface:
   batch_size)`; `load_thumbnails(catalog, indices, size)`.
 * `dataset_identity(splits)` / `identity_changes(old, new)` (module `identity`): what was loaded,
   independent of where it lies, and how two such records differ (a resumed run's check).
+* `pixel_limit` (`DEFAULT_MAX_PIXELS`, `load_dataset(..., max_pixels=)`): an encoded image's size
+  read from its header in-graph, and the limit every loader, `decode_image` and the exported
+  `embed_bytes` signature enforce before decoding anything.
 """
 
 from dvml_tf.data.catalog import DatasetSplits
