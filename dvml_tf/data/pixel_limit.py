@@ -18,8 +18,9 @@ Sizes are read from the header as TF's decoders use them:
   the blocks are walked: the size is the canvas, and the pixel count is the larger of the
   canvas area and the sum of the frame areas.
 
-The pixel count is width x height (x frames for a GIF); the default limit, `DEFAULT_MAX_PIXELS`
-= 8192 x 8192 (67 megapixels, 201 MB as decoded RGB), admits every camera photo up to 61 MP.
+The pixel count is width x height (for a GIF, the sum of its frame areas when that is larger);
+the default limit, `DEFAULT_MAX_PIXELS` = 8192 x 8192 (67 megapixels, 201 MB as decoded RGB),
+admits every camera photo up to 61 MP.
 A header that cannot be read (-1 sizes) is not refused here: such bytes are not an image of these
 formats, and the decoder refuses them with its own message.
 """
