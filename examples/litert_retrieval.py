@@ -76,6 +76,9 @@ def load_image(path, height, width, max_pixels=DEFAULT_MAX_PIXELS):
 
 def run(model_path, image_path, max_pixels=DEFAULT_MAX_PIXELS):
     """Runs a LiteRT model's serving_default signature on one image; returns its outputs."""
+    if not os.path.isfile(model_path):
+        raise SystemExit(f"{model_path} does not exist: export without --skip_litert (export.py "
+                         "writes the LiteRT models next to the SavedModel).")
     interpreter = Interpreter(model_path=model_path)
     runner = interpreter.get_signature_runner(SIGNATURE)
     _, height, width, _ = runner.get_input_details()["images"]["shape"]

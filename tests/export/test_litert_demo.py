@@ -123,3 +123,10 @@ def test_images_above_the_pixel_limit_are_refused_from_their_header(export_dir, 
         assert message in result.stderr.strip().splitlines()[-1], result.stderr
         assert "Traceback" not in result.stderr
         assert peak_mb < 300, peak_mb  # decoding the bomb alone would take 1.2 GB
+    # An export without LiteRT models (--skip_litert) is one line, not a traceback.
+    result = subprocess.run([sys.executable, DEMO, "--export_dir", str(tmp_path), "--image",
+                             str(tmp_path / "big.png")], capture_output=True, text=True,
+                            timeout=120, cwd=ROOT)
+    assert result.returncode == 1 and result.stderr.strip() == (
+        f"{tmp_path}/retrieval.tflite does not exist: export without --skip_litert (export.py "
+        "writes the LiteRT models next to the SavedModel).")
