@@ -111,7 +111,12 @@ def main(argv):
                     if catalog.has_query_gallery else f"{len(embedded.labels)} images")
         print(runner.metrics_table(metrics, title=f"{FLAGS.split} split, {protocol}, "
                                    f"{embedded.metric} distance"))
-        record = dict(metrics)
+        excluded = metrics_lib.queries_without_positive(embedded.labels, catalog.is_query,
+                                                        catalog.is_gallery)
+        if excluded:
+            print(f"({excluded} of {int(queries.sum())} queries have no other image of their "
+                  "class in the gallery and are left out of Recall@K and MAP@R.)")
+        record = {**metrics, "excluded_queries": excluded}
         if FLAGS.index:
             from dvml_tf.index import evaluation as index_evaluation  # faiss only when asked
 

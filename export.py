@@ -45,6 +45,11 @@ flags.DEFINE_integer(
 flags.DEFINE_string(
     "data_dir", None, "TFDS data dir or image folder (default: the run's; TFDS_DATA_DIR works)."
 )
+flags.DEFINE_integer(
+    "max_image_pixels", None,
+    "embed_bytes refuses images larger than this (width x height, read from the header) "
+    "before decoding them; default: the run's --max_image_pixels (67108864 = 8192 x 8192).",
+)
 flags.DEFINE_boolean(
     "verify", False,
     "Measure the export against the Keras model (parity, LiteRT Recall@1) into "
@@ -57,7 +62,11 @@ def main(argv):
     if len(argv) > 1:
         sys.exit(f"export.py: error: unexpected arguments: {' '.join(argv[1:])}")
     try:
-        # Fail on the folder before spending time on loading.
+        # Fail on the flags and the folder before spending time on loading.
+        for name in ("top_k", "int8_calibration_images", "max_image_pixels"):
+            value = FLAGS[name].value
+            if value is not None and value < 1:
+                raise ValueError(f"--{name} must be >= 1; got {value}.")
         exporter.resolve_version(os.path.abspath(FLAGS.export_dir), FLAGS.version,
                                  FLAGS.overwrite)
         run = task.load_run(FLAGS.model_dir)
@@ -77,6 +86,7 @@ def main(argv):
             litert_models=not FLAGS.skip_litert,
             calibration_images=FLAGS.int8_calibration_images,
             source=run.source,
+            max_image_pixels=FLAGS.max_image_pixels,
         )
     except (FileNotFoundError, FileExistsError, ValueError, PermissionError,
             write_errors.WriteFailedError) as error:

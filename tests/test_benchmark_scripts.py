@@ -22,6 +22,22 @@ def _load_script(name):
     return module
 
 
+# ---------------------------------------------------------------------------- eval_scale.py
+
+def test_eval_scale_reference_scores_the_queries_the_library_scores():
+    import numpy as np
+
+    from dvml_tf.evaluation import metrics
+
+    eval_scale = _load_script("eval_scale")
+    x, labels = eval_scale.make_embeddings(600, 120, 32, seed=0)
+    labels[:5] = labels.max() + 1 + np.arange(5)  # single-image classes: no possible positive
+    ks = (1, 10)
+    reference = eval_scale.reference_retrieval(x, labels, ks, "euclidean", chunk=128)
+    ours = metrics.evaluate_embeddings(x, labels, ks, compute_clustering=False)
+    assert reference == pytest.approx(ours, abs=1e-12)
+
+
 # ----------------------------------------------------------------------------- step_time.py
 
 def test_step_time_rejects_bad_flags(capsys):

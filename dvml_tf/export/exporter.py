@@ -43,6 +43,7 @@ import tensorflow as tf
 from absl import logging
 
 from dvml_tf import task
+from dvml_tf.data import pixel_limit
 from dvml_tf.export import fingerprint
 from dvml_tf.export import inference as inference_lib
 from dvml_tf.export import layout
@@ -248,7 +249,7 @@ def earlier_artifacts(export_dir, written):
             if name not in written and os.path.isfile(os.path.join(export_dir, name))}
 
 
-def _signature_contracts(model, raw_form, preprocess, litert_written, top_k):
+def _signature_contracts(model, raw_form, preprocess, litert_written, top_k, max_pixels):
     height, width = raw_form.raw_size or (None, None)
     normalized = bool(model.normalize_embeddings)
     dim = model.embedding_dim
@@ -261,6 +262,8 @@ def _signature_contracts(model, raw_form, preprocess, litert_written, top_k):
         "embed_bytes": {
             "inputs": {saved_model_lib.IMAGE_BYTES_KEY: "string [None] (encoded JPEG/PNG/...)"},
             "outputs": {saved_model_lib.EMBEDDING_KEY: f"float32 [None, {dim}]"},
+            # Larger images (width x height, from the header) fail the request unread.
+            "max_image_pixels": max_pixels,
         },
         "embedding_normalized": normalized,
     }
@@ -301,6 +304,7 @@ def export_model(
     top_k=10,
     calibration_images=200,
     source=None,
+    max_image_pixels=None,
 ):
     """Exports a trained model (see the module docstring for the layout).
 
@@ -317,6 +321,8 @@ def export_model(
         top_k: results per retrieval query.
         calibration_images: raw training images for the int8 calibration (>= 1).
         source: where the weights came from (for the report).
+        max_image_pixels: `embed_bytes` refuses larger images (width x height) before decoding
+            them; default: the run's `config.max_image_pixels`.
 
     Returns:
         `ExportResult`.
@@ -331,6 +337,8 @@ def export_model(
         raise ValueError(f"gallery_split must be 'test' or 'train'; got {gallery_split!r}.")
     if calibration_images < 1:
         raise ValueError(f"calibration_images must be >= 1; got {calibration_images}.")
+    max_image_pixels = pixel_limit.check_max_pixels(
+        config.max_image_pixels if max_image_pixels is None else max_image_pixels)
     if raw_splits is None:
         try:
             raw_splits = task.load_splits(config, raw=True, data_dir=data_dir)
@@ -369,7 +377,8 @@ def export_model(
                     "started": time.strftime("%Y-%m-%d %H:%M:%S")})
                 report = _write_artifacts(model, config, raw_form, preprocess, raw_splits,
                                           staging, version, litert_models, gallery_split, top_k,
-                                          calibration_images, source, export_dir)
+                                          calibration_images, source, export_dir,
+                                          max_image_pixels)
                 _move_into_place(staging, export_dir, version, report)
             finally:
                 shutil.rmtree(staging, ignore_errors=True)
@@ -379,10 +388,10 @@ def export_model(
 
 def _write_artifacts(model, config, raw_form, preprocess, raw_splits, staging, version,
                      litert_models, gallery_split, top_k, calibration_images, source,
-                     export_dir):
+                     export_dir, max_pixels):
     """Writes every artifact into `staging` (same names as in E); returns the report."""
     version_dir = os.path.join(staging, layout.SAVED_MODEL_DIR, str(version))
-    saved_model_lib.write_saved_model(model, raw_form, preprocess, version_dir)
+    saved_model_lib.write_saved_model(model, raw_form, preprocess, version_dir, max_pixels)
     images, images_source = warmup.warmup_images(raw_form, preprocess, raw_splits)
     warmup_record = warmup.write_warmup_requests(version_dir, images)
     if warmup_record["file"]:
@@ -395,7 +404,8 @@ def _write_artifacts(model, config, raw_form, preprocess, raw_splits, staging, v
     report = {
         "version": version,
         "files": files,
-        "signatures": _signature_contracts(model, raw_form, preprocess, litert_models, top_k),
+        "signatures": _signature_contracts(model, raw_form, preprocess, litert_models, top_k,
+                                           max_pixels),
         "raw_input": {"raw_form": raw_form.to_dict(),
                       "preprocess": dataclasses.asdict(preprocess)},
         "model": {

@@ -66,6 +66,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
+from dvml_tf.data import pixel_limit
 from dvml_tf.evaluation import runner
 from dvml_tf.export import fingerprint
 from dvml_tf.export import layout
@@ -157,7 +158,7 @@ def load_model(saved_model):
     return version_dir, report, contract, metric
 
 
-def embed_each(embed_fn, encoded, dim, errors=(tf.errors.OpError,)):
+def embed_each(embed_fn, encoded, dim, errors=(tf.errors.OpError,), max_pixels=None):
     """Embeds a batch of encoded images; if the batch fails, each image alone, so that one bad
     image costs only itself.
 
@@ -167,10 +168,21 @@ def embed_each(embed_fn, encoded, dim, errors=(tf.errors.OpError,)):
         encoded: list of bytes.
         dim: D.
         errors: the exception types that mean "an image was refused".
+        max_pixels: optional pixel limit: images above it (read from their header) are refused
+            here, never sent (also to models exported before the limit, which would decode them).
 
     Returns:
         (embeddings float32 [n, D] with NaN rows for the failed images, {i: message}).
     """
+    if max_pixels is not None:
+        refused = pixel_limit.oversized(encoded, max_pixels)
+        if refused:
+            kept = [i for i in range(len(encoded)) if i not in refused]
+            out = np.full((len(encoded), dim), np.nan, np.float32)
+            failed = {}
+            if kept:
+                out[kept], failed = embed_each(embed_fn, [encoded[i] for i in kept], dim, errors)
+            return out, {**refused, **{kept[i]: message for i, message in failed.items()}}
     out = np.full((len(encoded), dim), np.nan, np.float32)
     try:
         out[:] = embed_fn(encoded)
@@ -510,7 +522,7 @@ def _progress_bar(target):
 
 
 def embed_rows(embed_bytes, catalog, rows, staging, dim, batch_size=DEFAULT_BATCH_SIZE,
-               chunk_images=DEFAULT_CHUNK_IMAGES, progress=True):
+               chunk_images=DEFAULT_CHUNK_IMAGES, progress=True, max_pixels=None):
     """Embeds catalog rows through `embed_bytes`, checkpointing every `chunk_images` images.
 
     Args:
@@ -522,6 +534,7 @@ def embed_rows(embed_bytes, catalog, rows, staging, dim, batch_size=DEFAULT_BATC
         batch_size: images per signature call.
         chunk_images: images per checkpoint (part of the staging plan).
         progress: show a progress bar.
+        max_pixels: optional pixel limit (see `embed_each`).
 
     Returns:
         (embeddings float32 [n, dim] with NaN rows for failures, failures list of
@@ -553,7 +566,8 @@ def embed_rows(embed_bytes, catalog, rows, staging, dim, batch_size=DEFAULT_BATC
             readable = [i for i, item in enumerate(encoded) if item is not None]
             out = np.full((len(batch_rows), dim), np.nan, np.float32)
             if readable:
-                out[readable], failed = embed_each(embed, [encoded[i] for i in readable], dim)
+                out[readable], failed = embed_each(embed, [encoded[i] for i in readable], dim,
+                                                   max_pixels=max_pixels)
                 for i, message in failed.items():
                     unreadable[int(batch_rows[readable[i]])] = message
             for row, message in sorted(unreadable.items()):
@@ -591,7 +605,8 @@ def log_failures(failures, unreadable=()):
 def build_index(saved_model, output, *, dataset=None, split="test", data_dir=None,
                 backend="flat", backend_options=None, batch_size=DEFAULT_BATCH_SIZE,
                 num_shards=1, shard_index=0, shard_by="range", overwrite=False, restart=False,
-                chunk_images=DEFAULT_CHUNK_IMAGES, validation_classes=None, progress=True):
+                chunk_images=DEFAULT_CHUNK_IMAGES, validation_classes=None, progress=True,
+                max_pixels=None):
     """Embeds a split through a SavedModel and writes an index (or one shard of it).
 
     Args:
@@ -609,6 +624,8 @@ def build_index(saved_model, output, *, dataset=None, split="test", data_dir=Non
         chunk_images: images per checkpoint.
         validation_classes: see `runner.saved_model_catalog`.
         progress: show a progress bar.
+        max_pixels: the pixel limit (width x height): larger images are skipped unread;
+            default: the SavedModel's (`layout.max_image_pixels`).
 
     Returns:
         `BuildResult`.
@@ -625,6 +642,8 @@ def build_index(saved_model, output, *, dataset=None, split="test", data_dir=Non
                          f"{chunk_images}.")
     check_output(output, kind, overwrite)  # before the data is loaded
     version_dir, report, contract, metric = load_model(saved_model)
+    max_pixels = pixel_limit.check_max_pixels(
+        layout.max_image_pixels(report) if max_pixels is None else max_pixels)
     if kind == "index":  # bad backend options fail now, not after the embedding
         gallery_index.GalleryIndex(contract["dim"], metric, backend,
                                    backend_options=backend_options)
@@ -632,7 +651,7 @@ def build_index(saved_model, output, *, dataset=None, split="test", data_dir=Non
     with build_lock(output), _resume_hint(output):
         check_output(output, kind, overwrite)  # again, now that no other build can write
         catalog, splits = runner.saved_model_catalog(report, split, dataset, data_dir,
-                                                     validation_classes)
+                                                     validation_classes, max_pixels)
         _, is_gallery = catalog.query_gallery()
         rows = shard_rows(np.flatnonzero(is_gallery), num_shards, shard_index, shard_by)
         plan = {
@@ -652,7 +671,8 @@ def build_index(saved_model, output, *, dataset=None, split="test", data_dir=Non
         embed_bytes = runner.load_embed_bytes(version_dir)
         dim = contract["dim"]
         embeddings, failures, embedded_now, embed_seconds = embed_rows(
-            embed_bytes, catalog, rows, staging, dim, batch_size, chunk_images, progress)
+            embed_bytes, catalog, rows, staging, dim, batch_size, chunk_images, progress,
+            max_pixels)
         unreadable = tuple(splits.unreadable)
         log_failures(failures, unreadable)
         ok = ~np.isnan(embeddings).any(axis=1)

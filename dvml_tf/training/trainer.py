@@ -36,6 +36,7 @@ from dvml_tf import data as data_lib
 from dvml_tf import losses as losses_lib
 from dvml_tf import models
 from dvml_tf import task
+from dvml_tf.evaluation import metrics as metrics_lib
 from dvml_tf.evaluation import runner
 from dvml_tf.training import distribution
 from dvml_tf.training.config import TrainConfig
@@ -656,16 +657,20 @@ class Trainer:
         """Evaluates z_I on `config.evaluation_split` (the test classes unless doing model
         selection); writes the metrics JSON and TensorBoard scalars."""
         split = self.config.evaluation_split
+        catalog = getattr(self.splits, split)
         metrics = runner.evaluate_model(
             self.model,
-            getattr(self.splits, split),
+            catalog,
             self.preprocess,
             batch_size=self.config.eval_batch_size,
             recall_ks=self.config.recall_ks,
         )
         diagnostics = self.variance_diagnostics() if self.config.dvml else None
         if self.is_chief:
-            record = dict(metrics)
+            # How many queries Recall@K and MAP@R leave out (no possible positive), as
+            # evaluate.py records it.
+            record = {**metrics, "excluded_queries": metrics_lib.queries_without_positive(
+                catalog.labels, catalog.is_query, catalog.is_gallery)}
             if diagnostics is not None:
                 record[DIAGNOSTICS_KEY] = diagnostics
             atomic.write_json(os.path.join(self.write_dir, task.metrics_file(split)), record,

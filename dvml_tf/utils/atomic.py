@@ -7,7 +7,9 @@ folder.
 """
 
 import contextlib
+import errno
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -18,13 +20,17 @@ from dvml_tf.utils import write_errors
 def check_writable(path, directory=False):
     """Checks, before any work, that `path` can be written (a file, or a folder to fill).
 
+    Missing folders on the way are created and a scratch file is written and removed there:
+    permissions alone cannot tell (root passes them, but not a read-only file system, /proc or
+    /sys, a dangling symbolic link or an over-long name).
+
     Args:
         path: the file or folder to be written.
         directory: whether `path` is a folder.
 
     Raises:
         ValueError: `path` (or one of its parents) is a file where a folder is needed, or a
-            folder where a file is needed.
+            folder where a file is needed, or the folder cannot be made there.
         PermissionError: the folder that would hold it is not writable.
     """
     path = os.path.abspath(os.fspath(path))
@@ -35,14 +41,44 @@ def check_writable(path, directory=False):
             raise ValueError(f"{path} is a folder, not a file.")
         if not os.access(path if directory else os.path.dirname(path), os.W_OK):
             raise PermissionError(f"{path} is not writable.")
-        return
-    parent = os.path.dirname(path)
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent):
-        raise ValueError(f"Cannot write {path}: {parent} is a file, not a folder.")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise PermissionError(f"Cannot write {path}: {parent} is not writable.")
+    else:
+        parent = os.path.dirname(path)
+        while not os.path.exists(parent):
+            parent = os.path.dirname(parent)
+        if not os.path.isdir(parent):
+            raise ValueError(f"Cannot write {path}: {parent} is a file, not a folder.")
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise PermissionError(f"Cannot write {path}: {parent} is not writable.")
+    _try_writing_in(path if directory else os.path.dirname(path), path)
+
+
+def _try_writing_in(folder, path):
+    """Creates `folder` (kept: the write needs it) and a scratch file in it, or raises naming
+    why not; folders it created are removed again on failure."""
+    missing, current = [], folder
+    while not os.path.isdir(current):
+        missing.append(current)
+        current = os.path.dirname(current)
+    created = []
+    try:
+        for name in reversed(missing):
+            if os.path.islink(name):
+                raise ValueError(f"Cannot write {path}: {name} is a symbolic link to "
+                                 f"{os.readlink(name)}, which does not exist.")
+            os.mkdir(name)
+            created.append(name)
+        fd, scratch = tempfile.mkstemp(dir=folder, prefix=".write-check-")
+        os.close(fd)
+        os.remove(scratch)
+    except BaseException as error:
+        for name in reversed(created):
+            with contextlib.suppress(OSError):
+                os.rmdir(name)
+        if not isinstance(error, OSError):
+            raise
+        kind = PermissionError if error.errno in (errno.EACCES, errno.EPERM,
+                                                  errno.EROFS) else ValueError
+        raise kind(f"Cannot write {path}: {error.strerror} ({error.filename}).") from None
 
 
 def _umask():
@@ -100,9 +136,25 @@ def write_text(path, text):
     return write_bytes(path, text.encode("utf-8"))
 
 
+def _finite(value):
+    """`value` with every NaN or infinite float replaced by None."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(item) for item in value]
+    return value
+
+
 def write_json(path, value, sort_keys=False):
-    """Atomically writes `value` as indented JSON to `path`; returns `path`."""
-    return write_text(path, json.dumps(value, indent=2, sort_keys=sort_keys))
+    """Atomically writes `value` as indented JSON to `path`; returns `path`.
+
+    NaN and infinities, which JSON cannot hold (Python would write the invalid tokens NaN and
+    Infinity), are written as null.
+    """
+    text = json.dumps(_finite(value), indent=2, sort_keys=sort_keys, allow_nan=False)
+    return write_text(path, text)
 
 
 def write_json_files(values):

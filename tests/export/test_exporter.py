@@ -99,6 +99,10 @@ def test_layout_and_report(exported):
     assert report["model"]["normalized"] == bool(model.normalize_embeddings)
     assert report["signatures"]["serving_default"]["inputs"]["images"] == (
         "uint8 [None, 105, 105, 3]")
+    # The pixel limit embed_bytes enforces: the run's (TrainConfig.max_image_pixels).
+    assert report["signatures"]["embed_bytes"]["max_image_pixels"] == 8192 * 8192
+    assert layout.max_image_pixels(report) == 8192 * 8192
+    assert layout.max_image_pixels({"signatures": {}}) == 8192 * 8192  # older exports
     with open(os.path.join(export_dir, "retrieval_gallery.json")) as f:
         assert json.load(f)["labels"] == splits.test.labels.tolist()
     # The retriever carries the labels too: a gallery image's top row is itself, with its label.

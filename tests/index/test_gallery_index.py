@@ -370,6 +370,17 @@ def test_bad_inputs_give_clear_errors():
         GalleryIndex(16, backend="hnsw", backend_options={"ef": 3})
     with pytest.raises(ValueError, match="m'\\]=5 must divide the dimension 16"):
         GalleryIndex(16, backend="ivf_pq", backend_options={"m": 5})
+    # Bounds: a typo fails when the index is made, not as a MemoryError once rows are added.
+    for backend, options, message in (
+        ("hnsw", {"M": 10**8}, r"'M'\] must be an int in \[1, 256\]; got 100000000 \(each row "
+                               r"keeps 2M links: 8M bytes\)"),
+        ("hnsw", {"ef_search": 10**7}, r"'ef_search'\] must be an int in \[1, 65536\]"),
+        ("ivf_pq", {"nlist": 10**9}, r"'nlist'\] must be an int in \[1, 4194304\] or None"),
+        ("ivf_pq", {"m": 32}, r"'m'\] must be an int in \[1, 16\] or None"),
+        ("flat", {"memory_budget_bytes": 2**50}, r"'memory_budget_bytes'\] must be an int in"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            GalleryIndex(16, backend=backend, backend_options=options)
     with pytest.raises(ValueError, match="normalize=False is only valid"):
         GalleryIndex(16, metric="cosine", normalize=False)
     with pytest.raises(ValueError, match="dim must be an int >= 1"):
@@ -555,3 +566,23 @@ def test_a_save_killed_mid_way_leaves_the_previous_index_intact(tmp_path):
     np.testing.assert_array_equal(loaded.ids, original.ids)
     # The dead process's flock died with it: the next save goes through.
     original.save(folder, lock_timeout=5)
+
+
+def test_faiss_loader_notices_are_silenced_and_its_warnings_kept():
+    # faiss's loader logs each missing AVX512/AVX2 build at INFO ("No module named
+    # 'faiss.swigfaiss_avx512'") before falling back; the commands log at INFO.
+    # As the commands run: absl's app, which logs Python's loggers at INFO.
+    script = ("import logging as std\n"
+              "from absl import app, logging\n"
+              "def main(argv):\n"
+              "    logging.set_verbosity(logging.INFO)\n"
+              "    from dvml_tf.index import backends\n"
+              "    backends._faiss()\n"
+              "    std.getLogger('faiss.loader').warning('a real warning stays visible')\n"
+              "app.run(main)\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            timeout=300, cwd=os.path.dirname(os.path.dirname(os.path.dirname(
+                                os.path.abspath(__file__)))))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "swigfaiss" not in result.stderr and "Loading faiss" not in result.stderr
+    assert "a real warning stays visible" in result.stderr

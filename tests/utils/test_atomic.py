@@ -1,5 +1,6 @@
 import json
 import os
+import re
 import stat
 
 import pytest
@@ -131,3 +132,30 @@ def test_atomic_directory_keeps_what_its_writer_does_not_own(tmp_path):
     assert (target / "eval" / "metrics.json").read_text() == "{}"
     assert os.readlink(target / "latest") == "eval/metrics.json"
     assert sorted(os.listdir(tmp_path)) == ["I"]
+
+
+def test_write_json_never_writes_nan(tmp_path):
+    path = tmp_path / "metrics.json"
+    atomic.write_json(path, {"map@r": float("nan"), "recall@1": [0.5, float("inf")],
+                             "nested": {"x": float("-inf"), "n": 3}})
+    # Strict JSON (Python would otherwise write the tokens NaN and Infinity).
+    text = path.read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    assert json.loads(text) == {"map@r": None, "recall@1": [0.5, None],
+                                "nested": {"x": None, "n": 3}}
+
+
+def test_check_writable_tries_the_write_root_passes_permissions(tmp_path):
+    # A dangling symbolic link on the way: os.access saw a writable folder above it.
+    (tmp_path / "out").symlink_to(tmp_path / "nowhere")
+    with pytest.raises(ValueError, match=re.escape(
+            f"Cannot write {tmp_path}/out/sub/m.json: {tmp_path}/out is a symbolic link to "
+            f"{tmp_path}/nowhere, which does not exist.")):
+        atomic.check_writable(tmp_path / "out" / "sub" / "m.json")
+    # A folder name longer than the file system allows.
+    with pytest.raises(ValueError, match=r"Cannot write .*: File name too long"):
+        atomic.check_writable(tmp_path / ("x" * 300) / "m.json")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # nothing left behind
+    # Where the write works, the folders it needs are made.
+    atomic.check_writable(tmp_path / "a" / "b" / "m.json")
+    assert (tmp_path / "a" / "b").is_dir() and not list((tmp_path / "a" / "b").iterdir())
