@@ -91,7 +91,8 @@ def make_embeddings(num, num_classes, dim, seed, latent_dim=32, spread=0.75, noi
 
 
 def reference_retrieval(x, labels, ks, metric, chunk=2048):
-    """Plain chunked numpy brute force: R@K for each K and MAP@R (R >= 1 queries).
+    """Plain chunked numpy brute force: R@K for each K and MAP@R, both over the queries with
+    R >= 1 (the others have no possible positive: `metrics` leaves them out of both).
 
     Args:
         x: float32 [N, D].
@@ -121,15 +122,15 @@ def reference_retrieval(x, labels, ks, metric, chunk=2048):
         order = np.argsort(np.take_along_axis(d, idx, axis=1), axis=1, kind="stable")
         idx = np.take_along_axis(idx, order, axis=1)
         match = labels[idx] == labels[s:e, None]
-        for i, kk in enumerate(ks):
-            hits[i] += match[:, :kk].any(axis=1).sum()
         r = r_all[s:e]
+        for i, kk in enumerate(ks):
+            hits[i] += match[r > 0, :kk].any(axis=1).sum()
         rel = match[:, :max_r] & (np.arange(max_r)[None, :] < r[:, None])
         prec = np.cumsum(rel, axis=1) / np.arange(1, max_r + 1)
         ok = r > 0
         ap_sum += float(((prec * rel).sum(axis=1)[ok] / r[ok]).sum())
         ap_n += int(ok.sum())
-    out = {f"recall@{kk}": float(h / num) for kk, h in zip(ks, hits, strict=True)}
+    out = {f"recall@{kk}": float(h / ap_n) for kk, h in zip(ks, hits, strict=True)}
     out["map@r"] = ap_sum / ap_n
     return out
 

@@ -22,6 +22,22 @@ def _load_script(name):
     return module
 
 
+# ---------------------------------------------------------------------------- eval_scale.py
+
+def test_eval_scale_reference_scores_the_queries_the_library_scores():
+    import numpy as np
+
+    from dvml_tf.evaluation import metrics
+
+    eval_scale = _load_script("eval_scale")
+    x, labels = eval_scale.make_embeddings(600, 120, 32, seed=0)
+    labels[:5] = labels.max() + 1 + np.arange(5)  # single-image classes: no possible positive
+    ks = (1, 10)
+    reference = eval_scale.reference_retrieval(x, labels, ks, "euclidean", chunk=128)
+    ours = metrics.evaluate_embeddings(x, labels, ks, compute_clustering=False)
+    assert reference == pytest.approx(ours, abs=1e-12)
+
+
 # ----------------------------------------------------------------------------- step_time.py
 
 def test_step_time_rejects_bad_flags(capsys):
@@ -126,7 +142,12 @@ def test_default_run_times_both_commands_and_resumes_without_reusing_a_folder(tm
     assert summary["recall@1_default_minus_nodvml"] == pytest.approx(
         default["recall@1"] - baseline["recall@1"])
     assert summary["default_within_limit"] is (default["seconds"] < 600)
+    # One seed has no spread: the study's rule does not decide (and the old key, which called
+    # any positive gain a win, is gone).
+    assert summary["default_beats_nodvml_by_rule"] is None
+    assert "default_beats_nodvml" not in summary
     assert "| `train.py --nodvml` | 0 |" in proc.stdout
+    assert "the default beats --nodvml by the rule: undecided (one seed)" in proc.stdout
 
     # Run again: both runs are recorded, so nothing trains; other flags are refused.
     proc = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
@@ -136,3 +157,81 @@ def test_default_run_times_both_commands_and_resumes_without_reusing_a_folder(tm
     proc = subprocess.run([*command[:-1], "--extra=--steps=3"], capture_output=True, text=True,
                           timeout=300, check=False)
     assert proc.returncode != 0 and "--extra=" in proc.stderr
+
+
+def _default_run_record(recall_at_1):
+    """A run record of default_run.py with the given Recall@1 (the rest as recorded)."""
+    return {"command": "python train.py", "seconds": 500.0, "peak_rss_gb": 1.7,
+            "recall@1": recall_at_1, "map@r": 0.5}
+
+
+def test_default_run_summary_applies_the_studys_rule_on_hand_computed_cases(tmp_path):
+    """The summary's verdict is the Omniglot study's rule (gain > 2 x the larger seed std, np.std,
+    AND >= 1.5 points), not "the mean is higher"."""
+    cases = {
+        # benchmarks/results/default_run.json: 85.09 +- 0.65 vs 84.95 +- 0.47, a tie.
+        "tie": ([0.8599393019726859, 0.8474203338391503, 0.8452959028831563],
+                [0.8558421851289834, 0.8446889226100152, 0.848103186646434]),
+        # +2 points, population std 0.41 points on both sides: a win.
+        "win": ([0.86, 0.865, 0.87], [0.84, 0.845, 0.85]),
+        # +1.2 points with no spread at all: under the 1.5-point margin.
+        "small": ([0.862] * 3, [0.85] * 3),
+        "one_seed": ([0.95], [0.80]),
+    }
+    runs = {name: {variant: {str(seed): _default_run_record(value)
+                             for seed, value in enumerate(values)}
+                   for variant, values in zip(("default", "nodvml"), pair, strict=True)}
+            for name, pair in cases.items()}
+    # In a subprocess (default_run.py defines absl flags other scripts define too); it also
+    # asks --summary_only for a results file that does not exist.
+    code = ("import json, pathlib, sys; sys.path.insert(0, 'benchmarks'); import default_run; "
+            "runs = json.load(sys.stdin); print(json.dumps({name: default_run.summarize(r, 600.0)"
+            " for name, r in runs.items()})); default_run.summary_only(pathlib.Path('"
+            f"{tmp_path / 'missing.json'}'))")
+    proc = subprocess.run([sys.executable, "-c", code], input=json.dumps(runs),
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode != 0 and "missing.json is not one" in proc.stderr, proc.stderr[-3000:]
+    assert not (tmp_path / "missing.json").exists()
+    summaries = json.loads(proc.stdout)
+    tie = summaries["tie"]
+    assert tie["recall@1_default_minus_nodvml"] == pytest.approx(0.00134, abs=1e-5)
+    assert tie["recall@1_twice_larger_std"] == pytest.approx(0.01292, abs=1e-5)
+    assert tie["default_beats_nodvml_by_rule"] is False
+    assert "default_beats_nodvml" not in tie and "1.5 points" in tie["beats_rule"]
+    assert summaries["win"]["recall@1_default_minus_nodvml"] == pytest.approx(0.02)
+    assert summaries["win"]["recall@1_twice_larger_std"] == pytest.approx(0.008165, abs=1e-6)
+    assert summaries["win"]["default_beats_nodvml_by_rule"] is True
+    assert summaries["small"]["recall@1_twice_larger_std"] == 0.0
+    assert summaries["small"]["default_beats_nodvml_by_rule"] is False
+    assert summaries["one_seed"]["default_beats_nodvml_by_rule"] is None
+
+
+def test_default_run_summary_only_rewrites_the_summary_and_keeps_every_recorded_number(
+        tmp_path):
+    """--summary_only migrates a results file: the summary is derived anew from the recorded
+    runs (nothing trains, no --work_dir needed), every other key stays as it was."""
+    runs = {"default": {"0": _default_run_record(0.86), "1": _default_run_record(0.865),
+                        "2": _default_run_record(0.87)},
+            "nodvml": {"0": _default_run_record(0.852), "1": _default_run_record(0.858),
+                       "2": _default_run_record(0.855)}}
+    old = {"note": "kept", "extra": "", "limit_seconds": 600.0, "machine": {"cpus": 2},
+           "runs": runs, "summary": {"default_beats_nodvml": True, "stale": 1}}
+    output = tmp_path / "default_run.json"
+    output.write_text(json.dumps(old))
+    script = str(ROOT / "benchmarks" / "default_run.py")
+    proc = subprocess.run([sys.executable, script, "--summary_only", f"--output={output}"],
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    new = json.loads(output.read_text())
+    assert {k: v for k, v in new.items() if k != "summary"} == {
+        k: v for k, v in old.items() if k != "summary"}
+    summary = new["summary"]
+    assert set(summary) == {"default", "nodvml", "recall@1_default_minus_nodvml",
+                            "recall@1_twice_larger_std", "default_within_limit",
+                            "default_beats_nodvml_by_rule", "beats_rule"}
+    # +1.0 point: above 2 x the larger std (0.816 points) but under the 1.5-point margin.
+    assert summary["recall@1_default_minus_nodvml"] == pytest.approx(0.01)
+    assert summary["recall@1_twice_larger_std"] == pytest.approx(0.008165, abs=1e-6)
+    assert summary["default_beats_nodvml_by_rule"] is False
+    assert summary["default"]["recall@1_mean"] == pytest.approx(0.865)
+    assert "the default beats --nodvml by the rule: no" in proc.stdout

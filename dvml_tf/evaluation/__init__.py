@@ -1,5 +1,6 @@
 """Evaluation on numpy embeddings: exact tiled kNN, Recall@K / MAP@R / NMI / F1, k-means,
-figures, TensorBoard projector files and an optional tensorflow-similarity cross-check.
+figures, TensorBoard projector files, an optional tensorflow-similarity cross-check, and the
+rule that says whether a method beats its baseline over seeds (`compare_over_seeds`).
 
 The metrics depend on neither the model nor the data modules; `RetrievalMetricsCallback`
 (`callbacks`: the metrics on held-out data during `model.fit`) and the runner do, and are
@@ -16,9 +17,11 @@ from dvml_tf.evaluation.metrics import pairwise_f1
 from dvml_tf.evaluation.metrics import recall_at_k
 from dvml_tf.evaluation.metrics import relevant_counts
 from dvml_tf.evaluation.projector import write_projector
+from dvml_tf.evaluation.seed_comparison import compare_over_seeds
 
 __all__ = [
     "RetrievalMetricsCallback",
+    "compare_over_seeds",
     "evaluate_embeddings",
     "iter_nearest_neighbors",
     "kmeans_cluster",

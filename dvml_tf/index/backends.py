@@ -25,6 +25,7 @@ equal scores are ordered by position (the earlier added row first).
   (kept here in numpy, so that removal stays a faiss `remove_ids` plus an array deletion).
 """
 
+import logging
 import math
 from typing import ClassVar
 
@@ -41,9 +42,22 @@ PAD_POSITION = -1
 _REFINE_BLOCK_BYTES = 1 << 27
 # Rows per faiss call when a graph is rebuilt from its live vectors: bounds the float32 copy.
 _REBUILD_CHUNK_ROWS = 1 << 17
+# Upper bounds of the options, far above any useful value (faiss's own guides use M <= 64,
+# nlist <= 2^20): a typo such as M=100000000 fails when the index is created, before a build
+# spends its time embedding, instead of as a MemoryError when the rows are added.
+MAX_HNSW_M = 256
+MAX_CANDIDATES = 1 << 16
+MAX_LISTS = 1 << 22
+MAX_TRAIN_ROWS = 1 << 26
+MAX_THREADS = 1024
+MAX_MEMORY_BUDGET_BYTES = 1 << 40
 
 
 def _faiss():
+    # faiss's loader tries its AVX512/AVX2 builds first and logs each missing one at INFO
+    # ("No module named 'faiss.swigfaiss_avx512'") before falling back to one that works: noise
+    # on every command. Its warnings and errors, and a failing import, stay visible.
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
     try:
         import faiss
     except ImportError as error:
@@ -70,14 +84,18 @@ def _merge_options(backend, given, defaults):
     return {**defaults, **given}
 
 
-def _check_int(options, name, minimum=1, allow_none=False):
+def _check_int(options, name, minimum=1, allow_none=False, maximum=None, why=""):
+    """Checks an int option; `maximum` bounds what the memory or time of one row or query can
+    afford (so that e.g. M=100000000 fails here, not as a MemoryError after the embedding)."""
     value = options[name]
     if value is None and allow_none:
         return
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+    if (isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum
+            or (maximum is not None and value > maximum)):
+        bounds = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
         raise ValueError(
-            f"backend_options[{name!r}] must be an int >= {minimum}"
-            f"{' or None' if allow_none else ''}; got {value!r}."
+            f"backend_options[{name!r}] must be an int {bounds}"
+            f"{' or None' if allow_none else ''}; got {value!r}{why}."
         )
     options[name] = int(value)
 
@@ -163,8 +181,8 @@ class FlatBackend:
         self.dim = dim
         self.metric = metric
         self.options = _merge_options(self.name, options, self.DEFAULTS)
-        _check_int(self.options, "memory_budget_bytes")
-        _check_int(self.options, "num_threads", allow_none=True)
+        _check_int(self.options, "memory_budget_bytes", maximum=MAX_MEMORY_BUDGET_BYTES)
+        _check_int(self.options, "num_threads", allow_none=True, maximum=MAX_THREADS)
         _check_choice(self.options, "precision", score_bounds.PRECISIONS)
         self._vectors = np.empty((0, dim), dtype=np.float32)
         # The gallery's prepared rows (centring, norms, bound weights), kept until the next add
@@ -276,8 +294,10 @@ class HNSWBackend:
         self.dim = dim
         self.metric = metric
         self.options = _merge_options(self.name, options, self.DEFAULTS)
-        for name in ("M", "ef_construction", "ef_search"):
-            _check_int(self.options, name)
+        _check_int(self.options, "M", maximum=MAX_HNSW_M,
+                   why=" (each row keeps 2M links: 8M bytes)")
+        for name in ("ef_construction", "ef_search"):
+            _check_int(self.options, name, maximum=MAX_CANDIDATES)
         _check_choice(self.options, "storage", ("float32", "float16"))
         _check_fraction(self.options, "max_tombstone_fraction")
         self._index = self._new_index()
@@ -449,10 +469,12 @@ class IVFPQBackend:
         self.dim = dim
         self.metric = metric
         self.options = _merge_options(self.name, options, self.DEFAULTS)
-        for name in ("nlist", "m", "nprobe"):
-            _check_int(self.options, name, allow_none=True)
-        for name in ("nbits", "train_size", "k_factor"):
-            _check_int(self.options, name)
+        for name in ("nlist", "nprobe"):
+            _check_int(self.options, name, allow_none=True, maximum=MAX_LISTS)
+        _check_int(self.options, "m", allow_none=True, maximum=dim)
+        _check_int(self.options, "train_size", maximum=MAX_TRAIN_ROWS)
+        _check_int(self.options, "k_factor", maximum=MAX_CANDIDATES)
+        _check_int(self.options, "nbits")
         _check_int(self.options, "seed", minimum=0)
         _check_choice(self.options, "refine", ("float16", "float32", "none"))
         if self.options["nbits"] > 16:

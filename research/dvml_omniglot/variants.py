@@ -10,11 +10,12 @@
 * `decoded`: L_syn on z_I(x) + W (f_hat(c + z_V) - f_hat(c)), the decoder's feature-space
   deviation for z_V mapped by the embedding head's kernel W (c: the decoder's centre, see
   `DVMLModel(decoder_centre=...)`; with `variance_transfer`, z_V of an image of another class).
-  `synthesis_geometry.py` found the paper's z_I + z_V isotropic in the embedding (z_V is a code
-  in the decoder's basis), and the same trained decoders' deviations, embedded by W, aligned
-  with the real intra-class variation (mostly through W: feature noise mapped by W aligns about
-  as well). The decoded deviation is stop-gradient: the decoder and
-  the variance heads learn from KL and reconstruction only; L_syn trains z_I and W.
+  `synthesis_geometry.py` found the offsets of the paper's z_I + z_V no better aligned with the
+  real intra-class variation than isotropic noise (z_V is a code in the decoder's basis), and
+  the same trained decoders' deviations, embedded by W, aligned with the real intra-class
+  variation (mostly through W: feature noise mapped by W aligns about as well). The decoded
+  deviation is stop-gradient: the decoder and the variance heads learn from KL and
+  reconstruction only; L_syn trains z_I and W.
 
 Results: README.md of this folder (validation screen, `dvml_unit`, `dvml_stop`, `dvml_reverse`;
 the exploratory stage of `synthesis.py` for `decoded`).

@@ -337,6 +337,12 @@ def test_synthesis_success_rule_on_hand_computed_cases():
                                                              "triplet2_dws")] == [True, False,
                                                                                   False]
     assert one["losses_met"] == ["triplet"] and one["success"] is False
+    # Beside the rule's population std, the sample std (ddof=1), which decides nothing: 1 point
+    # for the triplet seeds (2 x = 2 points), 0 for N-pair's, 4 points for triplet2 + DWS's.
+    assert [one["per_loss"][loss]["twice_larger_sample_std"] for loss in (
+        "triplet", "npair", "triplet2_dws")] == pytest.approx([0.02, 0.0, 0.08], abs=1e-9)
+    assert one["per_loss"]["npair"]["clears_bars_with_sample_std"] is False  # under 1.5
+    assert one["per_loss"]["triplet2_dws"]["clears_bars_with_sample_std"] is False
     assert checks["two_losses"]["losses_met"] == ["triplet", "npair"]
     assert checks["two_losses"]["success"] is True
     for name in ("collapsed", "z_v_ignored", "no_diagnostics"):
@@ -360,6 +366,22 @@ def test_synthesis_reads_results_files_written_before_runs_existed(tmp_path):
     assert results["validation"]["npair"]["baseline"]["recall@1"] == [0.92]
     assert "| baseline | 1 | 92.0 ± 0.0 |" in proc.stdout
     assert not (tmp_path / "runs").exists()
+    # The frozen protocol is kept as it is; what it left unsaid is written beside it, dated.
+    assert "ddof=0" in results["protocol_clarifications"]["2026-12-07"]
+
+
+def test_synthesis_refuses_a_results_file_whose_protocol_clarification_differs(tmp_path):
+    """Clarifications are only ever added: a file holding another text for a date is refused
+    and left as it was."""
+    output = tmp_path / "results.json"
+    written = json.dumps({"protocol_clarifications": {"2026-12-07": "the sample std"}})
+    output.write_text(written)
+    proc = subprocess.run(
+        [sys.executable, str(HERE / "synthesis.py"), "--stage=report", f"--output={output}",
+         f"--workdir={tmp_path / 'runs'}"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "protocol clarifications" in proc.stderr
+    assert output.read_text() == written
 
 
 def test_synthesis_test_stage_refuses_before_validation_is_complete(tmp_path):
