@@ -189,16 +189,26 @@ class Search:
             distances are computed.
         prepared_gallery: the `score_bounds.Prepared` gallery of an earlier search of the same
             rows (reused when its precision is the one resolved here), or None.
+        rank_counter: None, or (self-search only) a `positive_rank.RankCounter`: it is bound
+            to the prepared rows, sees every candidate tile and is settled before each block
+            is yielded, so that its `ranks` of the yielded rows are final.
     """
 
     def __init__(self, queries, gallery, k, metric, memory_budget_bytes, precision,
-                 num_threads, codes=None, prepared_gallery=None):
+                 num_threads, codes=None, prepared_gallery=None, rank_counter=None):
         self.self_search = gallery is None
+        if rank_counter is not None and not self.self_search:
+            raise ValueError("rank_counter needs a self-search (gallery=None).")
         gallery = queries if self.self_search else gallery
         self.k = k
         self.metric = metric
         self.codes = codes
         self.threads = num_threads
+        self.rank_counter = rank_counter
+        if rank_counter is not None and precision == "auto":
+            # The count's undecided band is the bound's width around every row's threshold:
+            # bfloat16's is 257x float32's, and the pairs in it are re-scored one by one.
+            precision = "float32"
         self.precision = score_bounds.resolve_precision(precision, k)
         if prepared_gallery is None or prepared_gallery.precision != self.precision:
             centre = score_bounds.centre_for(gallery) if metric == "euclidean" else None
@@ -208,12 +218,16 @@ class Search:
                         else score_bounds.prepare(queries, metric, self.precision,
                                                   prepared_gallery.centre))
         self.plan = Plan(len(queries), len(gallery), k, self.self_search, memory_budget_bytes)
+        if rank_counter is not None:
+            rank_counter.bind(self.queries)
 
     def __iter__(self):
         """Yields (start, ids int64 [rows, k], scores float64 [rows, k] or None) per block."""
         with ThreadPoolExecutor(max_workers=self.threads) as pool:
             blocks = self._symmetric() if self.plan.symmetric else self._chunked()
             for state in blocks:
+                if self.rank_counter is not None:
+                    self.rank_counter.settle()
                 yield (state.start, *self._certify(state, pool))
 
     # --- candidate pass -------------------------------------------------------------------
@@ -262,6 +276,10 @@ class Search:
                     block, states[i].thresholds(weights, tile_weight[j])[:, None])
                 states[i].add(rows, cols + c, scores)
                 states[i].maybe_prune(self.k, weights, weights)
+                if self.rank_counter is not None:
+                    self.rank_counter.count(block, a, c, tile_weight[j])
+                    if i != j:
+                        self.rank_counter.count(block, c, a, tile_weight[i], transposed=True)
                 if i != j:
                     # The transposed tile: its columns are rows of block j.
                     rows, cols, scores = _filter(
@@ -295,6 +313,8 @@ class Search:
                     block, state.thresholds(self.queries.weights, weight)[:, None])
                 state.add(rows, cols + c, scores)
                 state.maybe_prune(self.k, self.queries.weights, self.gallery.weights)
+                if self.rank_counter is not None:
+                    self.rank_counter.count(block, a, c, weight)
             yield state
 
     # --- certification ----------------------------------------------------------------------

@@ -176,7 +176,7 @@ def iter_nearest_neighbors(
 
 def exact_search_for(queries, k, gallery=None, metric="euclidean",
                      memory_budget_bytes=DEFAULT_MEMORY_BUDGET_BYTES, num_threads=None,
-                     precision="auto", codes=None):
+                     precision="auto", codes=None, rank_counter=None):
     """The validated `exact_search.Search` behind `iter_nearest_neighbors`.
 
     Args:
@@ -185,6 +185,8 @@ def exact_search_for(queries, k, gallery=None, metric="euclidean",
         codes: None, or (query_codes, gallery_codes): rankings need only be exact up to the
             order of neighbours of the same kind (same code as the query or not), and no
             scores are computed (what Recall@K and MAP@R need).
+        rank_counter: None, or a `positive_rank.RankCounter` fed by the search (gallery=None
+            only): the exact rank of each row's nearest positive, for Recall@K of any K.
 
     Returns:
         `exact_search.Search`; iterating yields (start, ids, float64 scores or None).
@@ -193,7 +195,8 @@ def exact_search_for(queries, k, gallery=None, metric="euclidean",
     k = _check_k(k, len(queries) if self_search else len(gallery), self_search)
     return exact_search.Search(queries, None if self_search else gallery, k, metric,
                                _check_budget(memory_budget_bytes), precision,
-                               resolve_threads(num_threads), codes)
+                               resolve_threads(num_threads), codes,
+                               rank_counter=rank_counter)
 
 
 def _with_distances(search, metric):

@@ -29,6 +29,7 @@ import numpy as np
 from absl import logging
 
 from dvml_tf.evaluation import knn
+from dvml_tf.evaluation import positive_rank
 
 DEFAULT_RECALL_KS = (1, 2, 4, 8)
 
@@ -329,7 +330,7 @@ class RetrievalSums:
         self.excluded = 0  # queries with R = 0
         self.ap_sum, self.ap_count = 0.0, 0
 
-    def add(self, query_codes, neighbor_codes, num_relevant):
+    def add(self, query_codes, neighbor_codes, num_relevant, positive_rank=None):
         """Adds a chunk of queries.
 
         Args:
@@ -338,6 +339,9 @@ class RetrievalSums:
                 itself excluded; -1 where a search returned fewer than m neighbours). A K > m
                 counts the m available neighbours; m >= max(num_relevant) for MAP@R.
             num_relevant: int [q], R of each query (gallery rows of its class, itself excluded).
+            positive_rank: optional int [q], the exact 0-based rank of each query's nearest
+                positive in the whole ranking (`positive_rank.RankCounter`); Recall@K then
+                comes from it for every K, and `neighbor_codes` serves MAP@R only.
         """
         relevant = np.asarray(num_relevant)
         # Paper §4.1 is silent: queries without a possible positive are left out of Recall@K
@@ -352,8 +356,12 @@ class RetrievalSums:
         if width > matches.shape[1]:
             # Fewer neighbours than R (a gallery nearly all of one class): the rest are misses.
             matches = np.pad(matches, ((0, 0), (0, width - matches.shape[1])))
-        ks = np.minimum(np.asarray(self.recall_ks), matches.shape[1])
-        first = _first_hit_rank(matches)
+        if positive_rank is None:
+            ks = np.minimum(np.asarray(self.recall_ks), matches.shape[1])
+            first = _first_hit_rank(matches)
+        else:
+            ks = np.asarray(self.recall_ks)
+            first = np.asarray(positive_rank)[valid]
         self.hits += np.count_nonzero(first[:, None] < ks[None, :], axis=0)
         self.num_queries += matches.shape[0]
         if self.compute_map:
@@ -519,15 +527,23 @@ def _retrieval_metrics(embeddings, codes, class_sizes, recall_ks, metric, comput
     # R = 0 for the images of single-image classes: left out (see RetrievalSums).
     num_relevant = class_sizes[codes] - 1
     k = neighbours_needed(recall_ks, num_relevant, compute_map, num - 1)
+    counter = None
+    list_k = neighbours_needed((1,), num_relevant, compute_map, num - 1)
+    if k > list_k:
+        # Recall@K for a K beyond what MAP@R needs comes from the exact rank of each query's
+        # nearest positive: one count per row instead of a list of K candidates per row.
+        counter = positive_rank.RankCounter(codes, budget, knn.resolve_threads(None))
+        k = list_k
     sums = RetrievalSums(recall_ks, compute_map)
     # The metrics see only which neighbours share the query's class, so the search leaves the
     # order among neighbours of one kind uncertified (see exact_search).
     for start, ids, _ in knn.exact_search_for(
         embeddings, k, metric=metric, memory_budget_bytes=budget, precision=precision,
-        codes=(codes, codes),
+        codes=(codes, codes), rank_counter=counter,
     ):
         stop = start + ids.shape[0]
-        sums.add(codes[start:stop], codes[ids], num_relevant[start:stop])
+        sums.add(codes[start:stop], codes[ids], num_relevant[start:stop],
+                 None if counter is None else counter.ranks[start:stop])
     return sums.result()
 
 
