@@ -17,10 +17,11 @@ Work plan:
    j. Blocks are finished in order, so results still stream out chunk by chunk. The per-row
    state of the blocks not yet finished is the price: about (k + 32) entries of 12 bytes
    (int32 row, int32 column, float32 score) per row, up to 2x between prunings; for 60,502
-   rows that is 68 MB at k = 12 (R@1 + MAP@R on SOP) and 1.5 GB at k = 1001 (R@1000). When it
-   exceeds half the memory budget, blocks of query rows (a tile's worth, fewer if the budget is
-   small) are searched one after the other against the whole gallery instead (the full
-   product, no reuse).
+   rows that is 68 MB at k = 12 (R@1 + MAP@R on SOP) and 1.5 GB at k = 1001 (a list of 1,000
+   neighbours per row; Recall@1000 does not need one: `positive_rank` counts each row's rank
+   of its nearest positive during this pass instead). When it exceeds half the memory budget,
+   blocks of query rows (a tile's worth, fewer if the budget is small) are searched one after
+   the other against the whole gallery instead (the full product, no reuse).
 3. Certification. Per row, the candidates are sorted by lower bound and split into groups of
    overlapping intervals: the order between groups is proven. Groups that reach the first k
    positions and hold several members (or, for reported distances, every such group) are

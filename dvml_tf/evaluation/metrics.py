@@ -430,6 +430,9 @@ def evaluate_embeddings(
     still never finds itself); R counts the gallery rows of the query's class. The neighbour
     search streams over blocks of queries (`knn.exact_search_for`), so only
     the memory budget's scratch memory is used and the [N, K] neighbour table is never stored.
+    Without `is_query` / `is_gallery`, a K beyond what MAP@R needs is scored from the exact
+    rank of each query's nearest positive (`positive_rank`), counted during the same search,
+    so that R@1000 costs about what R@1 does.
 
     Args:
         embeddings: float array [N, D].
