@@ -330,7 +330,7 @@ class RetrievalSums:
         self.excluded = 0  # queries with R = 0
         self.ap_sum, self.ap_count = 0.0, 0
 
-    def add(self, query_codes, neighbor_codes, num_relevant, positive_rank=None):
+    def add(self, query_codes, neighbor_codes, num_relevant, first_positive_rank=None):
         """Adds a chunk of queries.
 
         Args:
@@ -339,7 +339,7 @@ class RetrievalSums:
                 itself excluded; -1 where a search returned fewer than m neighbours). A K > m
                 counts the m available neighbours; m >= max(num_relevant) for MAP@R.
             num_relevant: int [q], R of each query (gallery rows of its class, itself excluded).
-            positive_rank: optional int [q], the exact 0-based rank of each query's nearest
+            first_positive_rank: optional int [q], the exact 0-based rank of each query's nearest
                 positive in the whole ranking (`positive_rank.RankCounter`); Recall@K then
                 comes from it for every K, and `neighbor_codes` serves MAP@R only.
         """
@@ -356,12 +356,12 @@ class RetrievalSums:
         if width > matches.shape[1]:
             # Fewer neighbours than R (a gallery nearly all of one class): the rest are misses.
             matches = np.pad(matches, ((0, 0), (0, width - matches.shape[1])))
-        if positive_rank is None:
+        if first_positive_rank is None:
             ks = np.minimum(np.asarray(self.recall_ks), matches.shape[1])
             first = _first_hit_rank(matches)
         else:
             ks = np.asarray(self.recall_ks)
-            first = np.asarray(positive_rank)[valid]
+            first = np.asarray(first_positive_rank)[valid]
         self.hits += np.count_nonzero(first[:, None] < ks[None, :], axis=0)
         self.num_queries += matches.shape[0]
         if self.compute_map:
