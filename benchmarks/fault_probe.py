@@ -32,7 +32,8 @@ Each case ends in one outcome:
 
 The JSON holds, per case: its id, the issue's item, what it does, the commands run, the outcome,
 the reason for it, the tool's one-line message (its ``<tool>.py: ...`` line, else its last stderr
-line) and the seconds it took; and the counts per outcome, which the script also prints.
+line), each command's peak RSS and the seconds it took; and the counts per outcome, which the
+script also prints.
 """
 
 import argparse
@@ -301,10 +302,20 @@ def chunk_files(output):
         staging) else []
 
 
-def index_files(output):
-    """The files an index's index.json lists, with their digests (what a search reads)."""
-    with open(os.path.join(output, "index.json")) as f:
-        return json.load(f)["files"]
+def same_index(output, reference):
+    """Whether two flat indexes hold the same rows: the same ids, labels and metadata (their
+    digests in index.json) and the same vectors up to float rounding (the SavedModel's results
+    differ by about 1e-7 between batch sizes; another model's or another image's, by far more).
+    """
+    files = []
+    for folder in (output, reference):
+        with open(os.path.join(folder, "index.json")) as f:
+            files.append({k: v for k, v in json.load(f)["files"].items()
+                          if k != "flat_vectors.npy"})
+    vectors = [np.load(os.path.join(folder, "flat_vectors.npy")) for folder in (output,
+                                                                                 reference)]
+    return files[0] == files[1] and vectors[0].shape == vectors[1].shape and bool(
+        np.abs(vectors[0] - vectors[1]).max() < 1e-5)
 
 
 # --------------------------------------------------------------------------- file systems
@@ -561,7 +572,7 @@ def resume_with_the_same_weights(ws, tmp):
                                              "--checkpoint_images=4"))
 
     def check():
-        if result.code == 0 and index_files(output) != index_files(ws.index):
+        if result.code == 0 and not same_index(output, ws.index):
             return "corruption", "the resumed index differs from an uninterrupted build"
         if "Resuming: 8 of 15" not in result.stderr:
             return "unclear", "the build did not resume from its checkpoints"
@@ -623,7 +634,7 @@ def resume_after_a_corrupt_checkpoint(ws, tmp):
                                              "--checkpoint_images=4"))
     return [result], *outcome_of(result, "index.py", "ok", check=lambda: (
         "corruption", "the index differs from an uninterrupted build") if result.code == 0 and (
-            index_files(output) != index_files(ws.index)) else None)
+            not same_index(output, ws.index)) else None)
 
 
 @case(2, "a killed build resumed after an image of its first checkpoint was replaced")
@@ -640,7 +651,7 @@ def resume_after_an_image_changed(ws, tmp):
     reference = ws.build(os.path.join(tmp, "J"), "--batch_size=2", manifest=manifest)
     return [result], *outcome_of(result, "index.py", "ok", check=lambda: (
         "corruption", "the index holds the old image's embedding") if result.code == 0 and (
-            index_files(output) != index_files(reference)) else None)
+            not same_index(output, reference)) else None)
 
 
 # --------------------------------------------------------------------------- item 3: bombs
@@ -1284,6 +1295,7 @@ def main():
                                    .replace(_HOOKED, "<slowed builder>")
                                    .replace(_LIMITED, "<fallback>") for r in results],
                       "message": results[-1].message() if results else "",
+                      "peak_rss_mb": [round(r.peak_mb) for r in results],
                       "seconds": round(time.monotonic() - began, 1)}
             record["message"] = record["message"].replace(root, "TMP")
             record["reason"] = record["reason"].replace(root, "TMP")
