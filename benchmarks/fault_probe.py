@@ -518,7 +518,7 @@ def outcome_of(result, tool, expect, words=(), accepted="unclear", check=None):
     line = result.message(tool)
     if not line.startswith((f"{tool}: error: ", f"{tool}: terminated")):
         return "unclear", f"exit {result.code} without a '{tool}: error:' line"
-    missing = [w for w in words if w not in line]
+    missing = [w for w in words if w.lower() not in line.lower()]
     if missing:
         return "unclear", f"the error line does not name {missing}"
     return checked or ("clear", f"exit {result.code}, one line naming {list(words)}")
@@ -841,15 +841,17 @@ def overwrite_on_a_full_disk(ws, tmp):
 @case(6, "evaluate.py --output_json on a full disk")
 def output_json_on_a_full_disk(ws, tmp):
     return _on_full_disk(ws, tmp, None, lambda disk, copy: disk.argv(
-        "evaluate.py", f"--saved_model={ws.versions[0]}", "--noclustering",
-        f"--output_json={disk.path}/metrics.json"), "evaluate.py")
+        "evaluate.py", f"--saved_model={ws.versions[0]}", "--dataset=csv",
+        f"--data_dir={ws.manifest}", "--noclustering", f"--output_json={disk.path}/metrics.json"),
+        "evaluate.py")
 
 
 @case(6, "evaluate.py --calibrate (writes the export's report) on a full disk")
 def calibrate_on_a_full_disk(ws, tmp):
     ws.versions  # noqa: B018
     return _on_full_disk(ws, tmp, ws.path("E"), lambda disk, copy: disk.argv(
-        "evaluate.py", f"--saved_model={copy}/saved_model/1", "--noclustering", "--calibrate"),
+        "evaluate.py", f"--saved_model={copy}/saved_model/1", "--dataset=csv",
+        f"--data_dir={ws.manifest}", "--noclustering", "--calibrate"),
         "evaluate.py")
 
 
@@ -1014,8 +1016,8 @@ def query_with_a_comma(ws, tmp):
 @case(7, "evaluate.py --output_json in a folder that cannot be made (under /proc, as root)")
 def output_json_parent_not_creatable(ws, tmp):
     target = "/proc/dvml_probe/metrics.json"
-    result = run("evaluate.py", f"--saved_model={ws.versions[0]}", "--noclustering",
-                 f"--output_json={target}")
+    result = run("evaluate.py", f"--saved_model={ws.versions[0]}", "--dataset=csv",
+                 f"--data_dir={ws.manifest}", "--noclustering", f"--output_json={target}")
     return [result], *outcome_of(result, "evaluate.py", "error", ("--output_json", target),
                                  check=lambda: ("unclear", "it evaluated first") if "R@1" in
                                  result.stdout else None)
@@ -1300,7 +1302,8 @@ def main():
             record["message"] = record["message"].replace(root, "TMP")
             record["reason"] = record["reason"].replace(root, "TMP")
             records.append(record)
-            print(f"{outcome:10s} {name}: {reason.replace(root, 'TMP')}", flush=True)
+            print(f"{outcome:10s} {name}: {record['reason']}\n{'':10s} {record['message']}",
+                  flush=True)
     finally:
         if not args.work_dir:
             shutil.rmtree(root, ignore_errors=True)
