@@ -3,15 +3,16 @@ outcome classified by explicit rules.
 
     python benchmarks/fault_probe.py                  # every case; writes results/fault_probe.json
     python benchmarks/fault_probe.py --items=1,7      # the cases of some of the issue's items
-    python benchmarks/fault_probe.py --work_dir=/tmp/probe   # keep the generated files
+    python benchmarks/fault_probe.py --work_dir=PROBE   # keep the generated files
 
 Everything runs in a temporary folder: a tiny generated catalogue (PNGs and a CSV manifest), a
 5-step `train.py` run on it, `export.py` exports, `index.py` builds, and the faults themselves:
 real SIGKILL and SIGTERM sent to running builds and training runs, a real small tmpfs filled to
 its last byte and read-only bind mounts (when this process may mount; else the documented
 fallbacks of tests/faults.py: the file size limit RLIMIT_FSIZE for a full disk, and EROFS
-injected at os.open for a read-only folder), decompression bombs, odd CSV manifests, names that
-are not UTF-8, a damaged TFDS dataset, a pickled array planted in an index. A build that must be
+injected at os.open for a read-only folder; DVML_TEST_NO_MOUNT=1 forces them), decompression
+bombs, odd CSV manifests, names that are not UTF-8, a damaged TFDS dataset, a pickled array
+planted in an index. A build that must be
 signalled mid-way is slowed (a pause in each SavedModel call) so that the signal lands between
 two of its checkpoints.
 
@@ -40,25 +41,26 @@ import argparse
 import collections
 import contextlib
 import csv
-import errno
 import hashlib
 import json
 import os
 import shutil
 import signal
-import struct
 import subprocess
 import sys
 import tempfile
 import textwrap
 import threading
 import time
-import zlib
 
 import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
+sys.path.insert(0, ROOT)
+from tests import faults  # noqa: E402  (the full disk of the fault tests)
+from tests.data.oversized import png_bomb  # noqa: E402
+
 RESULTS = os.path.join(HERE, "results", "fault_probe.json")
 OUTCOMES = ("correct", "clear", "unclear", "traceback", "hang", "corruption", "security")
 ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": "",
@@ -95,23 +97,19 @@ _HOOKED = textwrap.dedent("""
     runner.run_embed_bytes = hooked
     runpy.run_path(sys.argv[0], run_name="__main__")
 """)
-# The fallbacks where mounting is not allowed (see tests/faults.py): argv[1] is "fsize" (writes
-# fail with EFBIG once the modules are imported) or "erofs:<folder>" (writes into the folder
-# fail with EROFS at os.open); argv[2:] is the script and its flags.
-_LIMITED = textwrap.dedent("""
-    import errno, os, resource, runpy, sys
-    import dvml_tf, tensorflow  # noqa: F401  (they write temporary files while importing)
-    mode = sys.argv[1]
-    if mode == "fsize":
-        resource.setrlimit(resource.RLIMIT_FSIZE, (0, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
-    else:
-        folder, original = mode.split(":", 1)[1], os.open
-        def refusing(file, flags, *args, **kwargs):
-            if flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT) and os.path.abspath(
-                    os.fspath(file)).startswith(folder + os.sep):
-                raise OSError(errno.EROFS, os.strerror(errno.EROFS), os.fspath(file))
-            return original(file, flags, *args, **kwargs)
-        os.open = refusing
+# Where mounting is not allowed, a read-only folder is the fallback of tests/faults.py: writes
+# into the folder argv[1] fail with EROFS at os.open; argv[2:] is the script and its flags.
+_READ_ONLY_FALLBACK = textwrap.dedent("""
+    import errno, os, runpy, sys
+    folder, original = sys.argv[1], os.open
+
+    def refusing(file, flags, *args, **kwargs):
+        if flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT) and os.path.abspath(
+                os.fspath(file)).startswith(folder + os.sep):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), os.fspath(file))
+        return original(file, flags, *args, **kwargs)
+
+    os.open = refusing
     sys.argv = sys.argv[2:]
     runpy.run_path(sys.argv[0], run_name="__main__")
 """)
@@ -190,7 +188,12 @@ class Running:
 
     def finish(self, timeout=TIMEOUT):
         """Waits for the command (killing its process group at `timeout`); returns a Result."""
-        self._waiter.join(timeout)
+        try:
+            self._waiter.join(timeout)
+        except BaseException:  # Ctrl-C of the probe: leave no command of it running
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            raise
         hung = self._waiter.is_alive()
         if hung:
             with contextlib.suppress(ProcessLookupError):
@@ -229,23 +232,6 @@ def wait_until(condition, running, timeout=TIMEOUT):
 
 
 # --------------------------------------------------------------------------- generated data
-
-def _png_chunk(kind, body):
-    return (struct.pack(">I", len(body)) + kind + body
-            + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF))
-
-
-def png_bomb(width=20000, height=20000):
-    """A 1-bit PNG of one colour: 49 kB on disk, 1.2 GB once decoded to RGB."""
-    row = b"\x00" + bytes((width + 7) // 8)
-    compressor = zlib.compressobj(6)
-    parts = [compressor.compress(row * min(256, height - start))
-             for start in range(0, height, 256)]
-    parts.append(compressor.flush())
-    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", header)
-            + _png_chunk(b"IDAT", b"".join(parts)) + _png_chunk(b"IEND", b""))
-
 
 def write_catalogue(root, class_splits=CLASS_SPLITS, per_class=PER_CLASS, seed=0):
     """Class-structured 20 x 20 PNGs under root/img and root/manifest.csv; returns the path."""
@@ -320,59 +306,8 @@ def same_index(output, reference):
 
 # --------------------------------------------------------------------------- file systems
 
-class SmallDisk:
-    """A folder on a small tmpfs (or, where mounting is refused, a plain folder whose commands
-    run under RLIMIT_FSIZE = 0) whose free space `fill` takes away.
-
-    Args:
-        path: the mount point (created).
-        size: bytes of the tmpfs.
-    """
-
-    def __init__(self, path, size=64 << 20):
-        self.path = path
-        os.makedirs(path, exist_ok=True)
-        self.mounted = _mount("-t", "tmpfs", "-o", f"size={size}", "tmpfs", path)
-        self.kind = "tmpfs" if self.mounted else "RLIMIT_FSIZE"
-        DISK_KINDS.add(self.kind)
-        self.full = False
-
-    def fill(self):
-        self.full = True
-        if not self.mounted:
-            return
-        fd = os.open(os.path.join(self.path, ".filler"), os.O_WRONLY | os.O_CREAT | os.O_APPEND)
-        try:
-            block = 1 << 20
-            while block:
-                try:
-                    os.write(fd, b"\0" * block)
-                except OSError as error:
-                    if error.errno != errno.ENOSPC:
-                        raise
-                    block //= 2
-        finally:
-            os.close(fd)
-
-    def free(self):
-        self.full = False
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(os.path.join(self.path, ".filler"))
-
-    def argv(self, script, *args):
-        """The command running `script` so that it finds this disk full."""
-        if self.full and not self.mounted:
-            return [sys.executable, "-c", _LIMITED, "fsize", script, *args]
-        return [sys.executable, script, *args]
-
-    def close(self):
-        self.free()
-        if self.mounted:
-            subprocess.run(["umount", "-l", self.path], capture_output=True, check=False)
-
-
 def _mount(*args):
-    if os.geteuid() != 0:
+    if os.geteuid() != 0 or os.environ.get(faults.NO_MOUNT):  # DVML_TEST_NO_MOUNT=1: fallbacks
         return False
     try:
         return subprocess.run(["mount", *args], capture_output=True, timeout=60).returncode == 0
@@ -383,7 +318,8 @@ def _mount(*args):
 @contextlib.contextmanager
 def read_only(folder):
     """Yields a function making the command line of a script that finds `folder` read-only:
-    a read-only bind mount where allowed, else EROFS injected at os.open (see _LIMITED)."""
+    a read-only bind mount where allowed, else EROFS injected at os.open
+    (_READ_ONLY_FALLBACK)."""
     folder = os.path.abspath(folder)
     if _mount("--bind", folder, folder):
         try:
@@ -392,7 +328,7 @@ def read_only(folder):
                 return
         finally:
             subprocess.run(["umount", "-l", folder], capture_output=True, check=False)
-    yield lambda script, *args: [sys.executable, "-c", _LIMITED, f"erofs:{folder}", script,
+    yield lambda script, *args: [sys.executable, "-c", _READ_ONLY_FALLBACK, folder, script,
                                  *args]
 
 
@@ -787,32 +723,30 @@ def _on_full_disk(ws, tmp, copy_from, run_argv, tool, keep_skip=()):
     """Copies `copy_from` onto a small disk, fills it, runs the command made by
     run_argv(disk, copy) and checks that nothing on the disk changed (no file left behind):
     the refusal must name the disk's folder and the reason."""
-    disk = SmallDisk(os.path.join(tmp, "disk"))
-    try:
+    with faults.full_disk(os.path.join(tmp, "disk")) as disk:
+        DISK_KINDS.add(disk.kind)
         copy = os.path.join(disk.path, os.path.basename(copy_from)) if copy_from else None
         if copy:
             shutil.copytree(copy_from, copy)
         before = digests(disk.path, skip=keep_skip)
-        disk.fill()
+        disk.fill(in_process=False)
         result = Running(run_argv(disk, copy)).finish()
         disk.free()
         after = digests(disk.path, skip=keep_skip)
 
-        def check():
-            changed = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
-            if changed:
-                return "corruption", f"{disk.kind}: left or changed {changed[:4]}"
-            return None
-        reason = "no space left" if disk.mounted else "file too large"
-        return [result], *outcome_of(result, tool, "error", (disk.path, reason), check=check)
-    finally:
-        disk.close()
+    def check():
+        changed = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
+        if changed:
+            return "corruption", f"{disk.kind}: left or changed {changed[:4]}"
+        return None
+    reason = "no space left" if disk.mounted else "file too large"
+    return [result], *outcome_of(result, tool, "error", (disk.path, reason), check=check)
 
 
 @case(6, "train.py resumed into a run folder on a full disk")
 def train_on_a_full_disk(ws, tmp):
     ws.versions  # noqa: B018
-    return _on_full_disk(ws, tmp, ws.path("R"), lambda disk, copy: disk.argv(
+    return _on_full_disk(ws, tmp, ws.path("R"), lambda disk, copy: disk.command(
         "train.py", *TRAIN_FLAGS, f"--data_dir={ws.manifest}", "--steps=12",
         "--checkpoint_every=12", "--log_every=12", f"--model_dir={copy}"), "train.py",
         keep_skip=("R/logs",))
@@ -821,26 +755,26 @@ def train_on_a_full_disk(ws, tmp):
 @case(6, "export.py into an export folder on a full disk")
 def export_on_a_full_disk(ws, tmp):
     ws.versions  # noqa: B018
-    return _on_full_disk(ws, tmp, ws.path("E"), lambda disk, copy: disk.argv(
+    return _on_full_disk(ws, tmp, ws.path("E"), lambda disk, copy: disk.command(
         "export.py", f"--model_dir={ws.path('R')}", f"--export_dir={copy}", "--skip_litert"),
         "export.py")
 
 
 @case(6, "index.py build into a folder on a full disk")
 def build_on_a_full_disk(ws, tmp):
-    return _on_full_disk(ws, tmp, None, lambda disk, copy: disk.argv(
+    return _on_full_disk(ws, tmp, None, lambda disk, copy: disk.command(
         "index.py", *ws.build_flags(os.path.join(disk.path, "I"))), "index.py")
 
 
 @case(6, "index.py build --overwrite of an index on a full disk")
 def overwrite_on_a_full_disk(ws, tmp):
-    return _on_full_disk(ws, tmp, ws.index, lambda disk, copy: disk.argv(
+    return _on_full_disk(ws, tmp, ws.index, lambda disk, copy: disk.command(
         "index.py", *ws.build_flags(copy, 0, None, "--overwrite")), "index.py")
 
 
 @case(6, "evaluate.py --output_json on a full disk")
 def output_json_on_a_full_disk(ws, tmp):
-    return _on_full_disk(ws, tmp, None, lambda disk, copy: disk.argv(
+    return _on_full_disk(ws, tmp, None, lambda disk, copy: disk.command(
         "evaluate.py", f"--saved_model={ws.versions[0]}", "--dataset=csv",
         f"--data_dir={ws.manifest}", "--noclustering", f"--output_json={disk.path}/metrics.json"),
         "evaluate.py")
@@ -849,7 +783,7 @@ def output_json_on_a_full_disk(ws, tmp):
 @case(6, "evaluate.py --calibrate (writes the export's report) on a full disk")
 def calibrate_on_a_full_disk(ws, tmp):
     ws.versions  # noqa: B018
-    return _on_full_disk(ws, tmp, ws.path("E"), lambda disk, copy: disk.argv(
+    return _on_full_disk(ws, tmp, ws.path("E"), lambda disk, copy: disk.command(
         "evaluate.py", f"--saved_model={copy}/saved_model/1", "--dataset=csv",
         f"--data_dir={ws.manifest}", "--noclustering", "--calibrate"),
         "evaluate.py")
@@ -1295,7 +1229,9 @@ def main():
                       "commands": [" ".join(os.path.relpath(a, root) if a.startswith(root)
                                             else a for a in r.argv[1:])
                                    .replace(_HOOKED, "<slowed builder>")
-                                   .replace(_LIMITED, "<fallback>") for r in results],
+                                   .replace(_READ_ONLY_FALLBACK, "<read-only fallback>")
+                                   .replace(faults._LIMITED, "<full-disk fallback>")
+                                   for r in results],
                       "message": results[-1].message() if results else "",
                       "peak_rss_mb": [round(r.peak_mb) for r in results],
                       "seconds": round(time.monotonic() - began, 1)}
@@ -1311,7 +1247,6 @@ def main():
     summary = {name: counts.get(name, 0) for name in OUTCOMES}
     print(json.dumps(summary))
     if output:
-        sys.path.insert(0, ROOT)
         from dvml_tf.utils import atomic
 
         atomic.write_json(output, {
