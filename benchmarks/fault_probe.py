@@ -898,30 +898,35 @@ def non_finite_flags(ws, tmp):
     return results, *(worst[0] if worst else ("clear", "each refused naming its flag"))
 
 
-@case(7, "export.py of a run whose model.keras is truncated")
-def truncated_model_keras(ws, tmp):
-    ws.versions  # noqa: B018
+def _export_a_damaged_run(ws, tmp, damage):
+    """export.py of a copy of R after damage(copy)."""
+    ws.versions  # noqa: B018  (R is trained)
     run_dir = os.path.join(tmp, "R")
     shutil.copytree(ws.path("R"), run_dir)
-    path = os.path.join(run_dir, "model.keras")
-    with open(path, "r+b") as f:
-        f.truncate(os.path.getsize(path) // 2)
-    result = run("export.py", f"--model_dir={run_dir}", f"--export_dir={tmp}/E", "--skip_litert")
+    damage(run_dir)
+    return run("export.py", f"--model_dir={run_dir}", f"--export_dir={tmp}/E", "--skip_litert")
+
+
+@case(7, "export.py of a run whose model.keras is truncated")
+def truncated_model_keras(ws, tmp):
+    def damage(run_dir):
+        path = os.path.join(run_dir, "model.keras")
+        with open(path, "r+b") as f:
+            f.truncate(os.path.getsize(path) // 2)
+    result = _export_a_damaged_run(ws, tmp, damage)
     return [result], *outcome_of(result, "export.py", "error", ("model.keras", "truncated"))
 
 
 @case(7, "export.py of a run whose config.json says embedding_dim 16 and model.keras has 8")
 def model_keras_config_mismatch(ws, tmp):
-    ws.versions  # noqa: B018
-    run_dir = os.path.join(tmp, "R")
-    shutil.copytree(ws.path("R"), run_dir)
-    path = os.path.join(run_dir, "config.json")
-    with open(path) as f:
-        config = json.load(f)
-    config["embedding_dim"] = 16
-    with open(path, "w") as f:
-        json.dump(config, f)
-    result = run("export.py", f"--model_dir={run_dir}", f"--export_dir={tmp}/E", "--skip_litert")
+    def damage(run_dir):
+        path = os.path.join(run_dir, "config.json")
+        with open(path) as f:
+            config = json.load(f)
+        config["embedding_dim"] = 16
+        with open(path, "w") as f:
+            json.dump(config, f)
+    result = _export_a_damaged_run(ws, tmp, damage)
     return [result], *outcome_of(result, "export.py", "error", ("embedding_dim", "config.json"),
                                  accepted="corruption")
 
