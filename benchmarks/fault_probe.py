@@ -277,6 +277,11 @@ def flip_byte(path, offset=-3):
         f.write(bytes([byte[0] ^ 0xFF]))
 
 
+def truncate_half(path):
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2)
+
+
 def staging_path(output):
     parent, name = os.path.split(os.path.abspath(output))
     return os.path.join(parent, f".{name}.staging")
@@ -909,11 +914,8 @@ def _export_a_damaged_run(ws, tmp, damage):
 
 @case(7, "export.py of a run whose model.keras is truncated")
 def truncated_model_keras(ws, tmp):
-    def damage(run_dir):
-        path = os.path.join(run_dir, "model.keras")
-        with open(path, "r+b") as f:
-            f.truncate(os.path.getsize(path) // 2)
-    result = _export_a_damaged_run(ws, tmp, damage)
+    result = _export_a_damaged_run(ws, tmp, lambda run_dir: truncate_half(
+        os.path.join(run_dir, "model.keras")))
     return [result], *outcome_of(result, "export.py", "error", ("model.keras", "truncated"))
 
 
@@ -1018,11 +1020,8 @@ def tfds_corrupt_dataset_info(ws, tmp):
 
 @case(7, "train.py on a prepared TFDS dataset whose train tfrecord is truncated")
 def tfds_truncated_tfrecord(ws, tmp):
-    def damage(version):
-        path = os.path.join(version, "omniglot-train.tfrecord-00000-of-00001")
-        with open(path, "r+b") as f:
-            f.truncate(os.path.getsize(path) // 2)
-    return _tfds_case(ws, tmp, damage)
+    return _tfds_case(ws, tmp, lambda version: truncate_half(
+        os.path.join(version, "omniglot-train.tfrecord-00000-of-00001")))
 
 
 @case(7, "SIGTERM to index.py build after its first checkpoint; then the same command again")
