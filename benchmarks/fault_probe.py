@@ -801,6 +801,7 @@ def _read_only(ws, tmp, folder, make_argv, tool, words):
     before = digests(folder)
     with read_only(folder) as argv:
         result = Running(make_argv(argv)).finish()
+    words = (*words, "read-only file system")
     return [result], *outcome_of(result, tool, "error", words, check=lambda: (
         "corruption", "the folder changed") if digests(folder) != before else None)
 
