@@ -290,9 +290,13 @@ def staging_path(output):
 
 
 def chunk_files(output):
-    staging = staging_path(output)
-    return sorted(n for n in os.listdir(staging) if n.endswith(".npy")) if os.path.isdir(
-        staging) else []
+    """The checkpoints of a build that its progress.json lists (a chunk file is written first,
+    then listed: a kill in between leaves a file that a resume embeds again)."""
+    try:
+        with open(os.path.join(staging_path(output), "progress.json")) as f:
+            return [chunk["file"] for chunk in json.load(f)["chunks"]]
+    except (OSError, ValueError, KeyError, TypeError):  # not yet written, or mid-replace
+        return []
 
 
 def same_index(output, reference):
@@ -519,7 +523,8 @@ def resume_with_the_same_weights(ws, tmp):
             return "corruption", "the resumed index differs from an uninterrupted build"
         resumed = re.search(r"Resuming: (\d+) of 15 images", result.stderr)
         if not resumed or int(resumed.group(1)) < 8:  # 2 or more 4-image checkpoints kept
-            return "unclear", "the build did not resume from its checkpoints"
+            said = [line for line in result.stderr.splitlines() if line.startswith(("W", "E"))]
+            return "unclear", f"the build did not resume from its checkpoints: {said[:3]}"
         return None
     return [result], *outcome_of(result, "index.py", "ok", check=check)
 
