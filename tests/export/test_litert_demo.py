@@ -130,3 +130,27 @@ def test_images_above_the_pixel_limit_are_refused_from_their_header(export_dir, 
     assert result.returncode == 1 and result.stderr.strip() == (
         f"{tmp_path}/retrieval.tflite does not exist: export without --skip_litert (export.py "
         "writes the LiteRT models next to the SavedModel).")
+
+
+class _Payload:
+    """Unpickling it creates the file `marker`."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_a_pickled_npy_is_refused_unrun(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("litert_demo", DEMO)
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    marker = tmp_path / "payload_ran"
+    np.save(tmp_path / "query.npy", np.array([_Payload(str(marker))], dtype=object),
+            allow_pickle=True)
+    with pytest.raises(SystemExit, match=r"query\.npy: not a numeric \.npy array \("):
+        demo.load_image(str(tmp_path / "query.npy"), 16, 16)
+    assert not marker.exists()
