@@ -17,6 +17,7 @@ from dvml_tf.export import litert
 from dvml_tf.export import retrieval
 from dvml_tf.testing import synthetic_data
 from dvml_tf.training.config import TrainConfig
+from tests import faults
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DEMO = os.path.join(ROOT, "examples", "litert_retrieval.py")
@@ -132,16 +133,6 @@ def test_images_above_the_pixel_limit_are_refused_from_their_header(export_dir, 
         "writes the LiteRT models next to the SavedModel).")
 
 
-class _Payload:
-    """Unpickling it creates the file `marker`."""
-
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (open, (self.marker, "w"))
-
-
 def test_a_pickled_npy_is_refused_unrun(tmp_path):
     import importlib.util
 
@@ -149,7 +140,7 @@ def test_a_pickled_npy_is_refused_unrun(tmp_path):
     demo = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(demo)
     marker = tmp_path / "payload_ran"
-    np.save(tmp_path / "query.npy", np.array([_Payload(str(marker))], dtype=object),
+    np.save(tmp_path / "query.npy", np.array([faults.PickledPayload(marker)], dtype=object),
             allow_pickle=True)
     with pytest.raises(SystemExit, match=r"query\.npy: not a numeric \.npy array \("):
         demo.load_image(str(tmp_path / "query.npy"), 16, 16)

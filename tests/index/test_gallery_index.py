@@ -20,6 +20,7 @@ from dvml_tf.index import PAD_STR_ID
 from dvml_tf.index import GalleryIndex
 from dvml_tf.index import contract_from_report
 from dvml_tf.index import storage
+from tests import faults
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 BACKENDS = ("flat", "hnsw", "ivf_pq")
@@ -445,16 +446,6 @@ def test_load_rejects_missing_corrupt_and_foreign_folders(tmp_path):
     assert os.listdir(tmp_path / "photos") == ["cat.jpg"]
 
 
-class _Payload:
-    """Unpickling it creates the file `marker`: what a planted pickle could run."""
-
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (open, (self.marker, "w"))
-
-
 def test_planted_files_with_matching_digests_are_refused_and_never_run(tmp_path):
     # Whoever can write the folder can also rewrite index.json's digests: the checks below
     # must hold on their own. A pickled object array in place of ids.npy (np.load would run
@@ -464,7 +455,7 @@ def test_planted_files_with_matching_digests_are_refused_and_never_run(tmp_path)
     marker = tmp_path / "payload_ran"
     ids = (path / "ids.npy").read_bytes()
     count = len(np.load(path / "ids.npy"))
-    np.save(path / "ids.npy", np.array([_Payload(str(marker))] * count, dtype=object),
+    np.save(path / "ids.npy", np.array([faults.PickledPayload(marker)] * count, dtype=object),
             allow_pickle=True)
     planted = storage.file_digest(path / "ids.npy")
     (path / "index.json").write_text(json.dumps(
