@@ -46,7 +46,10 @@ def load_image(path, height, width, max_pixels=DEFAULT_MAX_PIXELS):
     """A uint8 [1, height, width, 3] RGB array from an image file or a .npy array; an image
     above `max_pixels` (width x height, read from its header) is refused before decoding."""
     if path.endswith(".npy"):
-        image = np.load(path, mmap_mode="r")  # the header first: no pixel is read yet
+        try:  # the header only: no pixel is read yet; never a pickle (it could run code)
+            image = np.load(path, mmap_mode="r", allow_pickle=False)
+        except ValueError as error:
+            raise SystemExit(f"{path}: not a numeric .npy array ({error}).") from None
         if image.ndim >= 2 and image.shape[0] * image.shape[1] > max_pixels:
             raise _too_large(path, image.shape[1], image.shape[0], max_pixels)
         image = np.asarray(image)

@@ -167,3 +167,18 @@ def read_only(path, monkeypatch):
     with monkeypatch.context() as patch:
         patch.setattr(os, "open", refusing)
         yield errno.EROFS
+
+
+class PickledPayload:
+    """Unpickling it creates the file `marker`: what a planted pickle could run (a test saves
+    an object array of these and checks that the marker never appears).
+
+    Args:
+        marker: the path of the file to create.
+    """
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))

@@ -235,3 +235,65 @@ def test_default_run_summary_only_rewrites_the_summary_and_keeps_every_recorded_
     assert summary["default_beats_nodvml_by_rule"] is False
     assert summary["default"]["recall@1_mean"] == pytest.approx(0.865)
     assert "the default beats --nodvml by the rule: no" in proc.stdout
+
+
+# ---------------------------------------------------------------------------- fault_probe.py
+
+def _probe_result(fault_probe, code=1, stderr="", hung=False):
+    return fault_probe.Result([sys.executable, "index.py"], code, "", stderr, 1.0, 100.0, hung)
+
+
+def test_fault_probe_classifies_each_shape_of_outcome_by_its_rules():
+    fault_probe = _load_script("fault_probe")
+
+    def outcome(expect="error", words=("--k",), accepted="unclear", check=None, **result):
+        return fault_probe.outcome_of(_probe_result(fault_probe, **result), "index.py", expect,
+                                      words, accepted, check)[0]
+
+    noise = "WARNING: All log messages before absl::InitializeLog() is called\n"
+    line = "index.py: error: --k must be >= 1; got 0.\n"
+    assert outcome(stderr=noise + line) == "clear"
+    assert outcome(stderr=noise + line, words=("--batch_size",)) == "unclear"  # not named
+    assert outcome(stderr="ValueError: bad value\n") == "unclear"  # not the tool's own line
+    assert outcome(stderr="Traceback (most recent call last):\n  ...\n" + line) == "traceback"
+    assert outcome(stderr=line, hung=True) == "hang"
+    assert outcome(code=0) == "unclear"
+    assert outcome(code=0, accepted="corruption") == "corruption"  # a silent acceptance
+    assert outcome(code=0, expect="ok") == "correct"
+    assert outcome(code=2, expect="ok", stderr=line) == "unclear"
+    assert outcome(code=0, expect="ok", check=lambda: ("unclear", "wrong answer")) == "unclear"
+    # A failed digest or a payload that ran wins over a clear-looking exit.
+    assert outcome(stderr=line, check=lambda: ("corruption", "changed")) == "corruption"
+    assert outcome(code=0, expect="ok", check=lambda: ("security", "ran")) == "security"
+
+
+def test_fault_probe_runner_measures_exit_code_memory_and_hangs(tmp_path):
+    fault_probe = _load_script("fault_probe")
+    small = fault_probe.run("-c", "import sys; sys.exit(3)", env=dict(os.environ))
+    assert (small.code, small.hung) == (3, False)
+    large = fault_probe.run("-c", "b = bytearray(300 << 20); b[::4096] = b'x' * len(b[::4096])",
+                            env=dict(os.environ))
+    assert large.code == 0 and large.peak_mb > small.peak_mb + 250, (small.peak_mb,
+                                                                      large.peak_mb)
+    started = fault_probe.Running([sys.executable, "-c", "import time; time.sleep(60)"],
+                                  env=dict(os.environ))
+    hung = started.finish(timeout=1)
+    assert hung.hung and hung.seconds < 30 and hung.code == -9
+
+
+def test_fault_probe_reference_metrics_agree_with_the_library():
+    import numpy as np
+
+    from dvml_tf.evaluation import metrics
+
+    fault_probe = _load_script("fault_probe")
+    rng = np.random.default_rng(0)
+    labels = np.array([0, 0, 0, 1, 1, 2, 3, 3, 3, 3, 4])  # classes 2 and 4: a single image
+    vectors = rng.normal(size=(len(labels), 6)) + 0.8 * rng.normal(size=(5, 6))[labels]
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    reference = fault_probe._reference_metrics(vectors, labels)
+    ours = metrics.evaluate_embeddings(vectors, labels, (1,), metric="cosine",
+                                       compute_clustering=False)
+    assert reference["excluded"] == 2
+    assert reference["recall@1"] == pytest.approx(ours["recall@1"], abs=1e-6)
+    assert reference["map@r"] == pytest.approx(ours["map@r"], abs=1e-6)

@@ -17,6 +17,7 @@ from dvml_tf.export import litert
 from dvml_tf.export import retrieval
 from dvml_tf.testing import synthetic_data
 from dvml_tf.training.config import TrainConfig
+from tests import faults
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DEMO = os.path.join(ROOT, "examples", "litert_retrieval.py")
@@ -130,3 +131,17 @@ def test_images_above_the_pixel_limit_are_refused_from_their_header(export_dir, 
     assert result.returncode == 1 and result.stderr.strip() == (
         f"{tmp_path}/retrieval.tflite does not exist: export without --skip_litert (export.py "
         "writes the LiteRT models next to the SavedModel).")
+
+
+def test_a_pickled_npy_is_refused_unrun(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("litert_demo", DEMO)
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    marker = tmp_path / "payload_ran"
+    np.save(tmp_path / "query.npy", np.array([faults.PickledPayload(marker)], dtype=object),
+            allow_pickle=True)
+    with pytest.raises(SystemExit, match=r"query\.npy: not a numeric \.npy array \("):
+        demo.load_image(str(tmp_path / "query.npy"), 16, 16)
+    assert not marker.exists()

@@ -4,6 +4,7 @@ ANN recall, bad inputs, and saves that race or fail half-way (with real processe
 import json
 import os
 import pathlib
+import re
 import signal
 import subprocess
 import sys
@@ -19,6 +20,7 @@ from dvml_tf.index import PAD_STR_ID
 from dvml_tf.index import GalleryIndex
 from dvml_tf.index import contract_from_report
 from dvml_tf.index import storage
+from tests import faults
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 BACKENDS = ("flat", "hnsw", "ivf_pq")
@@ -457,6 +459,35 @@ def test_load_rejects_missing_corrupt_and_foreign_folders(tmp_path):
     with pytest.raises(ValueError, match=r"Refusing to replace .*photos"):
         index.save(tmp_path / "photos")
     assert os.listdir(tmp_path / "photos") == ["cat.jpg"]
+
+
+def test_planted_files_with_matching_digests_are_refused_and_never_run(tmp_path):
+    # Whoever can write the folder can also rewrite index.json's digests: the checks below
+    # must hold on their own. A pickled object array in place of ids.npy (np.load would run
+    # it with allow_pickle=True), and file names that point outside the folder.
+    path = pathlib.Path(build("flat").save(tmp_path / "g"))
+    header = json.loads((path / "index.json").read_text())
+    marker = tmp_path / "payload_ran"
+    ids = (path / "ids.npy").read_bytes()
+    count = len(np.load(path / "ids.npy"))
+    np.save(path / "ids.npy", np.array([faults.PickledPayload(marker)] * count, dtype=object),
+            allow_pickle=True)
+    planted = storage.file_digest(path / "ids.npy")
+    (path / "index.json").write_text(json.dumps(
+        {**header, "files": {**header["files"], "ids.npy": planted}}))
+    with pytest.raises(ValueError, match=r"ids\.npy is corrupt: Object arrays cannot be loaded "
+                                         "when allow_pickle=False"):
+        GalleryIndex.load(path)
+    assert not marker.exists()
+    (path / "ids.npy").write_bytes(ids)
+    (tmp_path / "secret").write_text("not the index's")
+    for name in ("../secret", str(tmp_path / "secret"), ".."):
+        (path / "index.json").write_text(json.dumps(
+            {**header, "files": {**header["files"], name: storage.file_digest(
+                tmp_path / "secret")}}))
+        with pytest.raises(ValueError, match=rf"index\.json is corrupt: file name "
+                                             rf"{re.escape(repr(name))}\."):
+            GalleryIndex.load(path)
 
 
 # ------------------------------------------------------------- saves that fail or race

@@ -155,6 +155,11 @@ def test_check_writable_tries_the_write_root_passes_permissions(tmp_path):
     # A folder name longer than the file system allows.
     with pytest.raises(ValueError, match=r"Cannot write .*: File name too long"):
         atomic.check_writable(tmp_path / ("x" * 300) / "m.json")
+    # /proc, whose permission bits root passes (os.access says writable), makes no folder.
+    with pytest.raises((ValueError, PermissionError),
+                       match=r"Cannot write /proc/dvml_check/m\.json: .*(/proc/dvml_check\)|"
+                             r"/proc is not writable)"):
+        atomic.check_writable("/proc/dvml_check/m.json")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # nothing left behind
     # Where the write works, the folders it needs are made.
     atomic.check_writable(tmp_path / "a" / "b" / "m.json")
