@@ -189,6 +189,7 @@ def test_train_and_evaluate_on_a_manifest_with_query_and_gallery_rows(files, tmp
     trainer.Trainer(config, verbose=False).run()
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     metrics.pop("dvml_diagnostics", None)
+    assert metrics.pop("excluded_queries") == 0  # every query has a same-class gallery image
     # 4 queries (two per test class) search a gallery of 4 (rows 1 and 2 of each class); row 1
     # is both and never finds itself, so every query has one or two same-class gallery images.
     assert set(metrics) == {"nmi", "f1", "recall@1", "recall@2", "map@r"}
