@@ -139,7 +139,8 @@ class Result:
         code: its exit code (negative: killed by that signal).
         stdout, stderr: its output, as text.
         seconds: wall time.
-        peak_mb: its own peak resident memory.
+        peak_mb: its own peak resident memory (ru_maxrss; on Linux it starts from the
+            probe's own high-water mark, which is why the probe never imports TensorFlow).
         hung: True when it was killed at its timeout.
     """
 
