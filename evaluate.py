@@ -35,6 +35,7 @@ from dvml_tf.evaluation import metrics as metrics_lib
 from dvml_tf.evaluation import runner
 from dvml_tf.training import flags as flags_lib
 from dvml_tf.utils import atomic
+from dvml_tf.utils import write_errors
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model_dir", None, "A run folder written by train.py.")
@@ -110,7 +111,12 @@ def main(argv):
                     if catalog.has_query_gallery else f"{len(embedded.labels)} images")
         print(runner.metrics_table(metrics, title=f"{FLAGS.split} split, {protocol}, "
                                    f"{embedded.metric} distance"))
-        record = dict(metrics)
+        excluded = metrics_lib.queries_without_positive(embedded.labels, catalog.is_query,
+                                                        catalog.is_gallery)
+        if excluded:
+            print(f"({excluded} of {int(queries.sum())} queries have no other image of their "
+                  "class in the gallery and are left out of Recall@K and MAP@R.)")
+        record = {**metrics, "excluded_queries": excluded}
         if FLAGS.index:
             from dvml_tf.index import evaluation as index_evaluation  # faiss only when asked
 
@@ -158,7 +164,8 @@ def main(argv):
                                       images=thumbnails, class_names=embedded.catalog.class_names)
             print(f"wrote projector files to {FLAGS.projector} "
                   f"(tensorboard --logdir {FLAGS.projector}, or projector.tensorflow.org)")
-    except (ValueError, FileNotFoundError, ImportError, PermissionError, TimeoutError) as error:
+    except (ValueError, FileNotFoundError, ImportError, PermissionError, TimeoutError,
+            write_errors.WriteFailedError) as error:
         sys.exit(f"evaluate.py: error: {error}")
 
 

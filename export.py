@@ -26,6 +26,7 @@ from dvml_tf.export import exporter
 from dvml_tf.export import layout
 from dvml_tf.export import verify
 from dvml_tf.utils import atomic
+from dvml_tf.utils import write_errors
 
 FLAGS = flags.FLAGS
 
@@ -44,6 +45,11 @@ flags.DEFINE_integer(
 flags.DEFINE_string(
     "data_dir", None, "TFDS data dir or image folder (default: the run's; TFDS_DATA_DIR works)."
 )
+flags.DEFINE_integer(
+    "max_image_pixels", None,
+    "embed_bytes refuses images larger than this (width x height, read from the header) "
+    "before decoding them; default: the run's --max_image_pixels (67108864 = 8192 x 8192).",
+)
 flags.DEFINE_boolean(
     "verify", False,
     "Measure the export against the Keras model (parity, LiteRT Recall@1) into "
@@ -56,7 +62,11 @@ def main(argv):
     if len(argv) > 1:
         sys.exit(f"export.py: error: unexpected arguments: {' '.join(argv[1:])}")
     try:
-        # Fail on the folder before spending time on loading.
+        # Fail on the flags and the folder before spending time on loading.
+        for name in ("top_k", "int8_calibration_images", "max_image_pixels"):
+            value = FLAGS[name].value
+            if value is not None and value < 1:
+                raise ValueError(f"--{name} must be >= 1; got {value}.")
         exporter.resolve_version(os.path.abspath(FLAGS.export_dir), FLAGS.version,
                                  FLAGS.overwrite)
         run = task.load_run(FLAGS.model_dir)
@@ -76,8 +86,10 @@ def main(argv):
             litert_models=not FLAGS.skip_litert,
             calibration_images=FLAGS.int8_calibration_images,
             source=run.source,
+            max_image_pixels=FLAGS.max_image_pixels,
         )
-    except (FileNotFoundError, FileExistsError, ValueError, PermissionError) as error:
+    except (FileNotFoundError, FileExistsError, ValueError, PermissionError,
+            write_errors.WriteFailedError) as error:
         # A clear one-line error instead of a traceback for what the user can fix.
         logging.error("%s", error)
         sys.exit(f"export.py: error: {error}")
@@ -87,8 +99,11 @@ def main(argv):
     if FLAGS.verify:
         figures = verify.verify_export(result.export_dir, run.model, run.config, raw_splits,
                                        split=FLAGS.gallery_split)
-        atomic.write_json(os.path.join(result.export_dir, layout.VERIFICATION_FILE), figures)
         print(json.dumps({key: figures[key] for key in figures if key != "bounds"}, indent=2))
+        try:
+            atomic.write_json(os.path.join(result.export_dir, layout.VERIFICATION_FILE), figures)
+        except write_errors.WriteFailedError as error:
+            sys.exit(f"export.py: error: {error}")
         failed = [name for name, ok in figures["checks"].items() if not ok]
         if failed:
             sys.exit(f"export.py: verification failed: {', '.join(failed)} (see "

@@ -23,7 +23,10 @@ settings of the ANN backends on the same build (HNSW ef_search, IVF-PQ nprobe x 
 `--work_dir=DIR --reuse` keeps the data, exact neighbours and indexes of a run and reuses them
 in the next one with the same settings (a 1M HNSW graph takes half an hour to build).
 
-Results go to benchmarks/results/ann_scale.json and a Markdown table is printed.
+Results go to benchmarks/results/ann_scale.json for the full-scale settings (the defaults of
+--num, --queries and --dim), to benchmarks/results/ann_scale_<num>x<dim>_<queries>q.json for any
+other size (so a quick run never overwrites the committed 1M results), or to --output; a
+Markdown table is printed.
 
 Full scale (about an hour on 2 cores shared with other jobs, whose load then sets the wall-clock
 p99; HNSW alone on an idle machine took 10 minutes, build included):
@@ -31,7 +34,8 @@ p99; HNSW alone on an idle machine took 10 minutes, build included):
     python benchmarks/ann_scale.py
     python benchmarks/ann_scale.py --backends=hnsw --output=benchmarks/results/ann_scale_idle.json
 
-Quick run:
+Quick run (its results go to ann_scale_20000x512_200q.json in benchmarks/results/, not to the
+committed ann_scale.json):
 
     python benchmarks/ann_scale.py --num=20000 --queries=200
 """
@@ -260,7 +264,18 @@ def machine_info():
     return info
 
 
-def main(argv=None):
+def default_output(args, parser):
+    """The results file when --output is not given: the committed one for the full-scale
+    settings only; any other size gets a file named after it."""
+    size = ("num", "queries", "dim")
+    if all(getattr(args, name) == parser.get_default(name) for name in size):
+        return RESULTS
+    return os.path.join(HERE, "results",
+                        f"ann_scale_{args.num}x{args.dim}_{args.queries}q.json")
+
+
+def make_parser():
+    """The command line of the benchmark (and of its worker processes)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--num", type=int, default=1_000_000, help="gallery rows")
     parser.add_argument("--queries", type=int, default=1000, help="held-out query rows")
@@ -286,13 +301,21 @@ def main(argv=None):
                         help="reuse the data, exact neighbours and indexes that an earlier run "
                              "with the same settings left in --work_dir (to tune search options "
                              "without rebuilding)")
-    parser.add_argument("--output", default=RESULTS)
+    parser.add_argument("--output", default=None,
+                        help="results file (default: results/ann_scale.json at full scale, "
+                             "results/ann_scale_<num>x<dim>_<queries>q.json otherwise)")
     parser.add_argument("--worker", choices=sorted(WORKERS), default=None, help=argparse.SUPPRESS)
     parser.add_argument("--data", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--backend", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--index_dir", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--options", default="{}", help=argparse.SUPPRESS)
+    return parser
+
+
+def main(argv=None):
+    parser = make_parser()
     args = parser.parse_args(argv)
+    args.output = args.output or default_output(args, parser)
     if args.worker:
         if args.latency_queries is None:
             args.latency_queries = 1 << 62  # all queries

@@ -1,30 +1,42 @@
-"""Evaluation at Stanford Online Products test scale: speed and peak memory.
+"""Evaluation at Stanford Online Products test scale: ours against pytorch-metric-learning.
 
 On synthetic, clustered 60,502 x 512 float32 embeddings with 11,316 classes of 2-12 samples
-(the SOP test split's size), this times
+(the SOP test split's size), one invocation times, each side in its own process (so that the
+peak RSS, VmHWM, of one does not hide the other's), alternating the sides over `--repeats`:
 
-* ours: `evaluate_embeddings(..., recall_ks=(1, 10, 100, 1000), compute_clustering=False)`,
-  i.e. R@1/10/100/1000 and MAP@R from the chunked exact kNN search;
-* a reference: a plain chunked numpy brute force written here, independent of dvml_tf
-  (squared distances per 2048-row chunk, query set to +inf, np.argpartition, sort, labels);
-* k-means with K = 11,316 clusters with the settings of `dvml_tf.evaluation.clustering`, and
-  the NMI and F1 of its clustering.
+* ours: `evaluate_embeddings(..., compute_clustering=False)` for `--ks` and MAP@R (exact
+  search, `dvml_tf.evaluation.exact_search`), with the time and GFLOP/s of its candidate pass;
+* peer: pytorch-metric-learning 2.9's AccuracyCalculator (precision_at_1 = Recall@1 and
+  mean_average_precision_at_r; its kNN is faiss's exact IndexFlatL2), run by `--peer_python`;
+* optionally (`--with_reference`) a plain chunked numpy brute force written here, independent
+  of dvml_tf, for every K;
+* optionally k-means with K = 11,316 (`--kmeans`; its NMI and F1).
 
-Each side runs in its own subprocess so that the peak RSS (VmHWM) of one does not hide the
-other's. Both sides must report the same metrics (to 1e-9). Results go to
-benchmarks/results/eval_scale.json and a Markdown table is printed.
+It records the CPU's flags, the load average around each run, a measured float32 GEMM peak
+(numpy sgemm of 4096^3, best of 3) and each side's achieved GFLOP/s (its matrix-product flops
+over its wall time), and checks that the shared metrics are identical (to 1e-12).
 
-Full scale (several minutes on 2 cores):
+The peer's virtual environment (torch's CPU wheel, pytorch-metric-learning, faiss):
 
-    python benchmarks/eval_scale.py
+    python3 -m venv /path/to/pml-venv
+    /path/to/pml-venv/bin/pip install TORCH_2_13_CPU_WHEEL pytorch-metric-learning==2.9.0 \
+        faiss-cpu==1.15.1 numpy==2.4.6
 
-Quick run:
+(TORCH_2_13_CPU_WHEEL: torch 2.13's CPU-only wheel file, or `torch==2.13.0` from your index.)
 
-    python benchmarks/eval_scale.py --num=5000
+Full scale (several minutes on 2 cores; writes benchmarks/results/eval_scale.json):
+
+    python benchmarks/eval_scale.py --peer_python=/path/to/pml-venv/bin/python --repeats=2
+
+A run of another size writes to a temporary file unless `--output` is given, so that quick
+runs never overwrite the committed results:
+
+    python benchmarks/eval_scale.py --num=5000 --peer_python=/path/to/pml-venv/bin/python
 """
 
 import argparse
 import json
+import math
 import os
 import resource
 import subprocess
@@ -79,7 +91,8 @@ def make_embeddings(num, num_classes, dim, seed, latent_dim=32, spread=0.75, noi
 
 
 def reference_retrieval(x, labels, ks, metric, chunk=2048):
-    """Plain chunked numpy brute force: R@K for each K and MAP@R (R >= 1 queries).
+    """Plain chunked numpy brute force: R@K for each K and MAP@R, both over the queries with
+    R >= 1 (the others have no possible positive: `metrics` leaves them out of both).
 
     Args:
         x: float32 [N, D].
@@ -109,15 +122,15 @@ def reference_retrieval(x, labels, ks, metric, chunk=2048):
         order = np.argsort(np.take_along_axis(d, idx, axis=1), axis=1, kind="stable")
         idx = np.take_along_axis(idx, order, axis=1)
         match = labels[idx] == labels[s:e, None]
-        for i, kk in enumerate(ks):
-            hits[i] += match[:, :kk].any(axis=1).sum()
         r = r_all[s:e]
+        for i, kk in enumerate(ks):
+            hits[i] += match[r > 0, :kk].any(axis=1).sum()
         rel = match[:, :max_r] & (np.arange(max_r)[None, :] < r[:, None])
         prec = np.cumsum(rel, axis=1) / np.arange(1, max_r + 1)
         ok = r > 0
         ap_sum += float(((prec * rel).sum(axis=1)[ok] / r[ok]).sum())
         ap_n += int(ok.sum())
-    out = {f"recall@{kk}": float(h / num) for kk, h in zip(ks, hits, strict=True)}
+    out = {f"recall@{kk}": float(h / ap_n) for kk, h in zip(ks, hits, strict=True)}
     out["map@r"] = ap_sum / ap_n
     return out
 
@@ -142,6 +155,63 @@ def current_rss_bytes():
     return 0
 
 
+def sgemm_peak_gflops(size=4096, repeats=3):
+    """Best float32 GEMM rate of numpy's BLAS on this machine: size^3, best of `repeats`."""
+    a = np.random.default_rng(0).standard_normal((size, size), dtype=np.float32)
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ a
+        best = min(best, time.perf_counter() - start)
+    return 2.0 * size**3 / best / 1e9
+
+
+def cpu_flags():
+    """CPU model and the flags that decide the product format."""
+    model, flags = "", set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name") and not model:
+                    model = line.split(":", 1)[1].strip()
+                if line.startswith("flags") and not flags:
+                    flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    wanted = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16", "avx512_vnni", "avx_vnni")
+    return {"model": model, **{flag: flag in flags for flag in wanted}}
+
+
+def peer_retrieval(x, labels):
+    """pytorch-metric-learning's AccuracyCalculator: Recall@1 and MAP@R (query = reference)."""
+    import torch
+    from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
+
+    calculator = AccuracyCalculator(
+        include=("precision_at_1", "mean_average_precision_at_r"), k="max_bin_count",
+        device=torch.device("cpu"))
+    result = calculator.get_accuracy(torch.from_numpy(x), torch.from_numpy(labels))
+    return {"recall@1": float(result["precision_at_1"]),
+            "map@r": float(result["mean_average_precision_at_r"])}
+
+
+def _timed_candidate_pass(score_bounds):
+    """Wraps score_bounds.candidate_block to add up its time and flops."""
+    totals = {"seconds": 0.0, "flops": 0.0, "calls": 0}
+    original = score_bounds.candidate_block
+
+    def timed(queries, gallery, query_rows, gallery_rows):
+        start = time.perf_counter()
+        block = original(queries, gallery, query_rows, gallery_rows)
+        totals["seconds"] += time.perf_counter() - start
+        totals["flops"] += 2.0 * block.shape[0] * block.shape[1] * queries.product_rows.shape[1]
+        totals["calls"] += 1
+        return block
+
+    score_bounds.candidate_block = timed
+    return totals
+
+
 def worker(args):
     """Runs one side in this (sub)process and prints its JSON result on the last line."""
     data = np.load(args.data)
@@ -153,13 +223,26 @@ def worker(args):
         sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         from dvml_tf.evaluation import clustering
         from dvml_tf.evaluation import metrics
+        from dvml_tf.evaluation import score_bounds
+
+        product = _timed_candidate_pass(score_bounds)
+    if args.worker == "peer":
+        import torch  # Imported before the clock starts, like ours.
+
+        torch.set_num_threads(os.cpu_count())
     rss_before = current_rss_bytes()
-    out = {}
+    out = {"load_before": os.getloadavg()}
     start = time.perf_counter()
     if args.worker == "ours":
         out["metrics"] = metrics.evaluate_embeddings(
-            x, labels, recall_ks=ks, metric=args.metric, compute_clustering=False
+            x, labels, recall_ks=ks, metric=args.metric, compute_clustering=False,
+            precision=args.precision,
         )
+        out["candidate_pass"] = dict(product)
+        out["product_flops"] = product["flops"]
+    elif args.worker == "peer":
+        out["metrics"] = peer_retrieval(x, labels)
+        out["product_flops"] = 2.0 * x.shape[0] ** 2 * x.shape[1]  # faiss's full product.
     elif args.worker == "reference":
         out["metrics"] = reference_retrieval(x, labels, ks, args.metric)
     elif args.worker == "kmeans":
@@ -175,15 +258,22 @@ def worker(args):
             "f1": metrics.pairwise_f1(model.labels_, labels),
         }
     out["seconds"] = time.perf_counter() - start
+    out["load_after"] = os.getloadavg()
+    if "product_flops" in out:
+        out["achieved_gflops"] = out["product_flops"] / out["seconds"] / 1e9
+    if "candidate_pass" in out and out["candidate_pass"]["seconds"]:
+        out["candidate_pass"]["gflops"] = (out["candidate_pass"]["flops"]
+                                           / out["candidate_pass"]["seconds"] / 1e9)
     out["peak_rss_bytes"] = peak_rss_bytes()
     out["rss_before_bytes"] = rss_before
     print(json.dumps(out))
 
 
-def run_side(name, data_path, args):
+def run_side(name, data_path, args, ks):
+    python = args.peer_python if name == "peer" else sys.executable
     cmd = [
-        sys.executable, os.path.abspath(__file__), f"--worker={name}", f"--data={data_path}",
-        f"--ks={args.ks}", f"--metric={args.metric}",
+        python, os.path.abspath(__file__), f"--worker={name}", f"--data={data_path}",
+        f"--ks={ks}", f"--metric={args.metric}", f"--precision={args.precision}",
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode:
@@ -197,52 +287,82 @@ def main(argv=None):
     parser.add_argument("--num_classes", type=int, default=None,
                         help="classes (default: num * 11316 / 60502, SOP's ratio)")
     parser.add_argument("--dim", type=int, default=512)
-    parser.add_argument("--ks", default="1,10,100,1000", help="recall Ks, comma-separated")
+    parser.add_argument("--ks", default="1,10,100,1000",
+                        help="recall Ks of our second run (the first is R@1 + MAP@R, the "
+                             "peer's metrics); empty: no second run")
     parser.add_argument("--metric", default="euclidean", choices=("euclidean", "cosine"))
+    parser.add_argument("--precision", default="auto", choices=("auto", "float32", "bfloat16"),
+                        help="product format of our candidate pass")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=1,
-                        help="timing repeats of ours and the reference (the best is kept)")
-    parser.add_argument("--skip_kmeans", action="store_true")
-    parser.add_argument("--output", default=RESULTS)
+                        help="alternating timing repeats of ours and the peer (the best is kept)")
+    parser.add_argument("--peer_python", default=None,
+                        help="python of a virtual environment with pytorch-metric-learning "
+                             "(see the module docstring); without it the peer is skipped")
+    parser.add_argument("--with_reference", action="store_true",
+                        help="also run the plain numpy brute force for every K")
+    parser.add_argument("--kmeans", action="store_true", help="also time k-means for NMI/F1")
+    parser.add_argument("--output", default=None,
+                        help="results file (default: benchmarks/results/eval_scale.json at "
+                             "full scale, a temporary file otherwise)")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--data", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         return worker(args)
+    if args.output is None:
+        full = args.num == SOP_TEST_SIZE and args.dim == 512 and args.metric == "euclidean"
+        args.output = RESULTS if full else os.path.join(tempfile.gettempdir(),
+                                                        f"eval_scale_{os.getpid()}.json")
 
     num_classes = args.num_classes or round(args.num * SOP_TEST_CLASSES / SOP_TEST_SIZE)
     x, labels = make_embeddings(args.num, num_classes, args.dim, args.seed)
     sizes = np.bincount(labels)
+    summary = {
+        "num": args.num, "dim": args.dim, "num_classes": int(num_classes),
+        "class_size_min_mean_max": [int(sizes.min()), float(sizes.mean()), int(sizes.max())],
+        "metric": args.metric, "precision": args.precision, "cpu_count": os.cpu_count(),
+        "cpu": cpu_flags(), "load_at_start": os.getloadavg(),
+        "sgemm_peak_gflops": sgemm_peak_gflops(),
+    }
     with tempfile.TemporaryDirectory() as tmp:
         data_path = os.path.join(tmp, "data.npz")
         np.savez(data_path, x=x, labels=labels)
+        names = ["ours", "peer"] if args.peer_python else ["ours"]
         sides = {}
-        # Alternate the two sides so that slow drifts of the machine hit both alike.
-        for _ in range(args.repeats):
-            for name in ("reference", "ours"):
-                result = run_side(name, data_path, args)
-                if name not in sides or result["seconds"] < sides[name]["seconds"]:
-                    sides[name] = result
-        if not args.skip_kmeans:
-            sides["kmeans"] = run_side("kmeans", data_path, args)
+        for repeat in range(args.repeats):
+            # Alternate the order so that slow drifts of a shared machine hit both alike.
+            for name in names if repeat % 2 == 0 else names[::-1]:
+                result = run_side(name, data_path, args, "1")
+                sides.setdefault(name, []).append(result)
+        if args.ks:
+            sides["ours_all_ks"] = [run_side("ours", data_path, args, args.ks)]
+        if args.with_reference:
+            sides["reference"] = [run_side("reference", data_path, args, args.ks or "1")]
+        if args.kmeans:
+            sides["kmeans"] = [run_side("kmeans", data_path, args, "1")]
 
-    ours, ref = sides["ours"], sides["reference"]
-    max_diff = max(abs(ours["metrics"][key] - ref["metrics"][key]) for key in ref["metrics"])
-    summary = {
-        "num": args.num,
-        "dim": args.dim,
-        "num_classes": int(num_classes),
-        "class_size_min_mean_max": [int(sizes.min()), float(sizes.mean()), int(sizes.max())],
-        "metric": args.metric,
-        "recall_ks": [int(k) for k in args.ks.split(",")],
-        "cpu_count": os.cpu_count(),
-        "ours": ours,
-        "reference": ref,
-        "time_ratio_ours_over_reference": ours["seconds"] / ref["seconds"],
-        "max_abs_metric_difference": max_diff,
-    }
-    if "kmeans" in sides:
-        summary["kmeans"] = sides["kmeans"]
+    for name, runs in sides.items():
+        summary[name] = min(runs, key=lambda r: r["seconds"])
+        summary[name]["all_seconds"] = [r["seconds"] for r in runs]
+    peak = summary["sgemm_peak_gflops"]
+    for name in ("ours", "peer", "ours_all_ks"):
+        if name in summary:
+            summary[name]["fraction_of_sgemm_peak"] = summary[name]["achieved_gflops"] / peak
+            if "candidate_pass" in summary[name]:
+                summary[name]["candidate_pass"]["fraction_of_sgemm_peak"] = (
+                    summary[name]["candidate_pass"]["gflops"] / peak)
+    checks = {}
+    if "peer" in summary:
+        ours, peer = summary["ours"]["metrics"], summary["peer"]["metrics"]
+        checks["max_abs_difference_ours_peer"] = max(abs(ours[k] - peer[k]) for k in peer)
+        summary["time_ratio_ours_over_peer"] = (summary["ours"]["seconds"]
+                                                / summary["peer"]["seconds"])
+    if "reference" in summary and "ours_all_ks" in summary:
+        ours, ref = summary["ours_all_ks"]["metrics"], summary["reference"]["metrics"]
+        checks["max_abs_difference_ours_reference"] = max(abs(ours[k] - ref[k]) for k in ref)
+    summary["checks"] = checks
+    summary["metrics_identical"] = all(value <= 1e-12 for value in checks.values())
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     tmp_out = f"{args.output}.tmp-{os.getpid()}"
     with open(tmp_out, "w") as f:
@@ -251,22 +371,20 @@ def main(argv=None):
 
     gb = 1e9
     print(f"\n{args.num} x {args.dim} float32, {num_classes} classes "
-          f"(sizes {sizes.min()}-{sizes.max()}, mean {sizes.mean():.2f}), metric={args.metric}\n")
-    print("| computation | time (s) | peak RSS (GB) | result |")
-    print("|---|---|---|---|")
-    fmt = ", ".join
-    for name in ("ours", "reference"):
-        side = sides[name]
-        print(f"| {name}: R@{args.ks.replace(',', '/')} + MAP@R | {side['seconds']:.1f} | "
-              f"{side['peak_rss_bytes'] / gb:.2f} | "
-              f"{fmt(f'{k}={v:.4f}' for k, v in side['metrics'].items())} |")
-    print(f"| ratio ours / reference | {summary['time_ratio_ours_over_reference']:.2f} | | "
-          f"max metric difference {max_diff:.1e} |")
-    if "kmeans" in sides:
-        km = sides["kmeans"]
-        print(f"| k-means K={num_classes} ({km['n_iter']} iterations) | {km['seconds_fit']:.1f} | "
-              f"{km['peak_rss_bytes'] / gb:.2f} | "
-              f"{fmt(f'{k}={v:.4f}' for k, v in km['metrics'].items())} |")
+          f"(sizes {sizes.min()}-{sizes.max()}, mean {sizes.mean():.2f}), metric={args.metric}; "
+          f"sgemm peak {peak:.0f} GFLOP/s\n")
+    print("| computation | time (s) | GFLOP/s (share of sgemm peak) | peak RSS (GB) | result |")
+    print("|---|---|---|---|---|")
+    for name in sides:
+        side = summary[name]
+        rate = (f"{side['achieved_gflops']:.0f} ({side['fraction_of_sgemm_peak']:.2f})"
+                if "achieved_gflops" in side else "")
+        result = ", ".join(f"{k}={v:.4f}" for k, v in side["metrics"].items())
+        print(f"| {name} | {side['seconds']:.1f} | {rate} | {side['peak_rss_bytes'] / gb:.2f} | "
+              f"{result} |")
+    if "time_ratio_ours_over_peer" in summary:
+        print(f"\nours / peer time: {summary['time_ratio_ours_over_peer']:.2f}; metrics "
+              f"identical: {summary['metrics_identical']} ({checks})")
     print(f"\nWritten to {args.output}")
     return summary
 

@@ -20,6 +20,7 @@ for model selection).
 import dataclasses
 import json
 import os
+import zipfile
 
 import keras
 import tensorflow as tf
@@ -117,6 +118,7 @@ def load_splits(config, raw=False, data_dir=None):
         validation_classes=config.validation_classes,
         seed=config.seed,
         raw=raw,
+        max_pixels=config.max_image_pixels,
     )
 
 
@@ -188,6 +190,32 @@ def load_config(model_dir):
         return TrainConfig.from_dict(json.load(f))
 
 
+def _load_model_file(path):
+    """Loads model.keras, telling a damaged file apart from a missing one (Keras says "File
+    not found" for both)."""
+    size = os.path.getsize(path)
+    advice = (f"Retrain, or restore the file; to export the latest checkpoint instead, move "
+              f"{path} aside.")
+    if not zipfile.is_zipfile(path):
+        raise ValueError(f"{path} is corrupt or truncated ({size} bytes, not a complete .keras "
+                         f"zip archive). {advice}")
+    try:
+        model = keras.saving.load_model(path, compile=False)
+    except (ValueError, KeyError, OSError, zipfile.BadZipFile, EOFError) as error:
+        raise ValueError(f"{path} is corrupt ({size} bytes): {error} {advice}") from None
+    if not isinstance(model, models.DVMLModel):
+        raise ValueError(f"{path} holds a {type(model).__name__}, not a DVMLModel.")
+    return model
+
+
+def _model_structure(model, config):
+    """(name, the model's value, the configuration's value) of what both describe."""
+    input_size = tuple(model.backbone.inputs[0].shape[1:3])
+    return [("embedding_dim", model.embedding_dim, config.embedding_dim),
+            ("dvml", model.use_dvml, config.dvml),
+            ("image_size", input_size, (config.image_size, config.image_size))]
+
+
 def load_run(model_dir, model_class=models.DVMLModel):
     """Loads the trained model of a run folder.
 
@@ -203,14 +231,23 @@ def load_run(model_dir, model_class=models.DVMLModel):
 
     Raises:
         FileNotFoundError: no config.json, or neither model.keras nor a checkpoint.
+        ValueError: a corrupt or truncated model.keras, or one that config.json does not
+            describe (another embedding size, DVML or not, another input size).
     """
     model_dir = os.fspath(model_dir)
     config = load_config(model_dir)
     model_path = os.path.join(model_dir, MODEL_FILE)
     if os.path.exists(model_path):
-        model = keras.saving.load_model(model_path, compile=False)
-        if not isinstance(model, models.DVMLModel):
-            raise ValueError(f"{model_path} holds a {type(model).__name__}, not a DVMLModel.")
+        model = _load_model_file(model_path)
+        mismatches = [f"{name}: {model_value} in {MODEL_FILE}, {config_value} in {CONFIG_FILE}"
+                      for name, model_value, config_value in _model_structure(model, config)
+                      if model_value != config_value]
+        if mismatches:
+            raise ValueError(
+                f"{model_path} does not match {os.path.join(model_dir, CONFIG_FILE)} "
+                f"({'; '.join(mismatches)}): the two files come from different runs. Put the "
+                "run's own model.keras back (or retrain), rather than export or evaluate a "
+                "model whose description is wrong.")
         return TrainedRun(config, model, model_path, model_dir)
     checkpoint_dir = os.path.join(model_dir, CHECKPOINT_DIR)
     latest = tf.train.latest_checkpoint(checkpoint_dir) if os.path.isdir(checkpoint_dir) else None

@@ -8,7 +8,8 @@
 `E` is a folder written by export.py. The query image is read with Pillow as RGB in the dataset's
 raw form (Omniglot: dark strokes on white, 105 x 105); an image of another size is resized with
 Pillow's bilinear filter first (close to, but not exactly, the loader's resize). A `.npy` file
-holding a uint8 [H, W, 3] array is used as is.
+holding a uint8 [H, W, 3] array is used as is. An image above --max_image_pixels (width x
+height, default 8192 x 8192) is refused from its header, before it is decoded.
 
 Query mode runs `retrieval.tflite` (gallery embeddings and labels inside) and prints the top
 results with their labels and the class names of `retrieval_gallery.json`; embed mode runs an
@@ -24,20 +25,47 @@ import argparse
 import json
 import os
 import sys
+import warnings
 
 import numpy as np
 from ai_edge_litert.interpreter import Interpreter
 from PIL import Image
 
 SIGNATURE = "serving_default"
+# dvml_tf.data.pixel_limit.DEFAULT_MAX_PIXELS (this demo does not import dvml_tf): the largest
+# image (width x height) decoded; a small file can decode to gigabytes.
+DEFAULT_MAX_PIXELS = 8192 * 8192
 
 
-def load_image(path, height, width):
-    """A uint8 [1, height, width, 3] RGB array from an image file or a .npy array."""
+def _too_large(path, width, height, max_pixels):
+    return SystemExit(f"{path}: {width} x {height} pixels, above the limit of {max_pixels} "
+                      "pixels (--max_image_pixels); downscale it first.")
+
+
+def load_image(path, height, width, max_pixels=DEFAULT_MAX_PIXELS):
+    """A uint8 [1, height, width, 3] RGB array from an image file or a .npy array; an image
+    above `max_pixels` (width x height, read from its header) is refused before decoding."""
     if path.endswith(".npy"):
-        image = np.load(path)
+        try:  # the header only: no pixel is read yet; never a pickle (it could run code)
+            image = np.load(path, mmap_mode="r", allow_pickle=False)
+        except ValueError as error:
+            raise SystemExit(f"{path}: not a numeric .npy array ({error}).") from None
+        if image.ndim >= 2 and image.shape[0] * image.shape[1] > max_pixels:
+            raise _too_large(path, image.shape[1], image.shape[0], max_pixels)
+        image = np.asarray(image)
     else:
-        with Image.open(path) as file:
+        # PIL's own guard refuses (at twice its limit) or warns first; ours says which flag.
+        Image.MAX_IMAGE_PIXELS = max_pixels
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                file = Image.open(path)
+        except Image.DecompressionBombError as error:  # its message gives the pixel count
+            raise SystemExit(f"{path}: {error} (--max_image_pixels={max_pixels}); downscale it "
+                             "first.") from None
+        with file:
+            if file.width * file.height > max_pixels:
+                raise _too_large(path, file.width, file.height, max_pixels)
             picture = file.convert("RGB")
             if picture.size != (width, height):
                 print(f"note: resizing {picture.size[0]}x{picture.size[1]} to {width}x{height}")
@@ -49,12 +77,15 @@ def load_image(path, height, width):
     return image[np.newaxis]
 
 
-def run(model_path, image_path):
+def run(model_path, image_path, max_pixels=DEFAULT_MAX_PIXELS):
     """Runs a LiteRT model's serving_default signature on one image; returns its outputs."""
+    if not os.path.isfile(model_path):
+        raise SystemExit(f"{model_path} does not exist: export without --skip_litert (export.py "
+                         "writes the LiteRT models next to the SavedModel).")
     interpreter = Interpreter(model_path=model_path)
     runner = interpreter.get_signature_runner(SIGNATURE)
     _, height, width, _ = runner.get_input_details()["images"]["shape"]
-    return runner(images=load_image(image_path, int(height), int(width)))
+    return runner(images=load_image(image_path, int(height), int(width), max_pixels))
 
 
 def _read_json(path):
@@ -91,11 +122,11 @@ def report_for(export_dir, file_name):
     return None, note + f", and version {version}'s report is gone."
 
 
-def query(export_dir, image_path, top):
+def query(export_dir, image_path, top, max_pixels=DEFAULT_MAX_PIXELS):
     _, note = report_for(export_dir, "retrieval.tflite")
     if note:
         print(note)
-    outputs = run(os.path.join(export_dir, "retrieval.tflite"), image_path)
+    outputs = run(os.path.join(export_dir, "retrieval.tflite"), image_path, max_pixels)
     with open(os.path.join(export_dir, "retrieval_gallery.json")) as f:
         gallery = json.load(f)
     names = gallery.get("class_names", {})
@@ -115,9 +146,9 @@ def query(export_dir, image_path, top):
     return indices, scores
 
 
-def embed(export_dir, image_path, model_name):
+def embed(export_dir, image_path, model_name, max_pixels=DEFAULT_MAX_PIXELS):
     path = os.path.join(export_dir, model_name)
-    embedding = run(path, image_path)["embedding"][0].astype(np.float64)
+    embedding = run(path, image_path, max_pixels)["embedding"][0].astype(np.float64)
     report, note = report_for(export_dir, model_name)
     if note:
         print(note)
@@ -146,11 +177,15 @@ def main(argv=None):
     parser.add_argument("--embed", action="store_true", help="print the embedding instead")
     parser.add_argument("--model", default="model.tflite", help="embedding model (--embed)")
     parser.add_argument("--top", type=int, default=5, help="results to print")
+    parser.add_argument("--max_image_pixels", type=int, default=DEFAULT_MAX_PIXELS,
+                        help="largest image decoded (width x height, read from its header)")
     args = parser.parse_args(argv)
+    if args.max_image_pixels < 1:
+        parser.error(f"--max_image_pixels must be >= 1; got {args.max_image_pixels}")
     if args.embed:
-        embed(args.export_dir, args.image, args.model)
+        embed(args.export_dir, args.image, args.model, args.max_image_pixels)
     else:
-        query(args.export_dir, args.image, args.top)
+        query(args.export_dir, args.image, args.top, args.max_image_pixels)
     return 0
 
 

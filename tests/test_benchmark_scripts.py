@@ -8,6 +8,7 @@ import pathlib
 import statistics
 import subprocess
 import sys
+import textwrap
 
 import pytest
 
@@ -20,6 +21,22 @@ def _load_script(name):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+# ---------------------------------------------------------------------------- eval_scale.py
+
+def test_eval_scale_reference_scores_the_queries_the_library_scores():
+    import numpy as np
+
+    from dvml_tf.evaluation import metrics
+
+    eval_scale = _load_script("eval_scale")
+    x, labels = eval_scale.make_embeddings(600, 120, 32, seed=0)
+    labels[:5] = labels.max() + 1 + np.arange(5)  # single-image classes: no possible positive
+    ks = (1, 10)
+    reference = eval_scale.reference_retrieval(x, labels, ks, "euclidean", chunk=128)
+    ours = metrics.evaluate_embeddings(x, labels, ks, compute_clustering=False)
+    assert reference == pytest.approx(ours, abs=1e-12)
 
 
 # ----------------------------------------------------------------------------- step_time.py
@@ -219,3 +236,80 @@ def test_default_run_summary_only_rewrites_the_summary_and_keeps_every_recorded_
     assert summary["default_beats_nodvml_by_rule"] is False
     assert summary["default"]["recall@1_mean"] == pytest.approx(0.865)
     assert "the default beats --nodvml by the rule: no" in proc.stdout
+
+
+# ---------------------------------------------------------------------------- fault_probe.py
+
+def _probe_result(fault_probe, code=1, stderr="", hung=False):
+    return fault_probe.Result([sys.executable, "index.py"], code, "", stderr, 1.0, 100.0, hung)
+
+
+def test_fault_probe_classifies_each_shape_of_outcome_by_its_rules():
+    fault_probe = _load_script("fault_probe")
+
+    def outcome(expect="error", words=("--k",), accepted="unclear", check=None, **result):
+        return fault_probe.outcome_of(_probe_result(fault_probe, **result), "index.py", expect,
+                                      words, accepted, check)[0]
+
+    noise = "WARNING: All log messages before absl::InitializeLog() is called\n"
+    line = "index.py: error: --k must be >= 1; got 0.\n"
+    assert outcome(stderr=noise + line) == "clear"
+    assert outcome(stderr=noise + line, words=("--batch_size",)) == "unclear"  # not named
+    assert outcome(stderr="ValueError: bad value\n") == "unclear"  # not the tool's own line
+    assert outcome(stderr="Traceback (most recent call last):\n  ...\n" + line) == "traceback"
+    assert outcome(stderr=line, hung=True) == "hang"
+    assert outcome(code=0) == "unclear"
+    assert outcome(code=0, accepted="corruption") == "corruption"  # a silent acceptance
+    assert outcome(code=0, expect="ok") == "correct"
+    assert outcome(code=2, expect="ok", stderr=line) == "unclear"
+    assert outcome(code=0, expect="ok", check=lambda: ("unclear", "wrong answer")) == "unclear"
+    # A failed digest or a payload that ran wins over a clear-looking exit.
+    assert outcome(stderr=line, check=lambda: ("corruption", "changed")) == "corruption"
+    assert outcome(code=0, expect="ok", check=lambda: ("security", "ran")) == "security"
+
+
+def test_fault_probe_runner_measures_exit_code_memory_and_hangs(tmp_path):
+    # The runner is checked from a fresh process, as the probe runs: on Linux a child's
+    # ru_maxrss starts from its parent's high-water mark (vfork shares the parent's memory until
+    # exec), so inside a test worker holding TensorFlow every command would seem as large.
+    check = textwrap.dedent(f"""
+        import json, os, sys
+        sys.path.insert(0, {str(ROOT)!r})
+        import importlib.util
+        spec = importlib.util.spec_from_file_location(
+            "fault_probe", {str(ROOT / "benchmarks" / "fault_probe.py")!r})
+        fault_probe = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(fault_probe)
+        small = fault_probe.run("-c", "import sys; sys.exit(3)", env=dict(os.environ))
+        large = fault_probe.run(
+            "-c", "b = bytearray(300 << 20); b[::4096] = b'x' * len(b[::4096])",
+            env=dict(os.environ))
+        started = fault_probe.Running([sys.executable, "-c", "import time; time.sleep(60)"],
+                                      env=dict(os.environ))
+        hung = started.finish(timeout=1)
+        print(json.dumps([[r.code, r.hung, r.peak_mb, r.seconds] for r in (small, large, hung)]))
+    """)
+    output = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True,
+                            cwd=tmp_path, timeout=300, check=True).stdout
+    small, large, hung = json.loads(output.splitlines()[-1])
+    assert small[:2] == [3, False]
+    assert large[0] == 0 and large[2] > small[2] + 250, (small, large)
+    assert hung[1] and hung[3] < 30 and hung[0] == -9
+
+
+def test_fault_probe_reference_metrics_agree_with_the_library():
+    import numpy as np
+
+    from dvml_tf.evaluation import metrics
+
+    fault_probe = _load_script("fault_probe")
+    rng = np.random.default_rng(0)
+    labels = np.array([0, 0, 0, 1, 1, 2, 3, 3, 3, 3, 4])  # classes 2 and 4: a single image
+    vectors = rng.normal(size=(len(labels), 6)) + 0.8 * rng.normal(size=(5, 6))[labels]
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    reference = fault_probe._reference_metrics(vectors, labels)
+    ours = metrics.evaluate_embeddings(vectors, labels, (1,), metric="cosine",
+                                       compute_clustering=False)
+    assert reference["excluded"] == 2
+    assert reference["recall@1"] == pytest.approx(ours["recall@1"], abs=1e-6)
+    assert reference["map@r"] == pytest.approx(ours["map@r"], abs=1e-6)

@@ -141,3 +141,42 @@ def test_unwritable_outputs_are_refused_before_evaluating(trained_folder_run, tm
     assert result.stderr.strip().splitlines()[-1] == (
         "evaluate.py: error: --recall_ks: expected comma-separated integers, got 'x' in '1,x'.")
     assert (tmp_path / "a_file").read_text() == "notes"
+
+
+def test_a_full_disk_is_a_one_line_error_that_changes_nothing(catalogue_export, tmp_path):
+    import shutil
+
+    from dvml_tf.export import layout
+    from tests import faults
+
+    with faults.full_disk(tmp_path / "disk") as disk:
+        export_dir = pathlib.Path(disk.path, "E")
+        shutil.copytree(catalogue_export.export_dir, export_dir)
+        output = pathlib.Path(disk.path, "metrics.json")
+        output.write_text('{"recall@1": 0.5}')
+        reports = [export_dir / layout.REPORT_FILE,
+                   export_dir / "saved_model" / "1" / layout.ASSETS_EXTRA_DIR / layout.REPORT_FILE]
+        before = [path.read_bytes() for path in reports]
+        disk.fill(in_process=False)
+        reason = ("no space left on device" if disk.mounted
+                  else "file too large for the file system")
+        data = [f"--saved_model={export_dir}", "--dataset=csv",
+                f"--data_dir={catalogue_export.manifest}", "--noclustering"]
+        for flags, folder, name in (([f"--output_json={output}"], disk.path, "metrics.json"),
+                                    (["--calibrate", "--precisions=0.5"], reports[1].parent,
+                                     layout.REPORT_FILE)):
+            result = subprocess.run(disk.command("evaluate.py", *data, *flags), cwd=ROOT,
+                                    env=ENV, capture_output=True, text=True, timeout=600)
+            assert result.returncode == 1 and "Traceback" not in result.stderr, flags
+            line = result.stderr.strip().splitlines()[-1]
+            assert line.startswith(f"evaluate.py: error: Cannot write {name} in {folder}: "
+                                   f"{reason}"), line
+            assert line.endswith("Nothing was half-written. To go on, free some space or choose "
+                                 "another folder." if disk.mounted
+                                 else "choose another folder or raise the limit."), line
+        # The earlier metrics and both reports are as they were; no temporary or lock file.
+        assert output.read_text() == '{"recall@1": 0.5}'
+        assert [path.read_bytes() for path in reports] == before
+        assert sorted(os.listdir(disk.path)) == sorted(
+            ["E", "metrics.json", *([".filler"] if disk.mounted else [])])
+        assert not [name for name in os.listdir(export_dir) if name.startswith(".")]

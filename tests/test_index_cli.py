@@ -213,22 +213,71 @@ def test_in_shop_evaluation_through_the_index_calibration_and_matches(catalogue_
         result.stderr)
 
 
-def test_an_index_refuses_queries_and_evaluation_by_another_model(catalogue_export, tmp_path):
-    result = index_py(*build_flags(catalogue_export, tmp_path / "I"))
-    assert result.returncode == 0, result.stderr[-3000:]
-    other = tmp_path / "other"
-    shutil.copytree(catalogue_export.export_dir, other)
-    version_dir = other / "saved_model" / "1"
-    report = layout.read_version_report(version_dir)
-    report["model"]["source"] = "another training run"  # another model, same architecture
-    layout.write_version_report(version_dir, report)
+def test_the_contract_follows_the_weights_through_retraining_reexport_and_resume(
+        catalogue_export, tmp_path):
+    """The issue's reproduction: a run trained, exported twice (the same weights as versions 1
+    and 2), retrained into the same folder and exported again (version 3); a build with version
+    1 killed after its first checkpoint cannot be resumed with version 3, resumes with version 2,
+    and the index refuses queries and evaluation by version 3."""
+    from dvml_tf.export import exporter
+    from dvml_tf.training import cli
+    from tests.index.catalogue import tiny_config
+
+    run_dir, export_dir, output = tmp_path / "R", tmp_path / "E", tmp_path / "I"
+
+    def train(steps):
+        config = tiny_config(catalogue_export.manifest, steps=steps, model_dir=str(run_dir),
+                             checkpoint_every=steps, log_every=steps)
+        cli.run(config)  # what train.py runs, in this process
+
+    train(2)
+    exports = [exporter.export_run(run_dir, export_dir, litert_models=False) for _ in range(2)]
+    train(4)  # more steps into the same run folder: other weights
+    exports.append(exporter.export_run(run_dir, export_dir, litert_models=False))
+    v1, v2, v3 = (str(result.saved_model_dir) for result in exports)
+    fingerprint = {v: builder.load_model(v)[2]["fingerprint"] for v in (v1, v2, v3)}
+    assert fingerprint[v1] == fingerprint[v2] != fingerprint[v3]
+
+    def build_with(version_dir):
+        return ["build", f"--saved_model={version_dir}", "--dataset=csv",
+                f"--data_dir={catalogue_export.manifest}", f"--output={output}",
+                "--batch_size=2", "--checkpoint_images=4"]
+
+    flag = tmp_path / "stalled"
+    stalling = subprocess.Popen([sys.executable, "-c", STALLING_BUILD, str(flag),
+                                 *build_with(v1)], cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(flag, stalling)
+    finally:
+        stalling.send_signal(signal.SIGKILL)
+        stalling.wait(timeout=60)
+    staging = builder.staging_path(output)
+    checkpoints = sorted(os.listdir(staging))
+    # Resuming with the retrained model is refused, naming both models and what to do.
+    refused = index_py(*build_with(v3))
+    assert refused.returncode != 0 and "Traceback" not in refused.stderr
+    line = refused.stderr.strip().splitlines()[-1]
+    assert line.startswith(f"index.py: error: {staging} holds the checkpoints of an interrupted "
+                           f"build with another model: fingerprint {fingerprint[v1]} ({v1}), "
+                           f"not {fingerprint[v3]} ({v3}); other weights"), line
+    assert f"--saved_model={v1}" in line and "--restart" in line
+    assert sorted(os.listdir(staging)) == checkpoints and not output.exists()
+    # The same weights under another version number resume the build.
+    resumed = index_py(*build_with(v2))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"Resuming: 4 of {3 * PER_CLASS} images are embedded already" in resumed.stderr
+    assert GalleryIndex.load(output).contract["fingerprint"] == fingerprint[v1]
+    # Searching or evaluating the index with the retrained model is refused.
     image = os.path.join(os.path.dirname(catalogue_export.manifest), "img", "c6_0.png")
-    result = index_py("search", f"--index={tmp_path}/I", f"--saved_model={version_dir}",
-                      f"--images={image}")
+    result = index_py("search", f"--index={output}", f"--saved_model={v3}", f"--images={image}")
     assert result.returncode != 0
-    assert "index.py: error: The queries come from another model" in result.stderr
-    result = run("evaluate.py", f"--saved_model={version_dir}", "--dataset=csv",
-                 f"--data_dir={catalogue_export.manifest}", f"--index={tmp_path}/I",
-                 "--noclustering")
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith("index.py: error: The queries come from another model than the one "
+                           f"this index was built with ({v2}): fingerprint {fingerprint[v3]} != "
+                           f"the index's {fingerprint[v1]} (other weights"), line
+    result = run("evaluate.py", f"--saved_model={v3}", "--dataset=csv",
+                        f"--data_dir={catalogue_export.manifest}", f"--index={output}",
+                        "--noclustering")
     assert result.returncode != 0
     assert "evaluate.py: error: The queries come from another model" in result.stderr

@@ -83,6 +83,32 @@ def test_no_trained_model_is_a_clear_error(run, tmp_path):
         task.load_run(empty)
 
 
+def test_a_truncated_model_keras_is_corrupt_not_missing(run, tmp_path):
+    model_dir, _, _, _ = run
+    copy = tmp_path / "run"
+    shutil.copytree(model_dir, copy)
+    data = (copy / "model.keras").read_bytes()
+    for size in (len(data) // 2, 0):
+        (copy / "model.keras").write_bytes(data[:size])
+        with pytest.raises(ValueError, match=rf"model\.keras is corrupt or truncated \({size} "
+                                             r"bytes, not a complete \.keras zip archive\)\. "
+                                             r"Retrain, or restore the file; to export the "
+                                             r"latest checkpoint instead, move .* aside\."):
+            task.load_run(copy)
+
+
+def test_a_model_keras_that_config_json_does_not_describe_is_refused(run, tmp_path):
+    model_dir, config, _, _ = run
+    copy = tmp_path / "run"
+    shutil.copytree(model_dir, copy)
+    (copy / "config.json").write_text(config.replace(embedding_dim=8).to_json())
+    with pytest.raises(ValueError, match=r"model\.keras does not match .*config\.json "
+                                         r"\(embedding_dim: 16 in model\.keras, 8 in "
+                                         r"config\.json\): the two files come from different "
+                                         r"runs"):
+        task.load_run(copy)
+
+
 def test_not_a_run_folder_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         task.load_run(tmp_path / "missing")

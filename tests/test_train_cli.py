@@ -5,6 +5,7 @@ import logging as std_logging
 import os
 import pathlib
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -67,6 +68,9 @@ def test_train_py_end_to_end_on_mocked_omniglot(tmp_path):
         assert run_main(*tiny_training_flags(run)) is None
     metrics = json.loads((run / "metrics.json").read_text())
     assert "active_units" in metrics.pop("dvml_diagnostics")  # a DVML run's diagnostics
+    # Mocked classes are random: a test class may hold a single image, a query left out.
+    excluded = metrics.pop("excluded_queries")
+    assert isinstance(excluded, int) and excluded >= 0
     assert set(metrics) == {"nmi", "f1", "recall@1", "recall@2", "recall@4", "recall@8", "map@r"}
     assert all(0.0 <= value <= 1.0 for value in metrics.values())
     config = json.loads((run / "config.json").read_text())
@@ -190,6 +194,23 @@ def test_a_model_dir_that_is_a_file_is_a_clear_error(tmp_path):
     assert (tmp_path / "taken").read_text() == "notes"
 
 
+def test_a_full_disk_is_a_one_line_error_that_leaves_nothing_behind(tmp_path):
+    from tests import faults
+
+    data = write_folder(tmp_path / "catalogue")
+    with faults.full_disk(tmp_path / "disk") as disk:
+        run = os.path.join(disk.path, "run")
+        disk.fill()
+        error = run_main(*SMALL_FOLDER_RUN, f"--data_dir={data}", f"--model_dir={run}",
+                         "--classes_per_batch=4")
+        reason = ("no space left on device" if disk.mounted
+                  else "file too large for the file system")
+        assert error.startswith(f"train.py: error: Cannot write config.json in {run}: {reason} ("
+                                ), error
+        assert "\n" not in error and "needed). Nothing was half-written." in error
+        assert os.listdir(run) == []  # no temporary file, no lock file
+
+
 def test_pretrained_weights_without_network_are_a_clear_error(tmp_path, monkeypatch):
     from tests.models.test_backbones import offline
 
@@ -224,6 +245,14 @@ def test_sigterm_saves_a_checkpoint_at_the_current_step_and_the_same_command_res
         while "step 4/100000" not in log_path.read_text():
             assert process.poll() is None and time.time() < deadline, log_path.read_text()[-3000:]
             time.sleep(0.05)
+        # A second run into the same folder is refused at once, naming the first.
+        second = subprocess.run(command(100000), cwd=ROOT, env=env, capture_output=True,
+                                text=True, timeout=600)
+        assert second.returncode == 1 and "Traceback" not in second.stderr
+        assert second.stderr.strip().splitlines()[-1].startswith(
+            f"train.py: error: Another training run is writing {run} (pid {process.pid} on "
+            f"{socket.gethostname()}, started "), second.stderr[-2000:]
+        assert ": train.py --dataset=folder --backbone=convnet_small" in second.stderr
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=300) == 143
     finally:
@@ -246,3 +275,4 @@ def test_sigterm_saves_a_checkpoint_at_the_current_step_and_the_same_command_res
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert f"Resumed from {saved} at step {step}" in rerun.stderr
     assert (run / "metrics.json").exists()
+    assert not (run / ".train.lock").exists()  # released and removed by each run

@@ -51,6 +51,9 @@ Interface:
   batch_size)`; `load_thumbnails(catalog, indices, size)`.
 * `dataset_identity(splits)` / `identity_changes(old, new)` (module `identity`): what was loaded,
   independent of where it lies, and how two such records differ (a resumed run's check).
+* `pixel_limit` (`DEFAULT_MAX_PIXELS`, `load_dataset(..., max_pixels=)`): an encoded image's size
+  read from its header in-graph, and the limit every loader, `decode_image` and the exported
+  `embed_bytes` signature enforce before decoding anything.
 """
 
 from dvml_tf.data.catalog import DatasetSplits
@@ -69,6 +72,7 @@ from dvml_tf.data.manifest import load_manifest
 from dvml_tf.data.pipeline import load_thumbnails
 from dvml_tf.data.pipeline import make_eval_dataset
 from dvml_tf.data.pipeline import make_train_dataset
+from dvml_tf.data.pixel_limit import DEFAULT_MAX_PIXELS
 from dvml_tf.data.preprocessing import PreprocessConfig
 from dvml_tf.data.preprocessing import preprocess_test
 from dvml_tf.data.preprocessing import preprocess_test_batch
@@ -88,6 +92,7 @@ from dvml_tf.data.sampler import replica_slice
 __all__ = [
     "CONVERSIONS",
     "DATASETS",
+    "DEFAULT_MAX_PIXELS",
     "FILE_DATASETS",
     "NO_CONVERSION",
     "OMNIGLOT_INK",

@@ -25,10 +25,11 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
+from dvml_tf.data import pixel_limit
 from dvml_tf.data.raw_form import RawForm
 
 
-def decode_image(contents, channels):
+def decode_image(contents, channels, max_pixels=None, name="image"):
     """Decodes one encoded image (JPEG, PNG, BMP, GIF) the way the whole project does.
 
     The folder loader checks every file with exactly this function at load time, so a file that
@@ -38,10 +39,15 @@ def decode_image(contents, channels):
         contents: scalar string tensor, the encoded file.
         channels: 1 or 3; the decoder converts grayscale, palette, alpha and CMYK images to it
             (alpha is dropped, 16-bit PNGs are scaled to 8 bits).
+        max_pixels: optional pixel limit: an image whose header says it is larger fails with an
+            InvalidArgumentError naming it, before anything is decoded (`pixel_limit`).
+        name: scalar string (tensor): what the image is, for that message (a file path).
 
     Returns:
         uint8 tensor [H, W, channels]; for an animated GIF, its first frame.
     """
+    if max_pixels is not None:
+        contents = pixel_limit.within_limit(contents, max_pixels, name)
     # Paper §3 is silent on alpha and EXIF: alpha is dropped (not composited), EXIF orientation
     # is ignored (TF's decoders do both; PIL-converted files are handled the same way).
     image = tf.io.decode_image(contents, channels=channels, dtype=tf.uint8, expand_animations=False)
@@ -84,11 +90,13 @@ class ImageCatalog:
         is_query, is_gallery: optional bool arrays [N]: the images that are queries and those
             that form the gallery of a retrieval protocol with separate sets (In-Shop). None
             (the default) means every image is both: each query searches all other images.
+        max_pixels: the pixel limit of the encoded images (`pixel_limit`): a larger one fails
+            the pipeline with an error naming it, before it is decoded.
     """
 
     def __init__(self, labels, *, images=None, sources=None, source_is_path=False,
                  num_channels=3, class_names=None, name="split", paths=None, is_query=None,
-                 is_gallery=None):
+                 is_gallery=None, max_pixels=pixel_limit.DEFAULT_MAX_PIXELS):
         labels = np.asarray(labels)
         if labels.ndim != 1 or (labels.size and not np.issubdtype(labels.dtype, np.integer)):
             raise ValueError(f"labels of split {name!r} must be a 1-D integer array, got "
@@ -101,6 +109,7 @@ class ImageCatalog:
         self.num_channels = int(num_channels)
         self.class_names = None if class_names is None else tuple(class_names)
         self.name = name
+        self.max_pixels = pixel_limit.check_max_pixels(max_pixels, "max_pixels")
         self.images = None
         self.sources = None
         self.source_is_path = None
@@ -210,7 +219,8 @@ class ImageCatalog:
         """
         indices = np.asarray(indices, dtype=np.int64)
         common = dict(num_channels=self.num_channels, class_names=self.class_names,
-                      name=name or self.name, **self._row_fields(indices))
+                      name=name or self.name, max_pixels=self.max_pixels,
+                      **self._row_fields(indices))
         if self.images is not None:
             return ImageCatalog(self.labels[indices], images=self.images[indices], **common)
         with tf.init_scope(), tf.device("/cpu:0"):
@@ -255,17 +265,21 @@ class ImageCatalog:
             return lambda index: tf.gather(images, index)
         sources, is_path = self._tensors
         storage = self.storage
+        max_pixels, split = self.max_pixels, self.name
 
         def fetch(index):
             source = tf.gather(sources, index)
+            # What the image is, for a message: its file, or its row in the split.
+            row = tf.strings.join(["#", tf.strings.as_string(index), f" of split {split}"])
             if storage == "files":
-                contents = tf.io.read_file(source)
+                contents, name = tf.io.read_file(source), source
             elif storage == "mixed":
-                contents = tf.cond(tf.gather(is_path, index), lambda: tf.io.read_file(source),
-                                   lambda: source)
+                from_file = tf.gather(is_path, index)
+                contents = tf.cond(from_file, lambda: tf.io.read_file(source), lambda: source)
+                name = tf.where(from_file, source, row)
             else:
-                contents = source
-            return decode_image(contents, channels)
+                contents, name = source, row
+            return decode_image(contents, channels, max_pixels, name)
 
         return fetch
 
@@ -328,7 +342,7 @@ def materialize(catalog, raw_form, batch_size=256):
         start += len(batch)
     return ImageCatalog(catalog.labels, images=images, num_channels=num_channels,
                         class_names=catalog.class_names, name=catalog.name,
-                        **catalog._row_fields())
+                        max_pixels=catalog.max_pixels, **catalog._row_fields())
 
 
 @dataclasses.dataclass(frozen=True)

@@ -24,6 +24,7 @@ method is not TFDS's own, so mocked loads never touch the network.
 import contextlib
 import dataclasses
 import os
+import re
 import socket
 import threading
 import time
@@ -36,6 +37,7 @@ from absl import logging
 from dvml_tf.data import folder
 from dvml_tf.data import glyphs
 from dvml_tf.data import manifest
+from dvml_tf.data import pixel_limit
 from dvml_tf.data.catalog import DatasetSplits
 from dvml_tf.data.catalog import ImageCatalog
 from dvml_tf.data.catalog import carve_validation
@@ -97,7 +99,7 @@ _CARS196_HINT = (
 
 
 def load_dataset(name, data_dir=None, image_size=None, validation_classes=0, seed=0,
-                 raw=False):
+                 raw=False, max_pixels=pixel_limit.DEFAULT_MAX_PIXELS):
     """Loads a dataset as zero-shot (class-disjoint) train / [validation] / test catalogs.
 
     Args:
@@ -120,6 +122,8 @@ def load_dataset(name, data_dir=None, image_size=None, validation_classes=0, see
             decoded as RGB at the original size, with neither conversion nor resize (nothing is
             decoded at load time). `raw_form` still says what the loader stores with these
             arguments, and `raw_form.to_stored` maps raw images to it.
+        max_pixels: the pixel limit (width x height, `pixel_limit`): the folder and CSV loaders
+            skip larger files unread, and every catalog's decoder refuses them.
 
     Returns:
         `DatasetSplits` (`raw` and `raw_form` set).
@@ -133,19 +137,20 @@ def load_dataset(name, data_dir=None, image_size=None, validation_classes=0, see
     if image_size is not None and (int(image_size) != image_size or image_size < 1):
         raise ValueError(f"image_size must be a positive integer or None, got {image_size!r}.")
     data_dir = None if data_dir is None else os.fspath(data_dir)
-    if name == "glyphs":
+    max_pixels = pixel_limit.check_max_pixels(max_pixels, "max_pixels")
+    if name == "glyphs":  # arrays rendered by the builder: no image file to bound
         splits = glyphs.load_glyphs(data_dir, image_size=image_size,
                                     validation_classes=validation_classes, raw=raw)
         return _checked(splits, name)
     if name == "folder":
-        splits = folder.load_folder(data_dir)
+        splits = folder.load_folder(data_dir, max_pixels=max_pixels)
     elif name == "csv":
-        splits = manifest.load_manifest(data_dir)
+        splits = manifest.load_manifest(data_dir, max_pixels=max_pixels)
         if splits.validation is not None and validation_classes:
             raise ValueError(f"The CSV manifest {data_dir} has validation rows; validation_classes "
                              f"must then be 0 (got {validation_classes}).")
     else:
-        splits = _load_tfds(name, data_dir)
+        splits = _load_tfds(name, data_dir, max_pixels)
     num_images = splits.train.num_images + splits.test.num_images
     form = raw_form_of(name, image_size, num_images)
     if image_size is not None and not form.resized and not raw:
@@ -229,9 +234,29 @@ def raw_form_of(name, image_size=None, num_images=None):
     return RawForm(NO_CONVERSION, size, raw_size)
 
 
-def _load_tfds(name, data_dir):
+def _reprepare_advice(folder):
+    return (f"Prepare it again: remove {folder} and load the dataset once with network access "
+            "(or copy a good prepared copy there).")
+
+
+def _open_builder(spec, data_dir):
+    """The TFDS builder, or a clear error when its prepared files cannot even be described."""
+    try:
+        return tfds.builder(spec.tfds_name, data_dir=data_dir)
+    except Exception as error:  # protobuf's ParseError and the like: no common base class
+        root = data_dir or os.environ.get("TFDS_DATA_DIR") or tfds.core.constants.DATA_DIR
+        folder = os.path.join(os.path.expanduser(root), spec.tfds_name)
+        if not os.path.isdir(folder):
+            raise
+        message = " ".join(str(error).split())
+        raise ValueError(f"The prepared TFDS dataset {spec.tfds_name!r} in {folder} is corrupt: "
+                         f"its dataset_info.json (or features.json) cannot be read ({message}). "
+                         f"{_reprepare_advice(folder)}") from None
+
+
+def _load_tfds(name, data_dir, max_pixels=pixel_limit.DEFAULT_MAX_PIXELS):
     spec = _SPECS[name]
-    builder = tfds.builder(spec.tfds_name, data_dir=data_dir)
+    builder = _open_builder(spec, data_dir)
     _ensure_prepared(builder, name, spec)
     label_feature = builder.info.features[spec.label_key]
     class_names = getattr(label_feature, "names", None)
@@ -251,7 +276,7 @@ def _load_tfds(name, data_dir):
     # strokes itself (`RawForm.to_stored`), so that exported graphs can do the same.
     catalogs = {
         split: ImageCatalog(labels, sources=images, num_channels=3,
-                            class_names=class_names, name=split)
+                            class_names=class_names, name=split, max_pixels=max_pixels)
         for split, (images, labels) in (("train", train), ("test", test))}
     identity = {"dataset": name, "tfds": f"{builder.name}/{builder.version}",
                 **{split: {"images": int(catalog.num_images), "classes": int(catalog.num_classes)}
@@ -267,9 +292,16 @@ def _read_split(builder, split, spec, keep=None):
                                            decoders={"image": tfds.decode.SkipDecoding()})
     dataset = builder.as_dataset(split=split, decoders=decoders, shuffle_files=False)
     images, labels = [], []
-    for batch in dataset.batch(4096):
-        images.append(batch["image"])
-        labels.append(batch[spec.label_key].numpy())
+    try:
+        for batch in dataset.batch(4096):
+            images.append(batch["image"])
+            labels.append(batch[spec.label_key].numpy())
+    except tf.errors.OpError as error:  # DataLossError (truncated, corrupt), NotFoundError
+        # Without TF's framing: "{{function_node ...}} <message> [Op:IteratorGetNext] ...".
+        message = re.sub(r"\{\{function_node [^}]*\}\}|\[Op:.*$", "", error.message).strip()
+        raise ValueError(f"The prepared TFDS dataset {spec.tfds_name!r} in {builder.data_dir} is "
+                         f"damaged: its {split} split cannot be read ({message}). "
+                         f"{_reprepare_advice(builder.data_dir)}") from None
     with tf.init_scope(), tf.device("/cpu:0"):
         images = tf.concat(images, axis=0) if images else host_tensor(np.zeros([0], object))
     labels = np.concatenate(labels).astype(np.int64) if labels else np.zeros([0], np.int64)

@@ -26,6 +26,7 @@ their sizes) lets a resumed run check that it trains on the same images, whereve
 """
 
 import concurrent.futures
+import functools
 import hashlib
 import io
 import os
@@ -37,6 +38,7 @@ import tensorflow as tf
 from absl import logging
 from PIL import Image
 
+from dvml_tf.data import pixel_limit
 from dvml_tf.data.catalog import DatasetSplits
 from dvml_tf.data.catalog import ImageCatalog
 from dvml_tf.data.catalog import decode_image
@@ -45,13 +47,15 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
 _LISTED_PATHS = 5
 
 
-def load_folder(data_dir, check_images=True):
+def load_folder(data_dir, check_images=True, max_pixels=pixel_limit.DEFAULT_MAX_PIXELS):
     """Loads a class-per-folder image collection as class-disjoint train and test catalogs.
 
     Args:
         data_dir: the folder (str or path-like).
         check_images: decode every file once at load time (recommended; see module docstring).
             Without it a corrupt file fails the input pipeline when it is first drawn.
+        max_pixels: the pixel limit (width x height): larger images are skipped unread at load
+            time (`check_image_files`) and refused by the pipeline's decoder.
 
     Returns:
         `DatasetSplits` with file-backed catalogs of 3-channel images; labels index
@@ -119,7 +123,7 @@ def load_folder(data_dir, check_images=True):
     keep = np.arange(len(paths))
     unreadable = ()
     if check_images and len(paths):
-        ok, converted = check_image_files(paths)
+        ok, converted = check_image_files(paths, max_pixels)
         for index, png in converted.items():
             sources[index], is_path[index] = png, False
         keep = np.flatnonzero(ok)
@@ -144,7 +148,7 @@ def load_folder(data_dir, check_images=True):
             raise ValueError(f"data_dir {root!r}: no decodable image in any {split} class.")
         splits[split] = ImageCatalog(labels[mask], sources=sources[mask],
                                      source_is_path=is_path[mask], class_names=class_names,
-                                     name=split, paths=paths[mask])
+                                     name=split, paths=paths[mask], max_pixels=max_pixels)
     return DatasetSplits(name="folder", train=splits["train"], test=splits["test"],
                          identity=identity, unreadable=unreadable)
 
@@ -301,7 +305,8 @@ def folder_identity(class_names, num_train, labels, relative_paths, paths):
             size = os.path.getsize(path)
         except OSError:
             size = -1
-        digests[label].update(f"{relative}\0{size}\n".encode())
+        # A name that is not UTF-8 is kept as its bytes (os lists it with surrogateescape).
+        digests[label].update(f"{relative}\0{size}\n".encode("utf-8", "surrogateescape"))
     identity = {"dataset": "folder"}
     for split, labels_of_split in (("train", range(num_train)),
                                    ("test", range(num_train, len(class_names)))):
@@ -327,31 +332,54 @@ def _needs_pil(path):
     return bits < 24
 
 
-def _tf_decodable(paths, channels=3):
-    """Indices of the files TF's pipeline decoder reads, checked in parallel with tf.data."""
-    dataset = tf.data.Dataset.from_tensor_slices(
-        (tf.range(len(paths), dtype=tf.int64), tf.constant([os.fsencode(p) for p in paths])))
+def _tf_check(paths, max_pixels, decode, channels=3):
+    """Reads every file's size from its header and decodes those within the pixel limit, in
+    parallel with tf.data, with TF's pipeline decoder.
 
-    def check(index, path):
+    Returns:
+        (indices of the files TF decodes, {index: (height, width, pixels)} of the files above
+        the limit, which are never decoded).
+    """
+    dataset = tf.data.Dataset.from_tensor_slices(
+        (tf.range(len(paths), dtype=tf.int64), tf.constant([os.fsencode(p) for p in paths]),
+         tf.constant(decode)))
+
+    def check(index, path, decode_it):
+        contents = tf.io.read_file(path)
+        size = pixel_limit.image_size(contents)
+        fits = size[2] <= max_pixels
         # The shape depends on the decoded pixels, so the decode cannot be pruned away.
-        return index, tf.shape(decode_image(tf.io.read_file(path), channels))
+        decoded = tf.cond(tf.logical_and(fits, decode_it),
+                          lambda: tf.shape(decode_image(contents, channels))[0] >= 0,
+                          lambda: tf.constant(False))
+        return index, size, fits, decoded
 
     dataset = dataset.map(check, num_parallel_calls=tf.data.AUTOTUNE, deterministic=False)
-    good = [int(i) for i, _ in dataset.ignore_errors().as_numpy_iterator()]
-    return np.asarray(good, np.int64)
+    good, oversized = [], {}
+    for index, size, fits, decoded in dataset.ignore_errors().as_numpy_iterator():
+        if not fits:
+            oversized[int(index)] = tuple(int(v) for v in size)
+        elif decoded:
+            good.append(int(index))
+    return np.asarray(good, np.int64), oversized
 
 
-def convert_with_pil(path):
+def convert_with_pil(path, max_pixels=pixel_limit.DEFAULT_MAX_PIXELS):
     """Decodes a file with PIL and re-encodes it as an 8-bit RGB PNG.
 
     Args:
         path: file path.
+        max_pixels: images with more pixels (width x height, read from the header) are not
+            decoded.
 
     Returns:
-        PNG bytes, or None when PIL cannot read the whole image either.
+        PNG bytes, or None when PIL cannot read the whole image either (or it is above
+        `max_pixels`).
     """
     try:
         with Image.open(path) as image:
+            if image.width * image.height > max_pixels:
+                return None
             image.load()  # Decodes everything: truncated or corrupt files raise here.
             if image.mode in ("I;16", "I;16B", "I;16L", "I"):
                 # 16/32-bit integer gray: keep the high byte, as TF does for 16-bit PNGs.
@@ -368,37 +396,44 @@ def convert_with_pil(path):
         return None
 
 
-def check_image_files(paths):
+def check_image_files(paths, max_pixels=pixel_limit.DEFAULT_MAX_PIXELS):
     """Decodes every file once and says which ones the pipeline can use.
+
+    Files whose header says they are above `max_pixels` are never decoded (by TF or PIL); they
+    are left out like unreadable files and logged apart, with their size.
 
     Args:
         paths: list of file paths.
+        max_pixels: the pixel limit (width x height; `pixel_limit`).
 
     Returns:
         (ok, converted): ok is a bool array [len(paths)]; converted maps the index of each file
         that needed PIL to its RGB PNG bytes (also marked ok).
     """
+    max_pixels = pixel_limit.check_max_pixels(max_pixels)
     started = time.monotonic()
     paths = [os.fspath(p) for p in paths]
     pil_first = np.array([_needs_pil(p) for p in paths], bool)
-    tf_candidates = np.flatnonzero(~pil_first)
     ok = np.zeros(len(paths), bool)
-    if len(tf_candidates):
-        ok[tf_candidates[_tf_decodable([paths[i] for i in tf_candidates])]] = True
-    retry = np.flatnonzero(~ok)
+    oversized = {}
+    if paths:
+        decodable, oversized = _tf_check(paths, max_pixels, decode=(~pil_first).tolist())
+        ok[decodable] = True
+    retry = np.array([i for i in np.flatnonzero(~ok) if int(i) not in oversized], np.int64)
     converted = {}
     if len(retry):
+        convert = functools.partial(convert_with_pil, max_pixels=max_pixels)
         with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
-            results = pool.map(convert_with_pil, [paths[i] for i in retry])
+            results = pool.map(convert, [paths[i] for i in retry])
             for index, png in zip(retry, results, strict=True):
                 if png is not None:
                     converted[int(index)] = png
                     ok[index] = True
-    bad = [paths[i] for i in np.flatnonzero(~ok)]
+    bad = [paths[i] for i in np.flatnonzero(~ok) if int(i) not in oversized]
     seconds = time.monotonic() - started
     logging.info("Checked %d image files in %.1f s (%.0f files/s): %d converted with PIL, %d "
-                 "unreadable.", len(paths), seconds, len(paths) / max(seconds, 1e-9),
-                 len(converted), len(bad))
+                 "unreadable, %d above the pixel limit.", len(paths), seconds,
+                 len(paths) / max(seconds, 1e-9), len(converted), len(bad), len(oversized))
     if converted:
         logging.info("Converted with PIL (TF cannot decode them correctly): %s%s",
                      [paths[i] for i in list(converted)[:_LISTED_PATHS]],
@@ -406,4 +441,10 @@ def check_image_files(paths):
     if bad:
         logging.warning("Skipped %d unreadable or corrupt image file(s), e.g. %s%s", len(bad),
                         bad[:_LISTED_PATHS], " ..." if len(bad) > _LISTED_PATHS else "")
+    if oversized:
+        shown = "; ".join(f"{paths[i]} ({size[1]} x {size[0]})"
+                          for i, size in list(oversized.items())[:_LISTED_PATHS])
+        logging.warning("Skipped %d image file(s) above the limit of %d pixels (%s; they are "
+                        "not decoded): %s%s", len(oversized), max_pixels, pixel_limit.FLAG_NAME,
+                        shown, " ..." if len(oversized) > _LISTED_PATHS else "")
     return ok, converted

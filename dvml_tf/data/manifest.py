@@ -33,6 +33,7 @@ import numpy as np
 from absl import logging
 
 from dvml_tf.data import folder
+from dvml_tf.data import pixel_limit
 from dvml_tf.data.catalog import DatasetSplits
 from dvml_tf.data.catalog import ImageCatalog
 
@@ -60,6 +61,48 @@ def _is_number(text):
     return True
 
 
+def _first_bad_utf8(path):
+    """(line number, byte) of the first byte of a file that is not UTF-8."""
+    with open(path, "rb") as f:
+        for number, line in enumerate(f, start=1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as error:
+                return number, line[error.start]
+    return None, None
+
+
+def _csv_rows(path):
+    """The records of a CSV file as (first line, last line, fields), blank records skipped.
+
+    Raises:
+        ValueError: a file that is not UTF-8 or a record the csv module cannot read (a field
+            over its size limit), naming the line.
+    """
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.reader(f)
+        while True:
+            first = reader.line_num + 1
+            try:
+                row = next(reader)
+            except StopIteration:
+                return
+            except UnicodeDecodeError:
+                line, byte = _first_bad_utf8(path)
+                raise ValueError(
+                    f"CSV manifest {path} is not UTF-8 text: line {line} holds the byte "
+                    f"0x{byte:02x} (Latin-1 or another encoding?). Save it as UTF-8; file names "
+                    "that are not UTF-8 cannot be listed in a manifest (rename them, or use the "
+                    "folder layout, which keeps any name).") from None
+            except csv.Error as error:
+                raise ValueError(
+                    f"CSV manifest {path}, line {first}: {error}. A field that opens a quote "
+                    "(\") must close it (an unmatched quote swallows the lines after it), and "
+                    "a path cannot be that long.") from None
+            if any(cell.strip() for cell in row):
+                yield first, reader.line_num, row
+
+
 def read_manifest(path):
     """Reads and checks a manifest's rows (files are not opened).
 
@@ -81,44 +124,44 @@ def read_manifest(path):
         raise FileNotFoundError(f"CSV manifest {path!r} does not exist (--data_dir of "
                                 "--dataset=csv is the manifest file).")
     root = os.path.dirname(path)
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.reader(f)
-        header = next(reader, None)
-        if header is None:
-            raise ValueError(f"CSV manifest {path} is empty: it needs a header row with the "
-                             f"columns {', '.join(REQUIRED_COLUMNS)}.")
-        header = [name.strip().lower() for name in header]
-        missing = [name for name in REQUIRED_COLUMNS if name not in header]
-        if missing:
-            raise ValueError(f"CSV manifest {path} lacks the column(s) {missing}; its header is "
-                             f"{header}. Required: {list(REQUIRED_COLUMNS)}; optional: "
-                             f"{[SPLIT_COLUMN, *ROLE_COLUMNS]}.")
-        repeated = sorted({name for name in header if name and header.count(name) > 1})
-        if repeated:
-            raise ValueError(f"CSV manifest {path} repeats the column(s) {repeated}.")
-        optional = [SPLIT_COLUMN, *ROLE_COLUMNS]
-        ignored = [name for name in header if name not in (*REQUIRED_COLUMNS, *optional)]
-        if ignored:
-            logging.info("CSV manifest %s: ignoring the columns %s.", path, ignored)
-        position = {name: header.index(name) for name in (*REQUIRED_COLUMNS, *optional)
-                    if name in header}
-        values = {name: [] for name in position}
-        lines, bad = [], []
-        for row in reader:
-            line = reader.line_num
-            if not any(cell.strip() for cell in row):
-                continue  # blank lines
-            if len(row) != len(header):
-                bad.append((line, f"{len(row)} fields, the header has {len(header)}"))
-                continue
-            cells = {name: row[i].strip() for name, i in position.items()}
-            empty = [name for name in REQUIRED_COLUMNS if not cells[name]]
-            if empty:
-                bad.append((line, f"empty {' and '.join(empty)}"))
-                continue
-            for name, cell in cells.items():
-                values[name].append(cell)
-            lines.append(line)
+    rows = _csv_rows(path)
+    _, _, header = next(rows, (0, 0, None))
+    if header is None:
+        raise ValueError(f"CSV manifest {path} is empty: it needs a header row with the "
+                         f"columns {', '.join(REQUIRED_COLUMNS)}.")
+    header = [name.strip().lower() for name in header]
+    missing = [name for name in REQUIRED_COLUMNS if name not in header]
+    if missing:
+        raise ValueError(f"CSV manifest {path} lacks the column(s) {missing}; its header is "
+                         f"{header}. Required: {list(REQUIRED_COLUMNS)}; optional: "
+                         f"{[SPLIT_COLUMN, *ROLE_COLUMNS]}.")
+    repeated = sorted({name for name in header if name and header.count(name) > 1})
+    if repeated:
+        raise ValueError(f"CSV manifest {path} repeats the column(s) {repeated}.")
+    optional = [SPLIT_COLUMN, *ROLE_COLUMNS]
+    ignored = [name for name in header if name not in (*REQUIRED_COLUMNS, *optional)]
+    if ignored:
+        logging.info("CSV manifest %s: ignoring the columns %s.", path, ignored)
+    position = {name: header.index(name) for name in (*REQUIRED_COLUMNS, *optional)
+                if name in header}
+    values = {name: [] for name in position}
+    lines, bad = [], []
+    for line, last, row in rows:
+        if last > line and any("\n" in cell or "\r" in cell for cell in row):
+            bad.append((line, f"a quote (\") opened here is never closed: it swallows "
+                              f"lines {line}-{last}"))
+            continue
+        if len(row) != len(header):
+            bad.append((line, f"{len(row)} fields, the header has {len(header)}"))
+            continue
+        cells = {name: row[i].strip() for name, i in position.items()}
+        empty = [name for name in REQUIRED_COLUMNS if not cells[name]]
+        if empty:
+            bad.append((line, f"empty {' and '.join(empty)}"))
+            continue
+        for name, cell in cells.items():
+            values[name].append(cell)
+        lines.append(line)
     if bad:
         raise ValueError(f"CSV manifest {path} has {len(bad)} bad row(s): {_rows_text(bad)}.")
     if not lines:
@@ -153,7 +196,17 @@ def _class_ids(path, labels, lines):
             raise ValueError(
                 f"CSV manifest {path}: labels must be integers or class names; "
                 f"{len(not_int)} numeric label(s) are not integers: {_rows_text(not_int)}.")
-        return np.asarray([int(label) for label in labels], dtype=np.int64), True
+        ids = [int(label) for label in labels]
+        limit = np.iinfo(np.int64)
+        too_large = [(int(line), label) for line, label, value in zip(lines, labels, ids,
+                                                                       strict=True)
+                     if not limit.min <= value <= limit.max]
+        if too_large:
+            raise ValueError(
+                f"CSV manifest {path}: class ids must fit in 64 bits (|id| < 2^63); "
+                f"{len(too_large)} label(s) do not: {_rows_text(too_large)}. Use smaller ids, "
+                "or class names (a label that is not a number, e.g. with a letter in it).")
+        return np.asarray(ids, dtype=np.int64), True
     return labels, False
 
 
@@ -187,13 +240,14 @@ def _roles(path, manifest, evaluated):
     return masks
 
 
-def load_manifest(path, check_images=True):
+def load_manifest(path, check_images=True, max_pixels=pixel_limit.DEFAULT_MAX_PIXELS):
     """Loads a CSV manifest as class-disjoint train / [validation] / test catalogs.
 
     Args:
         path: the CSV file (see the module docstring for its columns).
         check_images: decode every file once at load time and skip the unreadable ones (see
             `folder.check_image_files`).
+        max_pixels: the pixel limit (width x height): larger images are skipped unread.
 
     Returns:
         `DatasetSplits` named "csv" with file-backed catalogs of 3-channel images (with
@@ -256,7 +310,7 @@ def load_manifest(path, check_images=True):
     keep = np.ones(len(paths), bool)
     unreadable = ()
     if check_images:
-        ok, converted = folder.check_image_files(paths.tolist())
+        ok, converted = folder.check_image_files(paths.tolist(), max_pixels)
         for index, png in converted.items():
             sources[index], is_path[index] = png, False
         keep = ok
@@ -270,7 +324,7 @@ def load_manifest(path, check_images=True):
             raise ValueError(f"CSV manifest {path}: no readable image in the {split} split.")
         catalog = ImageCatalog(
             ids[rows], sources=sources[rows], source_is_path=is_path[rows],
-            class_names=class_names, name=split, paths=paths[rows],
+            class_names=class_names, name=split, paths=paths[rows], max_pixels=max_pixels,
             **{name: None if split == "train" or roles[name] is None else roles[name][rows]
                for name in ROLE_COLUMNS})
         queries, gallery = catalog.query_gallery()

@@ -1,4 +1,4 @@
-"""Evaluation on numpy embeddings: exact chunked kNN, Recall@K / MAP@R / NMI / F1, k-means,
+"""Evaluation on numpy embeddings: exact tiled kNN, Recall@K / MAP@R / NMI / F1, k-means,
 figures, TensorBoard projector files, an optional tensorflow-similarity cross-check, and the
 rule that says whether a method beats its baseline over seeds (`compare_over_seeds`).
 

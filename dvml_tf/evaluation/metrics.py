@@ -11,10 +11,14 @@
 * F1 (Song et al. 2016): harmonic mean of the pairwise precision and recall of a clustering:
   a pair of samples is a true positive when it shares both its cluster and its class.
 
-Queries whose class has no other sample (R = 0) can never be hit. For Recall@K they count as
-misses, as in the literature (the denominator is the number of queries). For MAP@R they are
-left out of the mean, because AP@R with R = 0 is 0/0 (Musgrave et al. only define it for
-R >= 1). tensorflow-similarity instead averages them in as 0; see `tfsim_check`.
+Queries with no possible positive (R = 0: no other image of their class in the gallery, e.g.
+the image of a single-image class) are left out of every metric: of Recall@K's denominator and
+of MAP@R's mean (AP@R is 0/0 for them). This is the convention of pytorch-metric-learning's
+AccuracyCalculator (Musgrave et al.'s library), applied to both metrics alike so that they
+describe the same queries; such images still serve as distractors in the gallery.
+`queries_without_positive` counts the queries left out (evaluate.py reports it).
+tensorflow-similarity's own metrics would count them as misses; `tfsim_check` scores the same
+queries as we do.
 
 All functions take numpy arrays and return plain Python floats (fractions in [0, 1]).
 """
@@ -22,8 +26,10 @@ All functions take numpy arrays and return plain Python floats (fractions in [0,
 import math
 
 import numpy as np
+from absl import logging
 
 from dvml_tf.evaluation import knn
+from dvml_tf.evaluation import positive_rank
 
 DEFAULT_RECALL_KS = (1, 2, 4, 8)
 
@@ -76,7 +82,7 @@ def _average_precision_at_r(matches, num_relevant):
     return (precision * rel).sum(axis=1) / num_relevant
 
 
-def recall_at_k(query_labels, neighbor_labels, k):
+def recall_at_k(query_labels, neighbor_labels, k, num_relevant=None):
     """Recall@K from the labels of each query's neighbours.
 
     Args:
@@ -84,10 +90,13 @@ def recall_at_k(query_labels, neighbor_labels, k):
         neighbor_labels: [Q, M] labels of each query's neighbours sorted by distance, the query
             itself already excluded; M >= k.
         k: int >= 1.
+        num_relevant: optional [Q] ints, R of each query (`relevant_counts`): the queries with
+            R = 0 (no possible positive) are left out, as `evaluate_embeddings` does. None:
+            every query counts.
 
     Returns:
-        float: share of queries with at least one same-class label among the first k
-        neighbours.
+        float: share of the (counted) queries with at least one same-class label among the
+        first k neighbours; NaN if no query is counted.
 
     Raises:
         ValueError: on mismatched shapes or an invalid k.
@@ -98,8 +107,35 @@ def recall_at_k(query_labels, neighbor_labels, k):
         raise ValueError(
             f"k={k} exceeds the number of neighbours given ({neighbor_labels.shape[1]})."
         )
-    matches = neighbor_labels[:, :k] == query_labels[:, None]
+    counted = np.ones(len(query_labels), bool)
+    if num_relevant is not None:
+        counted = np.asarray(num_relevant).reshape(-1) > 0
+        if counted.shape != query_labels.shape:
+            raise ValueError(f"num_relevant must have shape {query_labels.shape}; got "
+                             f"{np.shape(num_relevant)}.")
+    if not counted.any():
+        return math.nan
+    matches = neighbor_labels[counted, :k] == query_labels[counted, None]
     return float(matches.any(axis=1).mean())
+
+
+def queries_without_positive(labels, is_query=None, is_gallery=None):
+    """How many queries have no possible positive (R = 0) and are left out of the metrics.
+
+    Args:
+        labels: [N] class labels.
+        is_query, is_gallery: optional bool [N] (default: every row), as in
+            `evaluate_embeddings`; a query never counts itself.
+
+    Returns:
+        int.
+    """
+    labels = _check_labels_1d(labels)
+    is_query, is_gallery = check_roles(is_query, is_gallery, len(labels))
+    codes = _encode(labels)[0]
+    relevant = (relevant_counts(codes[is_query], codes[is_gallery])
+                - is_gallery[is_query]).astype(np.int64)
+    return int(np.count_nonzero(relevant <= 0))
 
 
 def relevant_counts(query_labels, gallery_labels=None):
@@ -277,7 +313,9 @@ def exclude_self_mask(neighbors, self_ids, has_self):
 
 
 class RetrievalSums:
-    """Recall@K hits and AP@R sums accumulated over chunks of queries.
+    """Recall@K hits and AP@R sums accumulated over chunks of queries; queries without a
+    possible positive (R = 0) are counted apart and left out of both (see the module
+    docstring).
 
     Args:
         recall_ks: sorted ints >= 1.
@@ -288,10 +326,11 @@ class RetrievalSums:
         self.recall_ks = tuple(recall_ks)
         self.compute_map = compute_map
         self.hits = np.zeros(len(self.recall_ks), dtype=np.int64)
-        self.num_queries = 0
+        self.num_queries = 0  # queries with R >= 1
+        self.excluded = 0  # queries with R = 0
         self.ap_sum, self.ap_count = 0.0, 0
 
-    def add(self, query_codes, neighbor_codes, num_relevant):
+    def add(self, query_codes, neighbor_codes, num_relevant, first_positive_rank=None):
         """Adds a chunk of queries.
 
         Args:
@@ -300,27 +339,43 @@ class RetrievalSums:
                 itself excluded; -1 where a search returned fewer than m neighbours). A K > m
                 counts the m available neighbours; m >= max(num_relevant) for MAP@R.
             num_relevant: int [q], R of each query (gallery rows of its class, itself excluded).
+            first_positive_rank: optional int [q], the exact 0-based rank of each query's nearest
+                positive in the whole ranking (`positive_rank.RankCounter`); Recall@K then
+                comes from it for every K, and `neighbor_codes` serves MAP@R only.
         """
-        matches = np.asarray(neighbor_codes) == np.asarray(query_codes)[:, None]
-        width = int(np.max(num_relevant, initial=0)) if self.compute_map else 0
+        relevant = np.asarray(num_relevant)
+        # Paper §4.1 is silent: queries without a possible positive are left out of Recall@K
+        # and MAP@R alike (pytorch-metric-learning's AccuracyCalculator).
+        valid = relevant > 0
+        self.excluded += int(np.count_nonzero(~valid))
+        if not valid.any():
+            return
+        relevant = relevant[valid]
+        matches = np.asarray(neighbor_codes)[valid] == np.asarray(query_codes)[valid, None]
+        width = int(relevant.max()) if self.compute_map else 0
         if width > matches.shape[1]:
             # Fewer neighbours than R (a gallery nearly all of one class): the rest are misses.
             matches = np.pad(matches, ((0, 0), (0, width - matches.shape[1])))
-        ks = np.minimum(np.asarray(self.recall_ks), matches.shape[1])
-        first = _first_hit_rank(matches)
+        if first_positive_rank is None:
+            ks = np.minimum(np.asarray(self.recall_ks), matches.shape[1])
+            first = _first_hit_rank(matches)
+        else:
+            ks = np.asarray(self.recall_ks)
+            first = np.asarray(first_positive_rank)[valid]
         self.hits += np.count_nonzero(first[:, None] < ks[None, :], axis=0)
         self.num_queries += matches.shape[0]
         if self.compute_map:
-            relevant = np.asarray(num_relevant)
-            valid = relevant > 0
-            if valid.any():
-                self.ap_sum += float(_average_precision_at_r(matches[valid], relevant[valid]).sum())
-                self.ap_count += int(valid.sum())
+            self.ap_sum += float(_average_precision_at_r(matches, relevant).sum())
+            self.ap_count += matches.shape[0]
 
     def result(self):
-        """dict "recall@K" for each K (share of the queries added), and "map@r" (mean AP@R of
-        the queries with R >= 1; NaN if none)."""
-        results = {f"recall@{k}": float(h / self.num_queries)
+        """dict "recall@K" for each K (share of the queries with R >= 1 that hit) and "map@r"
+        (their mean AP@R); NaN when no query has R >= 1."""
+        if self.excluded:
+            logging.info("%d of %d queries have no other image of their class in the gallery "
+                         "and are left out of Recall@K and MAP@R.", self.excluded,
+                         self.excluded + self.num_queries)
+        results = {f"recall@{k}": float(h / self.num_queries) if self.num_queries else math.nan
                    for k, h in zip(self.recall_ks, self.hits, strict=True)}
         if self.compute_map:
             results["map@r"] = self.ap_sum / self.ap_count if self.ap_count else math.nan
@@ -365,6 +420,7 @@ def evaluate_embeddings(
     kmeans_kwargs=None,
     is_query=None,
     is_gallery=None,
+    precision="auto",
 ):
     """All test metrics of one embedding set: NMI, F1, Recall@K and MAP@R.
 
@@ -372,8 +428,11 @@ def evaluate_embeddings(
     by index. With `is_query` / `is_gallery` (the In-Shop protocol) the queries are the rows of
     `is_query` and they search only the rows of `is_gallery` (a query that is also a gallery row
     still never finds itself); R counts the gallery rows of the query's class. The neighbour
-    search streams over chunks of queries (`knn.iter_nearest_neighbors`), so only
-    O(chunk x N) scratch memory is used and the [N, K] neighbour table is never stored.
+    search streams over blocks of queries (`knn.exact_search_for`), so only
+    the memory budget's scratch memory is used and the [N, K] neighbour table is never stored.
+    Without `is_query` / `is_gallery`, a K beyond what MAP@R needs is scored from the exact
+    rank of each query's nearest positive (`positive_rank`), counted during the same search,
+    so that R@1000 costs about what R@1 does.
 
     Args:
         embeddings: float array [N, D].
@@ -389,6 +448,8 @@ def evaluate_embeddings(
         is_query: optional bool [N], the queries (default: every row).
         is_gallery: optional bool [N], the gallery (default: every row). NMI and F1 cluster
             all N rows either way.
+        precision: product format of the kNN candidate pass ("auto", "float32", "bfloat16");
+            the metrics are the same for all three (see `knn.iter_nearest_neighbors`).
 
     Returns:
         dict of plain floats with keys, in this order: "nmi", "f1" (if compute_clustering),
@@ -431,7 +492,7 @@ def evaluate_embeddings(
         results.update(
             _retrieval_metrics(
                 embeddings, codes, class_sizes, recall_ks, metric, compute_map,
-                memory_budget_bytes
+                memory_budget_bytes, precision
             )
         )
     else:
@@ -439,7 +500,7 @@ def evaluate_embeddings(
         results.update(
             _query_gallery_metrics(
                 embeddings, codes, is_query, is_gallery, recall_ks, metric, compute_map,
-                memory_budget_bytes
+                memory_budget_bytes, precision
             )
         )
     return results
@@ -462,24 +523,35 @@ def neighbours_needed(recall_ks, num_relevant, compute_map, available):
     return min(needed, available)
 
 
-def _retrieval_metrics(embeddings, codes, class_sizes, recall_ks, metric, compute_map, budget):
+def _retrieval_metrics(embeddings, codes, class_sizes, recall_ks, metric, compute_map, budget,
+                       precision):
     """Recall@K and MAP@R, accumulated chunk by chunk over the exact kNN search."""
     num = codes.shape[0]
-    # Paper §4.1 is silent: a query whose class has no other test sample counts as a Recall@K
-    # miss (denominator = all queries) and is left out of MAP@R (R = 0).
+    # R = 0 for the images of single-image classes: left out (see RetrievalSums).
     num_relevant = class_sizes[codes] - 1
     k = neighbours_needed(recall_ks, num_relevant, compute_map, num - 1)
+    counter = None
+    list_k = neighbours_needed((1,), num_relevant, compute_map, num - 1)
+    if k > list_k:
+        # Recall@K for a K beyond what MAP@R needs comes from the exact rank of each query's
+        # nearest positive: one count per row instead of a list of K candidates per row.
+        counter = positive_rank.RankCounter(codes, budget, knn.resolve_threads(None))
+        k = list_k
     sums = RetrievalSums(recall_ks, compute_map)
-    for start, ids, _ in knn.iter_nearest_neighbors(
-        embeddings, k, metric=metric, memory_budget_bytes=budget
+    # The metrics see only which neighbours share the query's class, so the search leaves the
+    # order among neighbours of one kind uncertified (see exact_search).
+    for start, ids, _ in knn.exact_search_for(
+        embeddings, k, metric=metric, memory_budget_bytes=budget, precision=precision,
+        codes=(codes, codes), rank_counter=counter,
     ):
         stop = start + ids.shape[0]
-        sums.add(codes[start:stop], codes[ids], num_relevant[start:stop])
+        sums.add(codes[start:stop], codes[ids], num_relevant[start:stop],
+                 None if counter is None else counter.ranks[start:stop])
     return sums.result()
 
 
 def _query_gallery_metrics(embeddings, codes, is_query, is_gallery, recall_ks, metric,
-                           compute_map, budget):
+                           compute_map, budget, precision):
     """Recall@K and MAP@R of separate query and gallery sets (which may share rows)."""
     query_rows, gallery_rows = np.flatnonzero(is_query), np.flatnonzero(is_gallery)
     position = np.full(len(codes), -1, dtype=np.int64)
@@ -488,7 +560,7 @@ def _query_gallery_metrics(embeddings, codes, is_query, is_gallery, recall_ks, m
     def search(k):
         for start, ids, _ in knn.iter_nearest_neighbors(
             embeddings[query_rows], k, gallery=embeddings[gallery_rows], metric=metric,
-            memory_budget_bytes=budget,
+            memory_budget_bytes=budget, precision=precision,
         ):
             yield start, ids
 

@@ -162,7 +162,7 @@ def embed_run(model_dir, split="test", data_dir=None, batch_size=256, dataset=No
 
 
 def saved_model_catalog(report, split="test", dataset=None, data_dir=None,
-                        validation_classes=None):
+                        validation_classes=None, max_pixels=None):
     """The raw catalog of a split of the dataset an export was trained on (or of another one).
 
     Args:
@@ -173,6 +173,7 @@ def saved_model_catalog(report, split="test", dataset=None, data_dir=None,
         validation_classes: training classes held out as the validation split; default: the
             run's (the report's "model.validation_classes", 0 for older exports). The report's
             seed picks them, as the run did.
+        max_pixels: the loader's pixel limit (width x height); default: `data`'s default.
 
     Returns:
         (`data.ImageCatalog` of encoded images or file paths, its `data.DatasetSplits`).
@@ -188,7 +189,8 @@ def saved_model_catalog(report, split="test", dataset=None, data_dir=None,
         validation_classes = model.get("validation_classes", 0) if dataset == model.get(
             "dataset") else 0
     config = TrainConfig(dataset=dataset, data_dir=data_dir,
-                         validation_classes=validation_classes, seed=model.get("seed", 0))
+                         validation_classes=validation_classes, seed=model.get("seed", 0),
+                         max_image_pixels=max_pixels or data_lib.DEFAULT_MAX_PIXELS)
     splits = task.load_splits(config, raw=True)
     catalog = getattr(splits, split)
     if catalog is None:
@@ -221,7 +223,8 @@ def embed_saved_model(path, split="test", dataset=None, data_dir=None, batch_siz
     version_dir, _ = layout.resolve_saved_model(path)
     report = layout.read_version_report(version_dir)
     embed_bytes = load_embed_bytes(version_dir)
-    catalog, splits = saved_model_catalog(report, split, dataset, data_dir, validation_classes)
+    catalog, splits = saved_model_catalog(report, split, dataset, data_dir, validation_classes,
+                                          layout.max_image_pixels(report))
     embeddings, labels = saved_model_embeddings(embed_bytes, catalog, batch_size)
     return EmbeddedSplit(embeddings, labels, distance_metric(report["model"]["normalized"]),
                          catalog, default_recall_ks(splits.name))
@@ -283,8 +286,9 @@ def encoded_images(catalog, indices, errors=None):
     Args:
         catalog: an `ImageCatalog` holding encoded bytes or file paths (not decoded pixels).
         indices: sequence of ints.
-        errors: None to raise on a file that cannot be read; or a dict that collects
-            {index: message} of such files (their entries are then None).
+        errors: None to raise on a file that cannot be read (FileNotFoundError; ValueError for
+            a file that became empty); or a dict that collects {index: message} of such files
+            (their entries are then None).
 
     Returns:
         list of bytes (or None for the files `errors` collected).
@@ -294,17 +298,31 @@ def encoded_images(catalog, indices, errors=None):
     sources = catalog.sources.numpy()
     encoded = []
     for i in indices:
-        if catalog.source_is_path[i]:
-            try:
-                with open(sources[i], "rb") as f:
-                    encoded.append(f.read())
-            except OSError as error:
-                if errors is None:
-                    raise
-                errors[int(i)] = f"cannot read {os.fsdecode(sources[i])}: {error.strerror}"
-                encoded.append(None)
-        else:
+        if not catalog.source_is_path[i]:
             encoded.append(bytes(sources[i]))
+            continue
+        path = os.fsdecode(sources[i])
+        contents = None
+        try:
+            with open(sources[i], "rb") as f:
+                contents = f.read()
+        except FileNotFoundError:
+            problem = (f"file disappeared since the dataset was loaded (deleted or moved): "
+                       f"{path}")
+        except OSError as error:
+            problem = f"cannot read {path}: {error.strerror}"
+        else:
+            # The loader decoded every file it kept: an empty one changed since then.
+            problem = None if contents else (
+                "file is empty now, though it was a readable image when the dataset was "
+                f"loaded (truncated or replaced since): {path}")
+        if problem is None:
+            encoded.append(contents)
+        elif errors is None:
+            raise (FileNotFoundError if contents is None else ValueError)(problem)
+        else:
+            errors[int(i)] = problem
+            encoded.append(None)
     return encoded
 
 

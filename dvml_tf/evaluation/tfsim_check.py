@@ -8,9 +8,11 @@ keys are those of `metrics.evaluate_embeddings` ("recall@K", "map@r").
 How tensorflow-similarity 0.17.1 defines the two metrics (read from its source,
 ``tensorflow_similarity/retrieval_metrics``) and how this module makes it compute our quantity:
 
-* ``RecallAtK.compute`` is ``mean_q any(match_mask[q, s : s + K])`` over all queries, with
-  ``s = 1`` if ``drop_closest_lookup`` else 0. Same definition as ours (queries with no other
-  sample of their class count as misses).
+* ``RecallAtK.compute`` is ``mean_q any(match_mask[q, s : s + K])`` over the queries it is
+  given, with ``s = 1`` if ``drop_closest_lookup`` else 0. Same definition as ours; it is given
+  the queries with R >= 1 only, since we leave queries without a possible positive out of every
+  metric (pytorch-metric-learning's convention, see `metrics`), where tfsim alone would count
+  them as misses.
 * Self-match: tfsim's ``drop_closest_lookup=True`` drops the *nearest* lookup, assuming it is
   the query itself. With exact duplicates the nearest may be the duplicate (NMSLib does not
   break ties by index), and then the query itself stays in the list and counts as a hit. We
@@ -22,7 +24,7 @@ How tensorflow-similarity 0.17.1 defines the two metrics (read from its source,
   divides by ``R`` (``r`` maps a class to its number of indexed samples, minus one with
   ``drop_closest_lookup``), which is AP@R. But it averages over *all* queries, a query with
   R = 0 contributing 0 (``divide_no_nan``), while we (and Musgrave et al.) leave such queries
-  out. We therefore score only the queries with R >= 1. (Also: with
+  out. We therefore score only the queries with R >= 1, for both metrics. (Also: with
   ``drop_closest_lookup=True``, ``PrecisionAtK``/``MapAtK`` keep ``match_mask[:, 1:k]``, i.e.
   k - 1 columns, whereas ``RecallAtK`` keeps ``[1 : 1 + k]``; so MapAtK needs ``k = max R + 1``
   there.)
@@ -106,8 +108,8 @@ def tfsim_retrieval_metrics(
             through ``Indexer.evaluate_retrieval``; equal to ours unless exact duplicates exist).
 
     Returns:
-        dict of plain floats: "recall@K" for each K (ascending), then "map@r" (over the queries
-        with R >= 1; NaN if none).
+        dict of plain floats: "recall@K" for each K (ascending), then "map@r", both over the
+        queries with R >= 1 (NaN if none).
 
     Raises:
         ImportError: if tensorflow-similarity is not installed (names the requirements file).
@@ -144,9 +146,12 @@ def _drop_closest_metrics(indexer, embeddings, codes, class_sizes, recall_ks, k)
     from tensorflow_similarity.retrieval_metrics import MapAtK
     from tensorflow_similarity.retrieval_metrics import RecallAtK
 
+    valid = class_sizes[codes] > 1  # queries with a possible positive (R >= 1)
+    if not valid.any():
+        return {**{f"recall@{kk}": float("nan") for kk in recall_ks}, "map@r": float("nan")}
     recall = indexer.evaluate_retrieval(
-        embeddings,
-        target_labels=codes.tolist(),
+        embeddings[valid],
+        target_labels=codes[valid].tolist(),
         retrieval_metrics=[
             RecallAtK(k=min(kk, k), drop_closest_lookup=True, name=f"recall@{kk}")
             for kk in recall_ks
@@ -155,10 +160,6 @@ def _drop_closest_metrics(indexer, embeddings, codes, class_sizes, recall_ks, k)
     )
     # tfsim names a result "<name>@<k>".
     results = {f"recall@{kk}": float(recall[f"recall@{kk}@{min(kk, k)}"]) for kk in recall_ks}
-    valid = class_sizes[codes] > 1
-    if not valid.any():
-        results["map@r"] = float("nan")
-        return results
     # MapAtK keeps match_mask[:, 1:k] under drop_closest_lookup, so k = max R + 1; r is the class
     # size, which it decrements itself. Only R >= 1 queries are scored (see the module docstring).
     map_metric = MapAtK(
@@ -192,20 +193,19 @@ def _index_metrics(indexer, embeddings, codes, class_sizes, recall_ks, k):
     lookup_labels = np.take_along_axis(lookup_labels, order, axis=1)
     dists = np.take_along_axis(dists, order, axis=1)
     match_mask = lookup_labels == codes[:, None]
+    num_relevant = class_sizes[codes] - 1
+    valid = num_relevant > 0  # queries with a possible positive: the only ones scored
+    if not valid.any():
+        return {**{f"recall@{kk}": float("nan") for kk in recall_ks}, "map@r": float("nan")}
     results = {}
     for kk in recall_ks:
         value = RecallAtK(k=min(kk, k)).compute(
-            query_labels=tf.constant(codes),
-            lookup_labels=tf.constant(lookup_labels),
-            lookup_distances=tf.constant(dists),
-            match_mask=tf.constant(match_mask),
+            query_labels=tf.constant(codes[valid]),
+            lookup_labels=tf.constant(lookup_labels[valid]),
+            lookup_distances=tf.constant(dists[valid]),
+            match_mask=tf.constant(match_mask[valid]),
         )
         results[f"recall@{kk}"] = float(value)
-    num_relevant = class_sizes[codes] - 1
-    valid = num_relevant > 0
-    if not valid.any():
-        results["map@r"] = float("nan")
-        return results
     max_r = int(num_relevant.max())
     # r maps a class to its number of *other* samples, since the query was removed above.
     map_metric = MapAtK(

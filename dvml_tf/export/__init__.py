@@ -13,6 +13,8 @@ Modules (one concept each):
 * `retrieval`: `retrieval.tflite` (gallery baked in) and its `retrieval_gallery.json`.
 * `layout`: the export folder's file names and its SavedModel versions.
 * `exporter`: `export_model` / `export_run`: writes the artifacts and their contracts.
+* `fingerprint`: `weights_digest`, the digest of a SavedModel's variables that an index's
+  contract fingerprint covers.
 * `verify`: grades an export (parity with Keras, Recall@1, latency).
 * `serving_client`: REST and gRPC clients of TF Serving.
 
@@ -24,6 +26,7 @@ A test double of TF Serving is `dvml_tf.testing.serving`; the LiteRT-only demo i
 from dvml_tf.export.exporter import ExportResult
 from dvml_tf.export.exporter import export_model
 from dvml_tf.export.exporter import export_run
+from dvml_tf.export.fingerprint import weights_digest
 from dvml_tf.export.inference import embed_raw
 from dvml_tf.export.inference import inference_model
 from dvml_tf.export.layout import REPORT_FILE
@@ -62,5 +65,6 @@ __all__ = [
     "inference_model",
     "resolve_saved_model",
     "verify_export",
+    "weights_digest",
     "write_saved_model",
 ]

@@ -30,7 +30,6 @@ wrote it (whose report is `saved_model/<version>/assets.extra/export_report.json
 
 import contextlib
 import dataclasses
-import fcntl
 import json
 import os
 import platform
@@ -44,6 +43,8 @@ import tensorflow as tf
 from absl import logging
 
 from dvml_tf import task
+from dvml_tf.data import pixel_limit
+from dvml_tf.export import fingerprint
 from dvml_tf.export import inference as inference_lib
 from dvml_tf.export import layout
 from dvml_tf.export import litert
@@ -51,6 +52,8 @@ from dvml_tf.export import retrieval
 from dvml_tf.export import saved_model as saved_model_lib
 from dvml_tf.export import warmup
 from dvml_tf.utils import atomic
+from dvml_tf.utils import locks
+from dvml_tf.utils import write_errors
 
 LOCK_FILE = ".export.lock"
 STAGING_PREFIX = ".export-staging-"
@@ -123,22 +126,13 @@ def resolve_version(export_dir, version=None, overwrite=False):
     return int(version)
 
 
-@contextlib.contextmanager
 def _export_lock(export_dir):
-    """Holds E's lock file: exports into one folder take turns (released when the process dies,
-    so a killed export never blocks the next)."""
-    os.makedirs(export_dir, exist_ok=True)
-    with open(os.path.join(export_dir, LOCK_FILE), "a+") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            logging.warning("Another export is writing into %s; waiting for it to finish.",
-                            export_dir)
-            fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+    """E's lock (a context manager): exports into one folder take turns. The kernel releases it
+    when its process dies, so a killed export never blocks the next; the last holder removes
+    the lock file."""
+    return locks.FileLock(
+        os.path.join(export_dir, LOCK_FILE), timeout=None, what="the export's lock file",
+        waiting=f"Another export is writing into {export_dir}; waiting for it to finish.")
 
 
 def update_report(version_dir, key, value):
@@ -160,16 +154,16 @@ def update_report(version_dir, key, value):
     with lock:
         report = layout.read_version_report(version_dir)
         report[key] = value
-        layout.write_version_report(version_dir, report)
-        written = [os.path.join(version_dir, layout.ASSETS_EXTRA_DIR, layout.REPORT_FILE)]
+        reports = {os.path.join(version_dir, layout.ASSETS_EXTRA_DIR, layout.REPORT_FILE): report}
         if export_dir and layout.export_dir_of(version_dir) == export_dir:
             path = os.path.join(export_dir, layout.REPORT_FILE)
             with open(path) as f:
                 outer = json.load(f)
             outer[key] = value
-            atomic.write_json(path, outer)
-            written.append(path)
-    return written
+            reports[path] = outer
+        # Together: a full disk leaves both copies as they were, never one of them updated.
+        atomic.write_json_files(reports)
+    return list(reports)
 
 
 def _process_alive(pid, host):
@@ -255,7 +249,7 @@ def earlier_artifacts(export_dir, written):
             if name not in written and os.path.isfile(os.path.join(export_dir, name))}
 
 
-def _signature_contracts(model, raw_form, preprocess, litert_written, top_k):
+def _signature_contracts(model, raw_form, preprocess, litert_written, top_k, max_pixels):
     height, width = raw_form.raw_size or (None, None)
     normalized = bool(model.normalize_embeddings)
     dim = model.embedding_dim
@@ -268,6 +262,8 @@ def _signature_contracts(model, raw_form, preprocess, litert_written, top_k):
         "embed_bytes": {
             "inputs": {saved_model_lib.IMAGE_BYTES_KEY: "string [None] (encoded JPEG/PNG/...)"},
             "outputs": {saved_model_lib.EMBEDDING_KEY: f"float32 [None, {dim}]"},
+            # Larger images (width x height, from the header) fail the request unread.
+            "max_image_pixels": max_pixels,
         },
         "embedding_normalized": normalized,
     }
@@ -308,6 +304,7 @@ def export_model(
     top_k=10,
     calibration_images=200,
     source=None,
+    max_image_pixels=None,
 ):
     """Exports a trained model (see the module docstring for the layout).
 
@@ -324,6 +321,8 @@ def export_model(
         top_k: results per retrieval query.
         calibration_images: raw training images for the int8 calibration (>= 1).
         source: where the weights came from (for the report).
+        max_image_pixels: `embed_bytes` refuses larger images (width x height) before decoding
+            them; default: the run's `config.max_image_pixels`.
 
     Returns:
         `ExportResult`.
@@ -338,6 +337,8 @@ def export_model(
         raise ValueError(f"gallery_split must be 'test' or 'train'; got {gallery_split!r}.")
     if calibration_images < 1:
         raise ValueError(f"calibration_images must be >= 1; got {calibration_images}.")
+    max_image_pixels = pixel_limit.check_max_pixels(
+        config.max_image_pixels if max_image_pixels is None else max_image_pixels)
     if raw_splits is None:
         try:
             raw_splits = task.load_splits(config, raw=True, data_dir=data_dir)
@@ -367,27 +368,30 @@ def export_model(
         remove_stale_staging(export_dir)
         # Chosen under the lock: a concurrent export got the previous number.
         version = resolve_version(export_dir, version, overwrite)
-        staging = tempfile.mkdtemp(dir=export_dir, prefix=STAGING_PREFIX)
-        try:
-            atomic.write_json(os.path.join(staging, _OWNER_FILE), {
-                "pid": os.getpid(), "host": socket.gethostname(),
-                "started": time.strftime("%Y-%m-%d %H:%M:%S")})
-            report = _write_artifacts(model, config, raw_form, preprocess, raw_splits, staging,
-                                      version, litert_models, gallery_split, top_k,
-                                      calibration_images, source, export_dir)
-            _move_into_place(staging, export_dir, version, report)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+        with write_errors.reported(export_dir, f"the export (version {version})",
+                                   kept="What the folder held before is intact.", replace=True):
+            staging = tempfile.mkdtemp(dir=export_dir, prefix=STAGING_PREFIX)
+            try:
+                atomic.write_json(os.path.join(staging, _OWNER_FILE), {
+                    "pid": os.getpid(), "host": socket.gethostname(),
+                    "started": time.strftime("%Y-%m-%d %H:%M:%S")})
+                report = _write_artifacts(model, config, raw_form, preprocess, raw_splits,
+                                          staging, version, litert_models, gallery_split, top_k,
+                                          calibration_images, source, export_dir,
+                                          max_image_pixels)
+                _move_into_place(staging, export_dir, version, report)
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
     logging.info("Export complete: %s (version %d)", export_dir, version)
     return ExportResult(export_dir, version, report)
 
 
 def _write_artifacts(model, config, raw_form, preprocess, raw_splits, staging, version,
                      litert_models, gallery_split, top_k, calibration_images, source,
-                     export_dir):
+                     export_dir, max_pixels):
     """Writes every artifact into `staging` (same names as in E); returns the report."""
     version_dir = os.path.join(staging, layout.SAVED_MODEL_DIR, str(version))
-    saved_model_lib.write_saved_model(model, raw_form, preprocess, version_dir)
+    saved_model_lib.write_saved_model(model, raw_form, preprocess, version_dir, max_pixels)
     images, images_source = warmup.warmup_images(raw_form, preprocess, raw_splits)
     warmup_record = warmup.write_warmup_requests(version_dir, images)
     if warmup_record["file"]:
@@ -400,7 +404,8 @@ def _write_artifacts(model, config, raw_form, preprocess, raw_splits, staging, v
     report = {
         "version": version,
         "files": files,
-        "signatures": _signature_contracts(model, raw_form, preprocess, litert_models, top_k),
+        "signatures": _signature_contracts(model, raw_form, preprocess, litert_models, top_k,
+                                           max_pixels),
         "raw_input": {"raw_form": raw_form.to_dict(),
                       "preprocess": dataclasses.asdict(preprocess)},
         "model": {
@@ -411,6 +416,9 @@ def _write_artifacts(model, config, raw_form, preprocess, raw_splits, staging, v
             "dvml": config.dvml,
             "embedding_dim": config.embedding_dim,
             "normalized": bool(model.normalize_embeddings),
+            # The digest of the SavedModel's variables: with the raw input and the output, what
+            # the fingerprint of an index's contract covers (dvml_tf.index.contract).
+            "weights": fingerprint.weights_digest(version_dir),
             # Which training classes the run held out: evaluate.py --calibrate picks matching
             # thresholds on them (never on the test classes).
             "validation_classes": config.validation_classes,
@@ -478,8 +486,10 @@ def _move_into_place(staging, export_dir, version, report):
     """Moves the staged artifacts into E: the version folder, then each file, the report last.
 
     Each step is one rename on one filesystem; an existing version folder (--overwrite) is
-    moved aside first and removed only once the new one is in place.
+    moved aside first and removed only once the new one is in place. The report is written into
+    the staging folder first: renames need no space, so a full disk fails before E changes.
     """
+    staged_report = atomic.write_json(os.path.join(staging, layout.REPORT_FILE), report)
     base = os.path.join(export_dir, layout.SAVED_MODEL_DIR)
     os.makedirs(base, exist_ok=True)
     target = os.path.join(base, str(version))
@@ -491,7 +501,7 @@ def _move_into_place(staging, export_dir, version, report):
     for name, path in report["files"].items():
         if name != "saved_model" and isinstance(path, str):
             os.replace(os.path.join(staging, path), os.path.join(export_dir, path))
-    atomic.write_json(os.path.join(export_dir, layout.REPORT_FILE), report)
+    os.replace(staged_report, os.path.join(export_dir, layout.REPORT_FILE))
     if replaced is not None:
         shutil.rmtree(replaced, ignore_errors=True)
 

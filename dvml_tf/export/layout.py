@@ -124,3 +124,19 @@ def export_dir_of(version_dir):
     if isinstance(report, dict) and report.get("version") == int(name):
         return export_dir
     return None
+
+
+def max_image_pixels(report):
+    """The pixel limit an export's `embed_bytes` enforces (exports older than the limit: the
+    default, which their graph does not enforce).
+
+    Args:
+        report: an export report (`read_version_report`).
+
+    Returns:
+        int.
+    """
+    from dvml_tf.data import pixel_limit  # the data layer loads TensorFlow
+
+    embed_bytes = (report.get("signatures") or {}).get("embed_bytes") or {}
+    return int(embed_bytes.get("max_image_pixels") or pixel_limit.DEFAULT_MAX_PIXELS)

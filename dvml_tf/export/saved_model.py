@@ -8,6 +8,11 @@ Signatures (TF Serving's defaults: serve tag, `serving_default` used when none i
 * `embed_bytes`: `image_bytes` string [None], encoded JPEG/PNG/GIF/BMP/WebP files (REST clients
   send `{"b64": ...}`) -> the same output. Each string is decoded to RGB and preprocessed on its
   own by the same preprocessing layer (images may differ in size), then the same embedder runs.
+  Before anything is decoded, each image's size is read from its header (`data.pixel_limit`):
+  a request holding an image above the export's pixel limit fails as a whole, with one
+  InvalidArgumentError naming the index and size of every such image (a signature has one
+  output tensor, so it cannot answer some images and refuse others; `dvml_tf`'s own clients
+  then retry image by image, so that only the refused images are left out).
 
 Written with `keras.export.ExportArchive`, which saves only the variables the endpoints use (the
 backbone and the z_I head): the decoder and the variance heads are not in the SavedModel. (A
@@ -19,6 +24,7 @@ import re
 import keras
 import tensorflow as tf
 
+from dvml_tf.data import pixel_limit
 from dvml_tf.export import inference as inference_lib
 
 SERVING_DEFAULT = "serving_default"
@@ -126,19 +132,22 @@ def error_message(error):
     # An in-graph check's one-sentence message, as tf.debugging.Assert frames it.
     lines = [re.sub(r"^assertion failed: \[(.*)\]$", r"\1", line) for line in lines]
     message = " ".join(lines) or str(error)
-    if "DecodeImage" in str(error) and "could not decode" not in message:
+    if (("DecodeImage" in str(error) or "ExtractJpegShape" in str(error))
+            and "could not decode" not in message):
         # TF Serving returns the decoder's message as is; say which step failed.
         message = f"could not decode image: {message}"
     return message
 
 
-def serving_functions(model, raw_form, preprocess):
+def serving_functions(model, raw_form, preprocess, max_pixels=pixel_limit.DEFAULT_MAX_PIXELS):
     """The two endpoint functions and their input signatures.
 
     Args:
         model: a `DVMLModel`.
         raw_form: `data.RawForm` of its dataset.
         preprocess: the run's `data.PreprocessConfig`.
+        max_pixels: `embed_bytes` refuses images above this many pixels (width x height) before
+            decoding them.
 
     Returns:
         `(inference, {name: (fn, input_signature)})` where `inference` is the
@@ -154,7 +163,8 @@ def serving_functions(model, raw_form, preprocess):
         return {EMBEDDING_KEY: _embed_batch(inference, images, dim)}
 
     def serve_bytes(image_bytes):
-        image_bytes = check_image_bytes(image_bytes)
+        image_bytes = pixel_limit.batch_within_limit(check_image_bytes(image_bytes), max_pixels,
+                                                     f"{EMBED_BYTES}: {IMAGE_BYTES_KEY}")
         images = tf.map_fn(
             lambda contents: preprocessor(decode_raw_image(contents)[tf.newaxis])[0],
             image_bytes,
@@ -175,7 +185,8 @@ def serving_functions(model, raw_form, preprocess):
     return inference, endpoints
 
 
-def write_saved_model(model, raw_form, preprocess, path):
+def write_saved_model(model, raw_form, preprocess, path,
+                      max_pixels=pixel_limit.DEFAULT_MAX_PIXELS):
     """Writes the serving SavedModel of a trained model.
 
     Args:
@@ -183,11 +194,12 @@ def write_saved_model(model, raw_form, preprocess, path):
         raw_form: `data.RawForm` of its dataset.
         preprocess: the run's `data.PreprocessConfig`.
         path: the version folder to create (e.g. `E/saved_model/1`); must not exist.
+        max_pixels: the pixel limit of `embed_bytes` (see `serving_functions`).
 
     Returns:
         `path`.
     """
-    _, endpoints = serving_functions(model, raw_form, preprocess)
+    _, endpoints = serving_functions(model, raw_form, preprocess, max_pixels)
     archive = keras.export.ExportArchive()
     # No `archive.track(inference)`: add_endpoint already saves the variables the endpoints use,
     # and tracking the Keras model too would save every weight a second time (as the Keras

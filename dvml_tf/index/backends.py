@@ -10,11 +10,11 @@ Scores: metric "cosine" gives the inner product of the normalised vectors, i.e. 
 similarity; "euclidean" gives the negative squared Euclidean distance. Within a result row,
 equal scores are ordered by position (the earlier added row first).
 
-* ``flat``: exact search with the code of `dvml_tf.evaluation.knn` (numpy matrix products and
-  knn's selection), so it returns exactly the neighbours of `knn.nearest_neighbors` on the same
-  rows with the same memory budget, ties included. faiss's IndexFlat is not used: it ranks
-  near-ties by different float roundings and breaks exact ties by heap order, so its neighbour
-  lists differ from knn's.
+* ``flat``: exact search with `dvml_tf.evaluation.exact_search` (the engine of
+  `knn.nearest_neighbors`: a float32 or bfloat16 candidate pass with a proven error bound, exact
+  re-scoring where the bound leaves the order open), so it returns exactly the neighbours of
+  `knn.nearest_neighbors` on the same rows, ties included. faiss's IndexFlat is not used: it
+  ranks near-ties by float roundings and breaks exact ties by heap order.
 * ``hnsw``: faiss IndexHNSWFlat (float32 vectors) or IndexHNSWSQ (float16 vectors). HNSW cannot
   delete nodes: removed rows become tombstones that searches skip through a faiss IDSelector
   (the graph keeps them as stepping stones, so recall does not drop), and the graph is rebuilt
@@ -25,14 +25,15 @@ equal scores are ordered by position (the earlier added row first).
   (kept here in numpy, so that removal stays a faiss `remove_ids` plus an array deletion).
 """
 
-import itertools
+import logging
 import math
-from concurrent.futures import ThreadPoolExecutor
 from typing import ClassVar
 
 import numpy as np
 
+from dvml_tf.evaluation import exact_search
 from dvml_tf.evaluation import knn
+from dvml_tf.evaluation import score_bounds
 from dvml_tf.index import storage
 
 BACKENDS = ("flat", "hnsw", "ivf_pq")
@@ -41,9 +42,22 @@ PAD_POSITION = -1
 _REFINE_BLOCK_BYTES = 1 << 27
 # Rows per faiss call when a graph is rebuilt from its live vectors: bounds the float32 copy.
 _REBUILD_CHUNK_ROWS = 1 << 17
+# Upper bounds of the options, far above any useful value (faiss's own guides use M <= 64,
+# nlist <= 2^20): a typo such as M=100000000 fails when the index is created, before a build
+# spends its time embedding, instead of as a MemoryError when the rows are added.
+MAX_HNSW_M = 256
+MAX_CANDIDATES = 1 << 16
+MAX_LISTS = 1 << 22
+MAX_TRAIN_ROWS = 1 << 26
+MAX_THREADS = 1024
+MAX_MEMORY_BUDGET_BYTES = 1 << 40
 
 
 def _faiss():
+    # faiss's loader tries its AVX512/AVX2 builds first and logs each missing one at INFO
+    # ("No module named 'faiss.swigfaiss_avx512'") before falling back to one that works: noise
+    # on every command. Its warnings and errors, and a failing import, stay visible.
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
     try:
         import faiss
     except ImportError as error:
@@ -70,14 +84,18 @@ def _merge_options(backend, given, defaults):
     return {**defaults, **given}
 
 
-def _check_int(options, name, minimum=1, allow_none=False):
+def _check_int(options, name, minimum=1, allow_none=False, maximum=None, why=""):
+    """Checks an int option; `maximum` bounds what the memory or time of one row or query can
+    afford (so that e.g. M=100000000 fails here, not as a MemoryError after the embedding)."""
     value = options[name]
     if value is None and allow_none:
         return
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+    if (isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum
+            or (maximum is not None and value > maximum)):
+        bounds = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
         raise ValueError(
-            f"backend_options[{name!r}] must be an int >= {minimum}"
-            f"{' or None' if allow_none else ''}; got {value!r}."
+            f"backend_options[{name!r}] must be an int {bounds}"
+            f"{' or None' if allow_none else ''}; got {value!r}{why}."
         )
     options[name] = int(value)
 
@@ -134,37 +152,41 @@ def pad_columns(positions, scores, k):
 
 
 class FlatBackend:
-    """Exact search, identical to `dvml_tf.evaluation.knn.nearest_neighbors` on the same rows
-    with the same `memory_budget_bytes` (another chunking may round products differently).
+    """Exact search with `dvml_tf.evaluation.exact_search`: the same neighbours, order and
+    ties (exact ties to the smaller position, i.e. the earlier added row) as
+    `knn.nearest_neighbors` on the same rows, whatever the memory budget or product format.
 
-    The score block of each chunk of queries is built exactly as knn.py builds it (``-q.g`` for
-    cosine; ``||g||^2 - 2 q.g`` for Euclidean, on data centred on the gallery mean when knn
-    would centre it) and handed to knn's own selection, so neighbours, order and ties (to the
-    smaller position, i.e. the earlier added row) are knn's. The centring decision and the
-    gallery's squared norms are cached until the next add or remove.
+    Scores are the float64 re-scored exact scores rounded to float32: the inner product of the
+    (normalised) vectors for "cosine", the negative squared distance for "euclidean".
 
     Args:
         dim: vector dimension.
         metric: "cosine" or "euclidean".
-        options: dict with "memory_budget_bytes" (scratch memory per chunk of queries, as in
-            knn.py) and "num_threads" (threads for the selection; None: the usable cores).
+        options: dict with "memory_budget_bytes" (scratch memory of a search, as in knn.py),
+            "num_threads" (threads for the certification; None: the usable cores) and
+            "precision" (product format of the candidate pass: "auto", "float32" or
+            "bfloat16"; the results are the same).
     """
 
     name = "flat"
     DEFAULTS: ClassVar[dict] = {
         "memory_budget_bytes": knn.DEFAULT_MEMORY_BUDGET_BYTES,
         "num_threads": None,
+        "precision": "auto",
     }
-    SEARCH_OPTIONS = ("memory_budget_bytes", "num_threads")
+    SEARCH_OPTIONS = ("memory_budget_bytes", "num_threads", "precision")
     FILES = ("flat_vectors.npy",)
 
     def __init__(self, dim, metric, options=None):
         self.dim = dim
         self.metric = metric
         self.options = _merge_options(self.name, options, self.DEFAULTS)
-        _check_int(self.options, "memory_budget_bytes")
-        _check_int(self.options, "num_threads", allow_none=True)
+        _check_int(self.options, "memory_budget_bytes", maximum=MAX_MEMORY_BUDGET_BYTES)
+        _check_int(self.options, "num_threads", allow_none=True, maximum=MAX_THREADS)
+        _check_choice(self.options, "precision", score_bounds.PRECISIONS)
         self._vectors = np.empty((0, dim), dtype=np.float32)
+        # The gallery's prepared rows (centring, norms, bound weights), kept until the next add
+        # or remove: preparing 1M rows costs more than searching one query.
         self._prepared = None
 
     def __len__(self):
@@ -184,63 +206,21 @@ class FlatBackend:
         self._vectors = np.delete(self._vectors, positions, axis=0)
         self._prepared = None
 
-    def _gallery(self):
-        """(gallery, squared norms or None, centre or None), as knn._prepare/_iterate build them."""
-        if self._prepared is None:
-            gallery, gallery_sq, center = self._vectors, None, None
-            if self.metric == "euclidean":
-                # knn._prepare's rule, on the same array: centre on the gallery mean when the
-                # offset dominates the spread (it limits the cancellation of the expansion).
-                mean = gallery.mean(axis=0, dtype=np.float64)
-                mean_sq_norm = np.einsum("ij,ij->i", gallery, gallery).mean(dtype=np.float64)
-                if 2.0 * (mean @ mean) > mean_sq_norm:
-                    center = mean.astype(np.float32)
-                    gallery = gallery - center
-                gallery_sq = np.einsum("ij,ij->i", gallery, gallery)
-            self._prepared = (gallery, gallery_sq, center)
-        return self._prepared
-
     def search(self, queries, k):
-        """Exact top-k positions and scores (see the module docstring), padded to k columns."""
+        """Exact top-k positions and scores (see the class docstring), padded to k columns."""
         k_eff = min(k, len(self))
-        gallery, gallery_sq, center = self._gallery()
-        euclidean = self.metric == "euclidean"
-        if center is not None:
-            queries = queries - center
-        query_sq = np.einsum("ij,ij->i", queries, queries) if euclidean else None
-        num_queries = queries.shape[0]
-        chunk = knn.chunk_size_for(len(self), k_eff, self.options["memory_budget_bytes"])
-        threads = knn._num_threads(self.options["num_threads"])
-        positions = np.empty((num_queries, k_eff), dtype=np.int64)
-        scores = np.empty((num_queries, k_eff), dtype=np.float32)
-        # Multiplying the small query block by -2 or -1 is exact: knn.py does the same, so the
-        # scores are bit-identical to knn's.
-        scale = np.float32(-2.0 if euclidean else -1.0)
-        gallery_t = gallery.T
-        pool = ThreadPoolExecutor(max_workers=threads) if threads > 1 and num_queries > 1 else None
-        try:
-            for start in range(0, num_queries, chunk):
-                stop = min(start + chunk, num_queries)
-                block = np.matmul(queries[start:stop] * scale, gallery_t)
-                if euclidean:
-                    block += gallery_sq
-                if pool is None:
-                    ids, vals = knn._topk_rows(block, k_eff)
-                else:
-                    bounds = np.linspace(0, stop - start, min(threads, stop - start) + 1)
-                    parts = [block[a:b] for a, b in itertools.pairwise(bounds.astype(int))]
-                    done = list(pool.map(knn._topk_rows, parts, itertools.repeat(k_eff)))
-                    ids = np.concatenate([d[0] for d in done])
-                    vals = np.concatenate([d[1] for d in done])
-                del block
-                if euclidean:
-                    vals += query_sq[start:stop, None]
-                    np.maximum(vals, 0.0, out=vals)  # Rounding can push a true 0 below 0.
-                positions[start:stop] = ids
-                np.negative(vals, out=scores[start:stop])
-        finally:
-            if pool is not None:
-                pool.shutdown()
+        positions = np.empty((len(queries), k_eff), dtype=np.int64)
+        scores = np.empty((len(queries), k_eff), dtype=np.float32)
+        # The stored vectors are the canonical rows (normalised already for cosine).
+        search = exact_search.Search(
+            queries, self._vectors, k_eff, self.metric, self.options["memory_budget_bytes"],
+            self.options["precision"], knn.resolve_threads(self.options["num_threads"]),
+            prepared_gallery=self._prepared)
+        self._prepared = search.gallery
+        for start, ids, values in search:
+            positions[start:start + len(ids)] = ids
+            # exact_search scores are smaller-is-nearer: -||q - g||^2, or -q.g for cosine.
+            scores[start:start + len(ids)] = -values
         return pad_columns(positions, scores, k)
 
     def save(self, folder):
@@ -314,8 +294,10 @@ class HNSWBackend:
         self.dim = dim
         self.metric = metric
         self.options = _merge_options(self.name, options, self.DEFAULTS)
-        for name in ("M", "ef_construction", "ef_search"):
-            _check_int(self.options, name)
+        _check_int(self.options, "M", maximum=MAX_HNSW_M,
+                   why=" (each row keeps 2M links: 8M bytes)")
+        for name in ("ef_construction", "ef_search"):
+            _check_int(self.options, name, maximum=MAX_CANDIDATES)
         _check_choice(self.options, "storage", ("float32", "float16"))
         _check_fraction(self.options, "max_tombstone_fraction")
         self._index = self._new_index()
@@ -487,10 +469,12 @@ class IVFPQBackend:
         self.dim = dim
         self.metric = metric
         self.options = _merge_options(self.name, options, self.DEFAULTS)
-        for name in ("nlist", "m", "nprobe"):
-            _check_int(self.options, name, allow_none=True)
-        for name in ("nbits", "train_size", "k_factor"):
-            _check_int(self.options, name)
+        for name in ("nlist", "nprobe"):
+            _check_int(self.options, name, allow_none=True, maximum=MAX_LISTS)
+        _check_int(self.options, "m", allow_none=True, maximum=dim)
+        _check_int(self.options, "train_size", maximum=MAX_TRAIN_ROWS)
+        _check_int(self.options, "k_factor", maximum=MAX_CANDIDATES)
+        _check_int(self.options, "nbits")
         _check_int(self.options, "seed", minimum=0)
         _check_choice(self.options, "refine", ("float16", "float32", "none"))
         if self.options["nbits"] > 16:

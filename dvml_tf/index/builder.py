@@ -19,40 +19,45 @@ What a build does:
   index's `info`.
 * **Checkpoints** the embeddings in a staging folder next to the output,
   ``<parent>/.<name>.staging/`` (a progress JSON and one .npy file per chunk of
-  `chunk_images` images, each written atomically). Running the same command again after an
-  interruption (Ctrl-C, SIGKILL, a lost machine) resumes after the last complete chunk; the
-  staging folder is removed once the output is in place. A staging folder left by a build with
-  other settings is refused (pass `restart=True` to discard it).
-* **Locks** the output: ``<parent>/.<name>.build.lock`` is held (`fcntl.flock`) for the whole
-  build, so a second build or merge into the same output is refused at once with the holder's
-  pid, host and start time, instead of racing it. The lock is released by the kernel when its
-  process dies, so a killed build never blocks the next one.
+  `chunk_images` images, each written atomically; the JSON records each chunk file's SHA-256
+  and a digest of its input images: size and modification time of each file). Running the same
+  command again after an interruption (Ctrl-C, SIGKILL, a lost machine, a full disk) resumes
+  after the last complete chunk; a chunk whose file is corrupt, or whose images changed since,
+  is embedded again. The staging folder is removed once the output is in place. Checkpoints of
+  another model (fingerprint), or of other settings, are refused (pass `restart=True` to
+  discard them).
+* **Locks** the output: ``<parent>/.<name>.build.lock`` is held (`dvml_tf.utils.locks`) for the
+  whole build, so a second build or merge into the same output is refused at once with the
+  holder's pid, host, start time and command, instead of racing it. The kernel releases the lock
+  when its process dies, so a killed build never blocks the next one; the lock file is removed
+  when the build ends.
 * **Writes atomically**: `GalleryIndex.save` (or, for a shard, an `AtomicDirectory`) puts the
   output in place only when it is complete. An existing output is replaced only with
-  `overwrite=True`; a folder that is neither an index nor a shard is never touched.
+  `overwrite=True`, and then only the files the build writes: anything else a user keeps in the
+  folder stays. A folder that is neither an index nor a shard is never touched. A full disk or
+  a read-only folder is a `WriteFailedError` naming the folder; the checkpoints stay.
 
 The index's ids are the row numbers of the split (`int`), its labels the split's labels, and
 its metadata the file path of each row when the dataset has files (folder, CSV). Its contract
-(`contract_from_report`) fingerprints the SavedModel, so queries embedded by another model are
-refused; its `info` records the dataset, split, failures, class names, timing and the model's
-matching thresholds at build time (`evaluate.py --calibrate`).
+(`load_model`) fingerprints what the SavedModel computes (its weights, input preprocessing and
+output), so queries embedded by another model are refused; its `info` records the dataset,
+split, failures, class names, timing and the model's matching thresholds at build time
+(`evaluate.py --calibrate`).
 
 A shard output (``num_shards > 1``) is not an index but the embeddings of one shard
-(`shard.json`, `embeddings.npy`, `ids.npy`, `labels.npy`, `paths.npy`); `merge_shards` checks that
-the shards come from one build plan and cover it exactly once, and builds the index from them
+(`shard.json`, `embeddings.npy`, `ids.npy`, `labels.npy`, `paths.npy`; shard.json records the
+SHA-256 of each array file). `merge_shards` verifies those digests, checks that the shards come
+from one model and one build plan and cover it exactly once, and builds the index from them
 with the rows in split order (so `flat` still equals the exact evaluation).
 """
 
 import contextlib
 import dataclasses
-import errno
-import fcntl
 import hashlib
 import io
 import json
 import os
 import shutil
-import socket
 import sys
 import time
 
@@ -61,15 +66,24 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
+from dvml_tf.data import pixel_limit
 from dvml_tf.evaluation import runner
+from dvml_tf.export import fingerprint
 from dvml_tf.export import layout
 from dvml_tf.export import saved_model as saved_model_lib
 from dvml_tf.index import contract as contract_lib
 from dvml_tf.index import gallery_index
+from dvml_tf.index import storage
 from dvml_tf.utils import atomic
+from dvml_tf.utils import locks
+from dvml_tf.utils import write_errors
 
 SHARD_FILE = "shard.json"
 PROGRESS_FILE = "progress.json"
+# progress.json and shard.json record the SHA-256 of every file they describe since format 2.
+STAGING_FORMAT = 2
+SHARD_FORMAT = 2
+_CHUNK_KEYS = {"file", "count", "failures", "sha256", "bytes", "inputs"}
 SHARD_ARRAYS = ("embeddings", "ids", "labels", "paths")
 SHARD_BY = ("range", "modulo")
 DEFAULT_BATCH_SIZE = 256
@@ -79,8 +93,8 @@ LISTED_FAILURES = 20
 _KEPT_FAILURES = 100
 
 
-class BuildLockedError(RuntimeError):
-    """Another process is building into the same output."""
+# Another process is building into the same output.
+BuildLockedError = locks.LockedError
 
 
 @dataclasses.dataclass
@@ -118,18 +132,33 @@ def load_model(saved_model):
 
     Returns:
         (version_dir, report, contract, metric): the contract is `contract_from_report` of the
-        version's export report with the index metric ("cosine" for normalised embeddings).
+        version's export report with the digest of the SavedModel's weights and the index
+        metric ("cosine" for normalised embeddings).
+
+    Raises:
+        FileNotFoundError: no SavedModel there.
+        ValueError: its weights cannot be read, or differ from those its report records.
     """
     version_dir, _ = layout.resolve_saved_model(saved_model)
     version_dir = os.path.abspath(version_dir)
     report = layout.read_version_report(version_dir)
+    # The weights are hashed from the SavedModel's files, not taken from its report: the files
+    # are what computes the embeddings.
+    weights = fingerprint.weights_digest(version_dir)
+    recorded = report["model"].get("weights")
+    if recorded is not None and recorded != weights:
+        raise ValueError(
+            f"The weights of the SavedModel {version_dir} ({weights}) are not the ones its "
+            f"export report records ({recorded}): its variables changed after export.py wrote "
+            "it. Export the run again.")
+    report = {**report, "model": {**report["model"], "weights": weights}}  # older exports
     metric = runner.distance_metric(report["model"]["normalized"])
-    contract = contract_lib.contract_from_report(report, saved_model=version_dir)
-    contract["metric"] = metric
+    contract = contract_lib.contract_from_report({**report, "metric": metric},
+                                                 saved_model=version_dir)
     return version_dir, report, contract, metric
 
 
-def embed_each(embed_fn, encoded, dim, errors=(tf.errors.OpError,)):
+def embed_each(embed_fn, encoded, dim, errors=(tf.errors.OpError,), max_pixels=None):
     """Embeds a batch of encoded images; if the batch fails, each image alone, so that one bad
     image costs only itself.
 
@@ -139,10 +168,21 @@ def embed_each(embed_fn, encoded, dim, errors=(tf.errors.OpError,)):
         encoded: list of bytes.
         dim: D.
         errors: the exception types that mean "an image was refused".
+        max_pixels: optional pixel limit: images above it (read from their header) are refused
+            here, never sent (also to models exported before the limit, which would decode them).
 
     Returns:
         (embeddings float32 [n, D] with NaN rows for the failed images, {i: message}).
     """
+    if max_pixels is not None:
+        refused = pixel_limit.oversized(encoded, max_pixels)
+        if refused:
+            kept = [i for i in range(len(encoded)) if i not in refused]
+            out = np.full((len(encoded), dim), np.nan, np.float32)
+            failed = {}
+            if kept:
+                out[kept], failed = embed_each(embed_fn, [encoded[i] for i in kept], dim, errors)
+            return out, {**refused, **{kept[i]: message for i, message in failed.items()}}
     out = np.full((len(encoded), dim), np.nan, np.float32)
     try:
         out[:] = embed_fn(encoded)
@@ -183,45 +223,23 @@ def lock_path(output):
     return _sibling(output, ".build.lock")
 
 
-@contextlib.contextmanager
 def build_lock(output):
-    """Holds the build lock of `output` for this process, or refuses at once.
+    """The build lock of `output`, to hold for a whole build or merge (a context manager):
+    refused at once while another process holds it.
 
     Args:
         output: the output folder.
 
-    Yields:
-        the lock file's path.
-
-    Raises:
+    Raises (on entry):
         BuildLockedError: another process holds it (the message names that process).
+        dvml_tf.utils.write_errors.WriteFailedError: the output's parent cannot be written.
     """
     path = lock_path(output)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as error:
-            if error.errno not in (errno.EAGAIN, errno.EACCES):
-                raise
-            try:
-                with open(path) as f:
-                    owner = json.load(f)
-                holder = (f"pid {owner['pid']} on {owner['host']}, started "
-                          f"{owner['started']}: {owner['command']}")
-            except (OSError, ValueError, KeyError, TypeError):
-                holder = "its owner is unknown"
-            raise BuildLockedError(
-                f"Another build is writing {os.path.abspath(output)} ({holder}); wait for it to "
-                f"finish, or build into another --output. (Lock file: {path}.)") from None
-        owner = {"pid": os.getpid(), "host": socket.gethostname(),
-                 "started": time.strftime("%Y-%m-%d %H:%M:%S"), "command": " ".join(sys.argv)}
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps(owner).encode(), 0)
-        yield path
-    finally:
-        os.close(fd)  # releases the lock; the file stays (see dvml_tf.index.storage)
+    return locks.FileLock(path, what=f"the build lock of {os.path.basename(output)}",
+                          busy=lambda holder: (
+                              f"Another build is writing {os.path.abspath(output)} ({holder}); "
+                              "wait for it to finish, or build into another --output. (Lock "
+                              f"file: {path}.)"))
 
 
 def check_output(output, kind, overwrite):
@@ -293,7 +311,8 @@ def shard_rows(rows, num_shards, shard_index, shard_by="range"):
 
 
 def _catalog_digest(catalog):
-    """A fingerprint of the split's rows: labels and, when known, file paths."""
+    """A fingerprint of the split's rows (which images, in which order): labels and, when
+    known, file paths. What the files hold is checked per checkpoint (`_inputs_digest`)."""
     digest = hashlib.sha256(np.ascontiguousarray(catalog.labels).tobytes())
     if catalog.paths is not None:
         digest.update("\0".join(catalog.paths.tolist()).encode("utf-8", "surrogateescape"))
@@ -306,12 +325,62 @@ def _class_names(catalog, labels):
 
 # ------------------------------------------------------------------------------- embedding
 
-class _Staging:
-    """The checkpoints of one build: a progress JSON listing complete chunk files."""
+def _inputs_digest(catalog, rows):
+    """What the images of some catalog rows are now, as a digest: for a file, its size and
+    modification time (a file rewritten since gets another digest, at the cost of one stat per
+    file instead of a read); for an image held in memory (TFDS), its bytes.
 
-    def __init__(self, path, plan, restart):
+    Args:
+        catalog: the raw `ImageCatalog`.
+        rows: int [n] catalog rows.
+
+    Returns:
+        str ``"sha256:..."``.
+    """
+    sources = tf.gather(catalog.sources, rows).numpy()
+    digest = hashlib.sha256()
+    for source, is_path in zip(sources, catalog.source_is_path[rows], strict=True):
+        if is_path:
+            try:
+                stat = os.stat(source)
+                stamp = (stat.st_size, stat.st_mtime_ns)
+            except OSError:
+                stamp = (-1, -1)  # gone: its embedding (or failure) is redone
+            digest.update(np.asarray(stamp, np.int64).tobytes())
+        else:
+            digest.update(hashlib.sha256(source).digest())
+    return "sha256:" + digest.hexdigest()
+
+
+def _model_change(path, stored, given):
+    """The error for checkpoints of a build with another model (both fingerprints, what to do)."""
+    stored_model = stored.get("saved_model") or "unknown"
+    why = contract_lib.fingerprint_difference(stored, given)
+    return ValueError(
+        f"{path} holds the checkpoints of an interrupted build with another model: fingerprint "
+        f"{stored.get('fingerprint')} ({stored_model}), not {given['fingerprint']} "
+        f"({given.get('saved_model')}){f'; {why}' if why else ''}. Resume it with the model it "
+        f"started with (--saved_model={stored_model}), or pass --restart to discard its "
+        "checkpoints and build with this model.")
+
+
+class _Staging:
+    """The checkpoints of one build: a progress JSON listing the complete chunk files, each with
+    the SHA-256 and size of its file and the digest of its input images (`_inputs_digest`).
+
+    Args:
+        path: the staging folder.
+        plan: what the build embeds (a resume must have the same plan).
+        restart: discard checkpoints of another plan.
+        model: the contract of the model that embeds (its "fingerprint" is in the plan).
+    """
+
+    def __init__(self, path, plan, restart, model=None):
         self.path = path
         self.plan = plan
+        self.model = {key: (model or {}).get(key) for key in ("fingerprint", "weights",
+                                                              "saved_model")}
+        self.arrays = {}  # chunk number -> its verified embeddings
         progress_path = os.path.join(path, PROGRESS_FILE)
         if os.path.isdir(path) and restart:
             if not os.path.isfile(progress_path):
@@ -325,10 +394,22 @@ class _Staging:
                 with open(progress_path) as f:
                     progress = json.load(f)
                 stored_plan, chunks = progress["plan"], progress["chunks"]
-            except (OSError, ValueError, KeyError, TypeError):
+                if progress.get("format") == STAGING_FORMAT and not all(
+                        isinstance(chunk, dict) and set(chunk) >= _CHUNK_KEYS for chunk in chunks):
+                    raise KeyError("chunks")
+            except (OSError, ValueError, KeyError, TypeError, AttributeError):
                 raise ValueError(f"{path} is not a readable staging folder of index.py (no valid "
                                  f"{PROGRESS_FILE}); it is left untouched: remove it yourself "
                                  "or build into another --output.") from None
+            if progress.get("format") != STAGING_FORMAT:
+                raise ValueError(
+                    f"{path} holds the checkpoints of an interrupted build by an older index.py, "
+                    "without checksums of its files; pass --restart to discard them and embed "
+                    "again.")
+            if stored_plan.get("fingerprint") != plan.get("fingerprint"):
+                raise _model_change(path, {**progress.get("model", {}),
+                                           "fingerprint": stored_plan.get("fingerprint")},
+                                    {**self.model, "fingerprint": plan.get("fingerprint")})
             if stored_plan != plan:
                 changed = sorted(key for key in set(plan) | set(stored_plan)
                                  if plan.get(key) != stored_plan.get(key))
@@ -337,8 +418,7 @@ class _Staging:
                     f"(differing: {', '.join(changed)}). Rerun that build's command to finish "
                     "it, or pass --restart to discard its checkpoints.")
             for chunk in chunks:
-                file = os.path.join(path, chunk["file"])
-                if not os.path.isfile(file):
+                if not os.path.isfile(os.path.join(path, chunk["file"])):
                     break  # a checkpoint is missing: redo it and what follows
                 self.chunks.append(chunk)
         else:
@@ -347,28 +427,87 @@ class _Staging:
 
     def _write_progress(self):
         atomic.write_json(os.path.join(self.path, PROGRESS_FILE),
-                          {"plan": self.plan, "chunks": self.chunks})
+                          {"format": STAGING_FORMAT, "plan": self.plan, "model": self.model,
+                           "chunks": self.chunks})
 
-    def add(self, embeddings, failures):
-        name = f"chunk-{len(self.chunks):06d}.npy"
+    def _read(self, number):
+        """The embeddings of chunk `number`, checked against its recorded digest and shape."""
+        chunk = self.chunks[number]
+        file = os.path.join(self.path, chunk["file"])
+        try:
+            with open(file, "rb") as f:
+                data = f.read()
+        except OSError as error:
+            raise ValueError(f"Checkpoint {file} cannot be read ({error.strerror}).") from None
+        if len(data) != chunk["bytes"] or hashlib.sha256(data).hexdigest() != chunk["sha256"]:
+            raise ValueError(f"Checkpoint {file} is corrupt: its SHA-256 differs from the one "
+                             f"{PROGRESS_FILE} recorded when it was written.")
+        return np.load(io.BytesIO(data), allow_pickle=False)
+
+    def pending(self, catalog, rows, chunk_images):
+        """The chunks still to embed: those after the last checkpoint, and checkpoints whose
+        file is corrupt or whose images changed since they were embedded (they are embedded
+        again, with a warning).
+
+        Args:
+            catalog: the raw `ImageCatalog`.
+            rows: int [n], the rows of the build, in order.
+            chunk_images: rows per chunk.
+
+        Returns:
+            list of chunk numbers, ascending.
+        """
+        redo = []
+        for number, chunk in enumerate(self.chunks):
+            chunk_rows = rows[number * chunk_images:(number + 1) * chunk_images]
+            try:
+                self.arrays[number] = self._read(number)
+            except ValueError as error:
+                logging.warning("%s Embedding its %d images again.", error, chunk["count"])
+                redo.append(number)
+                continue
+            if chunk["inputs"] != _inputs_digest(catalog, chunk_rows):
+                del self.arrays[number]
+                logging.warning(
+                    "Images of checkpoint %s (rows %d-%d) changed since they were embedded (size "
+                    "or modification time): embedding its %d images again.",
+                    os.path.join(self.path, chunk["file"]), number * chunk_images,
+                    number * chunk_images + len(chunk_rows) - 1, len(chunk_rows))
+                redo.append(number)
+        total = -(-len(rows) // chunk_images)
+        return redo + list(range(len(self.chunks), total))
+
+    def add(self, number, embeddings, failures, inputs):
+        """Checkpoints chunk `number` (a new one, or one embedded again)."""
+        name = f"chunk-{number:06d}.npy"
         buffer = io.BytesIO()
         np.save(buffer, embeddings, allow_pickle=False)
-        atomic.write_bytes(os.path.join(self.path, name), buffer.getvalue())
-        self.chunks.append({"file": name, "count": len(embeddings), "failures": failures})
+        data = buffer.getvalue()
+        atomic.write_bytes(os.path.join(self.path, name), data)
+        entry = {"file": name, "count": len(embeddings), "failures": failures,
+                 "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data),
+                 "inputs": inputs}
+        if number < len(self.chunks):
+            self.chunks[number] = entry
+        else:
+            self.chunks.append(entry)
+        self.arrays[number] = embeddings
         self._write_progress()  # after the chunk file: a listed chunk is always complete
 
     def load(self, dim):
         parts = []
-        for chunk in self.chunks:
-            file = os.path.join(self.path, chunk["file"])
-            try:
-                array = np.load(file, allow_pickle=False)
-            except (OSError, ValueError) as error:
-                raise ValueError(f"Checkpoint {file} is corrupt ({error}); pass --restart to "
-                                 "embed again from scratch.") from None
+        for number, chunk in enumerate(self.chunks):
+            array = self.arrays.get(number)
+            if array is None:
+                try:
+                    array = self._read(number)
+                except ValueError as error:
+                    raise ValueError(f"{error} Pass --restart to embed again from scratch.") \
+                        from None
             if array.shape != (chunk["count"], dim) or array.dtype != np.float32:
-                raise ValueError(f"Checkpoint {file} holds {array.dtype} {array.shape}, not "
-                                 f"float32 ({chunk['count']}, {dim}); pass --restart.")
+                raise ValueError(f"Checkpoint {os.path.join(self.path, chunk['file'])} holds "
+                                 f"{array.dtype} {array.shape}, not float32 ({chunk['count']}, "
+                                 f"{dim}); pass --restart.")
             parts.append(array)
         return np.concatenate(parts) if parts else np.empty((0, dim), np.float32)
 
@@ -383,7 +522,7 @@ def _progress_bar(target):
 
 
 def embed_rows(embed_bytes, catalog, rows, staging, dim, batch_size=DEFAULT_BATCH_SIZE,
-               chunk_images=DEFAULT_CHUNK_IMAGES, progress=True):
+               chunk_images=DEFAULT_CHUNK_IMAGES, progress=True, max_pixels=None):
     """Embeds catalog rows through `embed_bytes`, checkpointing every `chunk_images` images.
 
     Args:
@@ -395,12 +534,14 @@ def embed_rows(embed_bytes, catalog, rows, staging, dim, batch_size=DEFAULT_BATC
         batch_size: images per signature call.
         chunk_images: images per checkpoint (part of the staging plan).
         progress: show a progress bar.
+        max_pixels: optional pixel limit (see `embed_each`).
 
     Returns:
         (embeddings float32 [n, dim] with NaN rows for failures, failures list of
         {"id", "path", "error"}, images embedded by this call, seconds it took).
     """
-    done = sum(chunk["count"] for chunk in staging.chunks)
+    todo = staging.pending(catalog, rows, chunk_images)
+    done = len(rows) - sum(len(rows[k * chunk_images:(k + 1) * chunk_images]) for k in todo)
     if done:
         logging.info("Resuming: %d of %d images are embedded already (%s).", done, len(rows),
                      staging.path)
@@ -413,8 +554,10 @@ def embed_rows(embed_bytes, catalog, rows, staging, dim, batch_size=DEFAULT_BATC
     def embed(encoded):
         return runner.run_embed_bytes(embed_bytes, encoded)
 
-    for start in range(done, len(rows), chunk_images):
-        chunk_rows = rows[start:start + chunk_images]
+    for number in todo:
+        chunk_rows = rows[number * chunk_images:(number + 1) * chunk_images]
+        # Taken before the files are read: a file changed after this shows at the next resume.
+        inputs = _inputs_digest(catalog, chunk_rows)
         parts, failures = [], []
         for offset in range(0, len(chunk_rows), batch_size):
             batch_rows = chunk_rows[offset:offset + batch_size]
@@ -423,7 +566,8 @@ def embed_rows(embed_bytes, catalog, rows, staging, dim, batch_size=DEFAULT_BATC
             readable = [i for i, item in enumerate(encoded) if item is not None]
             out = np.full((len(batch_rows), dim), np.nan, np.float32)
             if readable:
-                out[readable], failed = embed_each(embed, [encoded[i] for i in readable], dim)
+                out[readable], failed = embed_each(embed, [encoded[i] for i in readable], dim,
+                                                   max_pixels=max_pixels)
                 for i, message in failed.items():
                     unreadable[int(batch_rows[readable[i]])] = message
             for row, message in sorted(unreadable.items()):
@@ -432,7 +576,7 @@ def embed_rows(embed_bytes, catalog, rows, staging, dim, batch_size=DEFAULT_BATC
             parts.append(out)
             if bar is not None:
                 bar.add(len(batch_rows))
-        staging.add(np.concatenate(parts), failures)
+        staging.add(number, np.concatenate(parts), failures, inputs)
     seconds = time.monotonic() - started
     embedded_now = len(rows) - done
     if embedded_now:
@@ -461,7 +605,8 @@ def log_failures(failures, unreadable=()):
 def build_index(saved_model, output, *, dataset=None, split="test", data_dir=None,
                 backend="flat", backend_options=None, batch_size=DEFAULT_BATCH_SIZE,
                 num_shards=1, shard_index=0, shard_by="range", overwrite=False, restart=False,
-                chunk_images=DEFAULT_CHUNK_IMAGES, validation_classes=None, progress=True):
+                chunk_images=DEFAULT_CHUNK_IMAGES, validation_classes=None, progress=True,
+                max_pixels=None):
     """Embeds a split through a SavedModel and writes an index (or one shard of it).
 
     Args:
@@ -479,6 +624,8 @@ def build_index(saved_model, output, *, dataset=None, split="test", data_dir=Non
         chunk_images: images per checkpoint.
         validation_classes: see `runner.saved_model_catalog`.
         progress: show a progress bar.
+        max_pixels: the pixel limit (width x height): larger images are skipped unread;
+            default: the SavedModel's (`layout.max_image_pixels`).
 
     Returns:
         `BuildResult`.
@@ -495,14 +642,16 @@ def build_index(saved_model, output, *, dataset=None, split="test", data_dir=Non
                          f"{chunk_images}.")
     check_output(output, kind, overwrite)  # before the data is loaded
     version_dir, report, contract, metric = load_model(saved_model)
+    max_pixels = pixel_limit.check_max_pixels(
+        layout.max_image_pixels(report) if max_pixels is None else max_pixels)
     if kind == "index":  # bad backend options fail now, not after the embedding
         gallery_index.GalleryIndex(contract["dim"], metric, backend,
                                    backend_options=backend_options)
     started = time.monotonic()
-    with build_lock(output):
+    with build_lock(output), _resume_hint(output):
         check_output(output, kind, overwrite)  # again, now that no other build can write
         catalog, splits = runner.saved_model_catalog(report, split, dataset, data_dir,
-                                                     validation_classes)
+                                                     validation_classes, max_pixels)
         _, is_gallery = catalog.query_gallery()
         rows = shard_rows(np.flatnonzero(is_gallery), num_shards, shard_index, shard_by)
         plan = {
@@ -518,11 +667,12 @@ def build_index(saved_model, output, *, dataset=None, split="test", data_dir=Non
             "shard_by": shard_by,
             "chunk_images": int(chunk_images),
         }
-        staging = _Staging(staging_path(output), plan, restart)
+        staging = _Staging(staging_path(output), plan, restart, model=contract)
         embed_bytes = runner.load_embed_bytes(version_dir)
         dim = contract["dim"]
         embeddings, failures, embedded_now, embed_seconds = embed_rows(
-            embed_bytes, catalog, rows, staging, dim, batch_size, chunk_images, progress)
+            embed_bytes, catalog, rows, staging, dim, batch_size, chunk_images, progress,
+            max_pixels)
         unreadable = tuple(splits.unreadable)
         log_failures(failures, unreadable)
         ok = ~np.isnan(embeddings).any(axis=1)
@@ -549,6 +699,20 @@ def build_index(saved_model, output, *, dataset=None, split="test", data_dir=Non
     logging.info("Wrote %s %s: %d rows (%.1f s).", kind, output, int(ok.sum()), seconds)
     return BuildResult(output, kind, int(ok.sum()), failures, unreadable, seconds, embedded_now,
                        embed_seconds)
+
+
+@contextlib.contextmanager
+def _resume_hint(output):
+    """A write the file system refuses during a build also says where its checkpoints are."""
+    try:
+        yield
+    except write_errors.WriteFailedError as error:
+        staging = staging_path(output)
+        if not os.path.isdir(staging):
+            raise
+        raise write_errors.WriteFailedError(error.errno, (
+            f"{error} The images embedded so far stay checkpointed in {staging}: run the same "
+            "command again to resume.")) from None
 
 
 def _make_index(contract, metric, backend, backend_options, ids, embeddings, labels, paths):
@@ -580,26 +744,33 @@ def _info(source, report, record, class_names, shards, seconds):
 
 def _write_shard(output, plan, source, contract, embeddings, ids, labels, paths, class_names,
                  record):
-    with atomic.AtomicDirectory(output, overwrite=True) as tmp:
+    owned = {SHARD_FILE, *(f"{name}.npy" for name in SHARD_ARRAYS)}
+    with atomic.AtomicDirectory(output, overwrite=True, owned=owned, what="the shard") as tmp:
         arrays = {"embeddings": embeddings, "ids": ids.astype(np.int64),
                   "labels": labels.astype(np.int64),
                   "paths": np.asarray([] if paths is None else paths, dtype=str)}
+        files = {}
         for name, array in arrays.items():
             np.save(os.path.join(tmp, f"{name}.npy"), array, allow_pickle=False)
+            files[f"{name}.npy"] = storage.file_digest(os.path.join(tmp, f"{name}.npy"))
+        # shard.json last: a folder without it is never a complete shard.
         atomic.write_json(os.path.join(tmp, SHARD_FILE), {
-            "plan": plan, "source": source, "contract": contract, "count": len(ids),
-            "has_paths": paths is not None, "class_names": class_names, **record})
+            "format": SHARD_FORMAT, "plan": plan, "source": source, "contract": contract,
+            "count": len(ids), "has_paths": paths is not None, "class_names": class_names,
+            "files": files, **record})
+        storage.fsync_folder(tmp)
 
 
 def read_shard(folder):
-    """A shard written by `build_index(..., num_shards > 1)`.
+    """A shard written by `build_index(..., num_shards > 1)`, its files checked against the
+    SHA-256 digests recorded when they were written.
 
     Returns:
         (header dict, arrays dict with embeddings, ids, labels and paths (or None)).
 
     Raises:
         FileNotFoundError: no shard there.
-        ValueError: a corrupt shard.
+        ValueError: a corrupt shard, or one written by an older index.py without checksums.
     """
     folder = os.path.abspath(os.fspath(folder))
     path = os.path.join(folder, SHARD_FILE)
@@ -607,16 +778,31 @@ def read_shard(folder):
         raise FileNotFoundError(f"{folder} is not a shard written by index.py build "
                                 f"--num_shards=N (no {SHARD_FILE}); unfinished shards have no "
                                 f"{SHARD_FILE} yet.")
+    rebuild = ("rebuild it (index.py build with its --num_shards and --shard_index, and "
+               "--overwrite)")
     try:
         with open(path) as f:
             header = json.load(f)
+    except (OSError, ValueError) as error:
+        raise ValueError(f"Shard {folder} is corrupt: {SHARD_FILE}: {error}; {rebuild}.") from None
+    if not isinstance(header, dict) or header.get("format") != SHARD_FORMAT:
+        raise ValueError(f"Shard {folder} was written by an older index.py, without checksums of "
+                         f"its files: {rebuild}.")
+    try:
+        files = header["files"]
+        if set(files) != {f"{name}.npy" for name in SHARD_ARRAYS}:
+            raise KeyError("files")
+        for name, recorded in files.items():
+            if storage.file_digest(os.path.join(folder, name)) != recorded:
+                raise ValueError(f"{name} differs from the SHA-256 and size {SHARD_FILE} recorded "
+                                 "when it was written")
         arrays = {name: np.load(os.path.join(folder, f"{name}.npy"), allow_pickle=False)
                   for name in SHARD_ARRAYS}
         count = header["count"]
-        if not {"num_shards", "shard_index"} <= set(header["plan"]):
+        if not {"num_shards", "shard_index", "fingerprint"} <= set(header["plan"]):
             raise KeyError("plan")
-    except (OSError, ValueError, KeyError, TypeError) as error:
-        raise ValueError(f"Shard {folder} is corrupt: {error}") from None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+        raise ValueError(f"Shard {folder} is corrupt: {error}; {rebuild}.") from None
     dim = header["contract"]["dim"]
     if (arrays["embeddings"].shape != (count, dim) or arrays["ids"].shape != (count,)
             or arrays["labels"].shape != (count,)
@@ -658,6 +844,14 @@ def merge_shards(shards, output, backend="flat", backend_options=None, overwrite
         return {k: v for k, v in plan.items() if k != "shard_index"}
 
     for path, header, _ in read[1:]:
+        if header["plan"]["fingerprint"] != first["plan"]["fingerprint"]:
+            why = contract_lib.fingerprint_difference(first["contract"], header["contract"])
+            raise ValueError(
+                f"Shards {first_path} and {path} were embedded by different models: fingerprint "
+                f"{first['plan']['fingerprint']} ({first['contract'].get('saved_model')}) vs "
+                f"{header['plan']['fingerprint']} ({header['contract'].get('saved_model')})"
+                f"{f'; {why}' if why else ''}. Rebuild the shards of one model with the model "
+                "of the others, then merge.")
         if common(header["plan"]) != common(first["plan"]):
             changed = sorted(k for k in common(first["plan"])
                              if header["plan"].get(k) != first["plan"].get(k))

@@ -4,22 +4,22 @@ Vectors of two models live in unrelated spaces: searching an index with another 
 embeddings returns confident nonsense, not an error. An index therefore stores a *contract*, a
 JSON dict describing the model it was built with, e.g.
 
-    {"saved_model": "exports/sop/saved_model/3", "version": 3, "dim": 512, "normalized": True,
-     "fingerprint": "sha256:..."}
+    {"fingerprint": "sha256:...", "weights": "sha256:...", "dim": 512, "normalized": True,
+     "metric": "cosine", "version": 3, "saved_model": "exports/sop/saved_model/3"}
 
 and `GalleryIndex.check_contract` compares it with the contract of the model producing queries.
-The fingerprint is what identifies the model; `saved_model` is informative only (the same model
-may sit at another path on another machine).
+The fingerprint covers what the model computes (`FINGERPRINT_FIELDS`): the digest of its weights
+(`dvml_tf.export.fingerprint.weights_digest`), the preprocessing of the raw input and the output
+(dimension, normalisation, metric). It does not cover the version number, the path, the training
+metadata or the machine: the same weights exported again as version 2, or copied elsewhere, keep
+their fingerprint; retrained weights get another one. `version` and `saved_model` are informative.
 """
 
 import hashlib
 import json
 
-# Fields of an export report (dvml_tf/export/exporter.py) that decide the embedding: the model
-# version, how the model was trained (its "model" section) and the preprocessing of the raw input.
-# Everything else in a report (file sizes, latencies, the environment) can change without changing
-# a single embedding, so it stays out of the fingerprint.
-MODEL_IDENTITY_FIELDS = ("source", "dataset", "backbone", "loss", "dvml")
+# What an embedding depends on, hence what the fingerprint covers.
+FINGERPRINT_FIELDS = ("weights", "raw_input", "dim", "normalized", "metric")
 
 
 def _json_safe(value, name):
@@ -35,17 +35,19 @@ def embedding_contract_fields(report):
     """The fields of an export report (or of a plain dict) that define its embeddings.
 
     Args:
-        report: an export report (``report.json`` of ``export.py``, with a "model" section
-            holding "embedding_dim" and "normalized") or a flat dict with "dim" and "normalized".
-            Optional fields: "version", "metric", "raw_input" and the model identity fields
-            (`MODEL_IDENTITY_FIELDS`), at the top level or in "model".
+        report: an export report (``export_report.json`` of ``export.py``, with a "model"
+            section holding "weights", "embedding_dim" and "normalized") or a flat dict with
+            "weights", "dim" and "normalized". Optional: "metric" (default: "cosine" for
+            normalised embeddings, else "euclidean") and "raw_input", at the top level or in
+            "model".
 
     Returns:
-        dict with "dim" (int), "normalized" (bool) and every optional field that is present.
+        dict with "weights", "dim" (int), "normalized" (bool), "metric" and, when present,
+        "raw_input".
 
     Raises:
-        ValueError: if `report` is not a dict, or "dim"/"embedding_dim" or "normalized" is
-            missing or has the wrong type.
+        ValueError: if `report` is not a dict, or "weights", "dim"/"embedding_dim" or
+            "normalized" is missing or has the wrong type.
     """
     if not isinstance(report, dict):
         raise ValueError(f"report must be a dict; got {type(report).__name__}.")
@@ -59,6 +61,13 @@ def embedding_contract_fields(report):
                     return source[name]
         return None
 
+    weights = pick("weights")
+    if not isinstance(weights, str) or not weights:
+        raise ValueError(
+            "report must record the digest of the model's weights in 'weights' or "
+            "'model.weights' (export.py writes it; dvml_tf.export.fingerprint.weights_digest "
+            f"computes it from a SavedModel); got {weights!r}."
+        )
     dim = pick("dim", "embedding_dim")
     if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
         raise ValueError(
@@ -71,11 +80,11 @@ def embedding_contract_fields(report):
             "report must say whether the embeddings are L2-normalised as a bool in 'normalized' "
             f"or 'model.normalized'; got {normalized!r}."
         )
-    fields = {"dim": dim, "normalized": normalized}
-    for name in ("version", "metric", "raw_input", *MODEL_IDENTITY_FIELDS):
-        value = pick(name)
-        if value is not None:
-            fields[name] = value
+    fields = {"weights": weights, "dim": dim, "normalized": normalized,
+              "metric": pick("metric") or ("cosine" if normalized else "euclidean")}
+    raw_input = pick("raw_input")
+    if raw_input is not None:
+        fields["raw_input"] = raw_input
     return fields
 
 
@@ -83,9 +92,9 @@ def contract_fingerprint(report):
     """SHA-256 of the canonical JSON of a report's embedding contract fields.
 
     Two reports get the same fingerprint exactly when `embedding_contract_fields` gives equal
-    dicts: same dim, normalisation, version, model identity and input preprocessing. Key order
+    dicts: same weights, input preprocessing, dimension, normalisation and metric. Key order
     and JSON formatting do not matter (keys are sorted, separators fixed), so a report read back
-    from ``report.json`` gives the fingerprint of the in-memory report that was written.
+    from its JSON file gives the fingerprint of the in-memory report that was written.
 
     Args:
         report: see `embedding_contract_fields`.
@@ -104,18 +113,19 @@ def contract_from_report(report, saved_model=None):
     """A contract for `GalleryIndex(contract=...)` built from an export report.
 
     Args:
-        report: see `embedding_contract_fields`.
+        report: see `embedding_contract_fields`; its "version" (top level), when present, is
+            kept as information.
         saved_model: optional path of the SavedModel the embeddings came from (informative).
 
     Returns:
-        dict with "fingerprint", "dim", "normalized", "version" (when the report has one) and
-        "saved_model" (when given).
+        dict with "fingerprint", "weights", "dim", "normalized", "metric", and "version" and
+        "saved_model" when known.
     """
     fields = embedding_contract_fields(report)
-    contract = {"fingerprint": contract_fingerprint(report), "dim": fields["dim"],
-                "normalized": fields["normalized"]}
-    if "version" in fields:
-        contract["version"] = fields["version"]
+    contract = {"fingerprint": contract_fingerprint(report),
+                **{key: fields[key] for key in ("weights", "dim", "normalized", "metric")}}
+    if isinstance(report, dict) and report.get("version") is not None:
+        contract["version"] = report["version"]
     if saved_model is not None:
         contract["saved_model"] = str(saved_model)
     return contract
@@ -151,6 +161,23 @@ def validate_contract(contract, dim, metric):
     return contract
 
 
+def predates_weights(stored, given):
+    """Whether `stored` is a contract written before the fingerprint covered the weights (it
+    cannot be compared with `given`, which does)."""
+    return bool(stored and stored.get("fingerprint") and not stored.get("weights")
+                and given.get("weights"))
+
+
+def fingerprint_difference(stored, given):
+    """Why two contracts' fingerprints differ, in words: other weights, or the same weights with
+    another preprocessing or output."""
+    if not stored.get("weights") or not given.get("weights"):
+        return ""
+    if stored["weights"] != given["weights"]:
+        return "other weights: another or a retrained model"
+    return "the same weights with another input preprocessing or output"
+
+
 def contract_mismatches(stored, given, dim, metric):
     """Why `given` does not describe the model of an index built under `stored`.
 
@@ -176,9 +203,17 @@ def contract_mismatches(stored, given, dim, metric):
         problems.append("the given contract has no 'fingerprint'")
     elif not stored.get("fingerprint"):
         problems.append("the index's contract has no 'fingerprint'")
+    elif predates_weights(stored, given):
+        problems.append(
+            "the index was built by an older dvml_tf whose fingerprint did not cover the "
+            "model's weights, so nothing proves which weights built it (rebuild it: index.py "
+            "build --overwrite)"
+        )
     elif given["fingerprint"] != stored["fingerprint"]:
+        why = fingerprint_difference(stored, given)
         problems.append(
             f"fingerprint {given['fingerprint']} != the index's {stored['fingerprint']}"
+            + (f" ({why})" if why else "")
         )
     if given.get("dim") is not None and given["dim"] != dim:
         problems.append(f"dim {given['dim']!r} != the index's {dim}")

@@ -3,7 +3,7 @@ matching: what `evaluate.py --index` and `--calibrate` run.
 
 Recall@K and MAP@R through a `GalleryIndex` (exact or approximate search) follow the rules of
 `dvml_tf.evaluation.metrics`: a query never finds itself, R counts the gallery images of its
-class, Recall@K's denominator is every query.
+class, and queries with R = 0 (no possible positive) are left out of Recall@K and MAP@R alike.
 
     metrics = index_retrieval_metrics(index, embeddings, labels, recall_ks=(1, 2, 4, 8))
     metrics, index = evaluate_through_index("I", "E", embedded, recall_ks, split="test")

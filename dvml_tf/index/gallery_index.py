@@ -21,9 +21,10 @@ A saved index is a folder:
     <backend files> e.g. flat_vectors.npy, hnsw.faiss + hnsw_keys.npy, ivf_pq.faiss + ...
 
 `save` assembles the folder in a temporary sibling and swaps it in only when it is complete,
-under an exclusive `fcntl.flock` on ``<parent>/.<name>.lock`` (a concurrent save waits for the
-first to finish, then replaces its result whole); `load` reads under a shared lock and verifies
-every file against index.json.
+under an exclusive lock on ``<parent>/.<name>.lock`` (a concurrent save waits for the first to
+finish, then replaces its result whole; the lock file is removed by its last holder); other files
+a user keeps in the folder survive the swap. `load` reads under a shared lock and verifies every
+file against index.json.
 
 Not thread-safe: use one index per thread, or a lock around mutations.
 """
@@ -488,6 +489,11 @@ class GalleryIndex:
             built_with = ""
             if self._contract and self._contract.get("saved_model"):
                 built_with = f" ({self._contract['saved_model']})"
+            if contract_lib.predates_weights(self._contract, contract):
+                raise ValueError(
+                    f"This index{built_with} was built by an older dvml_tf, whose contract "
+                    "fingerprint did not cover the model's weights: nothing proves that its "
+                    "vectors come from this model. Rebuild it (index.py build --overwrite).")
             raise ValueError(
                 "The queries come from another model than the one this index was built "
                 f"with{built_with}: {'; '.join(problems)}. Embed the queries with the index's "
@@ -501,7 +507,8 @@ class GalleryIndex:
 
         Args:
             directory: the folder; an existing saved index there is replaced only once the new
-                one is complete.
+                one is complete, and files in it that are not the index's (a README, an eval/
+                folder) are kept.
             lock_timeout: seconds to wait for another process's save or load of the folder.
 
         Returns:
@@ -522,7 +529,8 @@ class GalleryIndex:
                     f"Refusing to replace {directory}: it exists and is not a saved GalleryIndex "
                     f"(no {INDEX_FILE}). Choose another directory."
                 )
-            with atomic.AtomicDirectory(directory, overwrite=True) as tmp:
+            with atomic.AtomicDirectory(directory, overwrite=True, owned=_files_of(directory),
+                                        what="the index") as tmp:
                 self._write(tmp)
                 storage.fsync_folder(tmp)
         return directory
@@ -649,6 +657,20 @@ class GalleryIndex:
             raise ValueError(f"{header_path} is corrupt: info is not an object.")
         index._info = info
         return index
+
+
+def _files_of(directory):
+    """The entries of a saved index's folder that `save` wrote: index.json, the files it lists
+    and the standard ones. Anything else there (a README, an eval/ folder) is the user's, and a
+    new save into the folder keeps it."""
+    names = {INDEX_FILE, IDS_FILE, LABELS_FILE, METADATA_FILE}
+    try:
+        with open(os.path.join(directory, INDEX_FILE), encoding="utf-8") as f:
+            files = json.load(f).get("files")
+        names.update(files if isinstance(files, dict) else ())
+    except (OSError, ValueError, AttributeError):
+        pass  # no or a corrupt index.json: its backend files are kept, never lost
+    return names
 
 
 def _verify_files(directory, files, verify, has_labels):

@@ -7,14 +7,16 @@
 
 Each answer is `{"query": path, "results": [{"id", "label", "class_name", "score", "matched",
 "path"?}, ...]}`, or `{"query": path, "error": message}` for a file that cannot be read or
-decoded (the other queries are still answered).
+decoded, or whose header says it is above the pixel limit (`data.pixel_limit`: such a file is
+never decoded nor sent); the other queries are still answered.
 
-The embedding model must be the one the index was built with: a local SavedModel's report is
-fingerprinted and compared with the index's contract (`GalleryIndex.check_contract`), and a
-different model is refused. Through TF Serving the request names the version the index was
-built with (`/v1/models/<name>/versions/<v>`), and the answer's dimension must match; TF
-Serving's answer carries no fingerprint, so a different model served under the same name and
-version number cannot be detected there.
+The embedding model must be the one the index was built with: a local SavedModel is
+fingerprinted (its weights, input preprocessing and output: `builder.load_model`) and compared
+with the index's contract (`GalleryIndex.check_contract`), and a different model is refused; the
+same weights exported under another version number are accepted. Through TF Serving the request
+names the version the index was built with (`/v1/models/<name>/versions/<v>`), and the answer's
+dimension must match; TF Serving's answer carries no fingerprint, so a different model served
+under the same name and version number cannot be detected there.
 
 `matched` marks the results whose score reaches the threshold of the chosen target precision
 (`evaluate.py --calibrate`, `dvml_tf.index.matching`). The thresholds come from the SavedModel's
@@ -28,7 +30,9 @@ import urllib.error
 import numpy as np
 import tensorflow as tf
 
+from dvml_tf.data import pixel_limit
 from dvml_tf.evaluation import runner
+from dvml_tf.export import layout
 from dvml_tf.index import builder
 from dvml_tf.index import matching as matching_lib
 
@@ -42,12 +46,14 @@ class QueryEmbedder:
         errors: exception types meaning "this image was refused".
         matching: the model's "matching" report section (thresholds), or None.
         source: what embeds (for messages).
+        max_pixels: the pixel limit of the queries (width x height): the model's own.
     """
 
     embed_fn: object
     errors: tuple
     matching: dict | None
     source: str
+    max_pixels: int = pixel_limit.DEFAULT_MAX_PIXELS
 
     @classmethod
     def from_saved_model(cls, index, saved_model=None):
@@ -75,7 +81,8 @@ class QueryEmbedder:
         index.check_contract(model_contract)
         signature = runner.load_embed_bytes(version_dir)
         return cls(lambda encoded: runner.run_embed_bytes(signature, encoded),
-                   (tf.errors.OpError,), report.get("matching"), version_dir)
+                   (tf.errors.OpError,), report.get("matching"), version_dir,
+                   layout.max_image_pixels(report))
 
     @classmethod
     def from_serving(cls, index, url, model_name="dvml", timeout=60.0):
@@ -114,7 +121,7 @@ def read_files(paths):
     return contents, errors
 
 
-def search_files(index, embedder, paths, k=5, precision=None):
+def search_files(index, embedder, paths, k=5, precision=None, max_pixels=None):
     """Searches the index with image files.
 
     Args:
@@ -124,6 +131,7 @@ def search_files(index, embedder, paths, k=5, precision=None):
         k: results per query.
         precision: target precision of the matching threshold (None: 0.95 when calibrated
             for it, else the highest calibrated one).
+        max_pixels: the pixel limit (width x height) of the queries; default: the embedder's.
 
     Returns:
         list of dicts, one per path (see the module docstring).
@@ -140,7 +148,8 @@ def search_files(index, embedder, paths, k=5, precision=None):
     vectors = np.full((len(paths), index.dim), np.nan, np.float32)
     if readable:
         vectors[readable], failed = builder.embed_each(
-            embedder.embed_fn, [contents[i] for i in readable], index.dim, embedder.errors)
+            embedder.embed_fn, [contents[i] for i in readable], index.dim, embedder.errors,
+            max_pixels or embedder.max_pixels)
         errors.update({readable[i]: message for i, message in failed.items()})
     good = [i for i in range(len(paths)) if i not in errors]
     answers = [{"query": str(path), "error": errors[i]} if i in errors else None

@@ -2,25 +2,20 @@
 
 A saved index is a folder that `save` assembles in a temporary sibling and swaps in with
 `dvml_tf.utils.atomic.AtomicDirectory`, so a reader never sees a half-written index. Two writers
-(or a writer and a reader) are kept apart by `fcntl.flock` on a lock file next to the folder:
-``<parent>/.<name>.lock``. The lock cannot live inside the folder because the swap renames the
-folder. The lock file stays in place after use: deleting it would let a late process lock an
-unlinked inode while a newer one locks a fresh file, i.e. both would hold "the" lock.
+(or a writer and a reader) are kept apart by a lock file next to the folder,
+``<parent>/.<name>.lock`` (`dvml_tf.utils.locks`: an flock, removed by its last holder). The lock
+cannot live inside the folder because the swap renames the folder.
 """
 
-import contextlib
-import errno
-import fcntl
 import hashlib
 import os
-import time
 
 import numpy as np
 
+from dvml_tf.utils import locks
+
 # Blocks read per hashing step: large enough to keep hashlib's per-call overhead negligible.
 _HASH_BLOCK_BYTES = 1 << 22
-# How often a waiting save retries the lock; short against a save, long against a syscall.
-_LOCK_POLL_SECONDS = 0.05
 
 
 def lock_path(directory):
@@ -37,79 +32,42 @@ def lock_path(directory):
     return os.path.join(parent, f".{name}.lock")
 
 
-@contextlib.contextmanager
 def exclusive_lock(directory, timeout):
-    """Holds an exclusive flock on the lock file of `directory` (creating the file if needed).
+    """An exclusive lock on `directory` for a save (a context manager; see `locks.FileLock`).
 
     Args:
         directory: the index folder about to be written.
         timeout: seconds to wait for another process's save or load to finish.
 
-    Yields:
-        The lock file's path.
-
-    Raises:
+    Raises (on entry):
         TimeoutError: when the lock is still held by another process after `timeout` seconds.
+        dvml_tf.utils.write_errors.WriteFailedError: the parent folder cannot be written.
     """
     path = lock_path(directory)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
-    try:
-        _wait_for_flock(fd, fcntl.LOCK_EX, timeout, (
-            f"Another process has been saving or loading {directory} for more than {timeout:g} s "
-            f"(lock file {path}); retry later or pass a larger lock_timeout."))
-        yield path
-    finally:
-        os.close(fd)  # Closing the descriptor releases the flock.
+    return locks.FileLock(path, timeout=timeout, busy=lambda holder: (
+        f"Another process has been saving or loading {directory} for more than {timeout:g} s "
+        f"({holder}; lock file {path}); retry later or pass a larger lock_timeout."),
+        what=f"the lock file of {os.path.basename(directory)}")
 
 
-def _wait_for_flock(fd, mode, timeout, message):
-    """Takes a flock (`fcntl.LOCK_EX` or `LOCK_SH`) on `fd`, polling until `timeout` seconds
-    have passed; then raises TimeoutError(message)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            fcntl.flock(fd, mode | fcntl.LOCK_NB)
-            return
-        except OSError as error:
-            if error.errno not in (errno.EAGAIN, errno.EACCES):
-                raise
-            if time.monotonic() >= deadline:
-                raise TimeoutError(message) from None
-            time.sleep(_LOCK_POLL_SECONDS)
-
-
-@contextlib.contextmanager
 def shared_lock(directory, timeout):
-    """Holds a shared flock on the lock file of `directory` while it is read, if there is one.
+    """A shared lock on `directory` while it is read (a context manager).
 
-    A folder that was copied elsewhere, or lives on a read-only filesystem, has no lock file that
-    this process can open; it is then read without a lock (the checksums in index.json still
-    catch a folder that changed under the reader).
+    A folder that lives on a read-only filesystem, or whose parent this process cannot write,
+    is read without a lock (no writer can change it there either; the checksums in index.json
+    still catch a folder that changed under the reader).
 
     Args:
         directory: the index folder about to be read.
         timeout: seconds to wait for a save into the folder to finish.
 
-    Yields:
-        The lock file's path, or None when the folder is read without a lock.
-
-    Raises:
+    Raises (on entry):
         TimeoutError: when a save holds the lock for more than `timeout` seconds.
     """
     path = lock_path(directory)
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        yield None
-        return
-    try:
-        _wait_for_flock(fd, fcntl.LOCK_SH, timeout, (
-            f"A save into {directory} has held its lock ({path}) for more than {timeout:g} s; "
-            "retry later."))
-        yield path
-    finally:
-        os.close(fd)
+    return locks.FileLock(path, shared=True, timeout=timeout, busy=lambda holder: (
+        f"A save into {directory} has held its lock ({path}, {holder}) for more than "
+        f"{timeout:g} s; retry later."))
 
 
 def file_digest(path):

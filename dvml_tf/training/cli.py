@@ -14,6 +14,8 @@ from absl import logging
 
 from dvml_tf.training import flags as flags_lib
 from dvml_tf.training import trainer
+from dvml_tf.utils import locks
+from dvml_tf.utils import write_errors
 
 FLAGS = flags.FLAGS
 
@@ -49,8 +51,8 @@ def run(config, model_builder=None, adapt_classes_per_batch=False):
         logging.info("Configuration:\n%s", config.to_json())
         return trainer.Trainer(config, model_builder=model_builder,
                                adapt_classes_per_batch=adapt_classes_per_batch).run()
-    except (ValueError, FileNotFoundError, PermissionError,
-            trainer.NonFiniteLossError) as error:
+    except (ValueError, FileNotFoundError, PermissionError, trainer.NonFiniteLossError,
+            locks.LockedError, write_errors.WriteFailedError) as error:
         sys.exit(f"train.py: error: {error}")
     except KeyboardInterrupt:
         sys.exit(

@@ -13,9 +13,11 @@ declarations (`dvml_tf.training.flags`).
 import dataclasses
 import inspect
 import json
+import math
 import numbers
 
 from dvml_tf.data import DATASETS
+from dvml_tf.data import DEFAULT_MAX_PIXELS
 from dvml_tf.losses import METRIC_LOSSES
 from dvml_tf.losses import SYNTHESIS_METHODS
 from dvml_tf.models import BACKBONES
@@ -43,6 +45,9 @@ RESUMABLE_FIELDS = frozenset(
         "jit_compile",
         "config",
         "evaluation_split",
+        # A limit that admits or skips images changes the dataset's identity, which a resumed
+        # run checks on its own (dataset.json).
+        "max_image_pixels",
     }
 )
 
@@ -86,8 +91,10 @@ def check_loss_option_types(loss, options):
         if isinstance(default, bool):
             expected, ok = "True or False", isinstance(value, bool)
         elif isinstance(default, numbers.Real):
-            expected = "a number"
-            ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
+            expected = "a number" if isinstance(value, bool) or not isinstance(
+                value, numbers.Real) else "a finite number"
+            ok = (isinstance(value, numbers.Real) and not isinstance(value, bool)
+                  and math.isfinite(value))
         elif isinstance(default, str):
             expected, ok = "a string", isinstance(value, str)
         else:
@@ -127,6 +134,12 @@ class TrainConfig:
         0,
         "Training classes held out for model selection and periodic evaluation (never test "
         "classes); 0 = none.",
+        group="data",
+    )
+    max_image_pixels: int = _field(
+        DEFAULT_MAX_PIXELS,
+        "Largest image (width x height, read from the file's header) decoded; larger files are "
+        "skipped unread (a 400 kB PNG can decode to gigabytes). Also the exports' default.",
         group="data",
     )
     # ------------------------------------------------------------------------------ model
@@ -258,6 +271,12 @@ class TrainConfig:
     def validate(self):
         """Raises ValueError naming the first invalid field; returns self."""
         for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            # NaN passes every comparison below (and would make config.json invalid JSON).
+            if any(isinstance(v, float) and not math.isfinite(v)
+                   for v in (value if isinstance(value, tuple) else (value,))):
+                raise ValueError(f"{field.name} must be a finite number; got {value!r}.")
+        for field in dataclasses.fields(self):
             valid = field.metadata.get("choices")
             value = getattr(self, field.name)
             if valid is not None and value not in valid:
@@ -284,6 +303,7 @@ class TrainConfig:
             "log_every",
             "checkpoint_every",
             "eval_batch_size",
+            "max_image_pixels",
         ):
             if getattr(self, field) < 1:
                 raise ValueError(f"{field} must be >= 1; got {getattr(self, field)}.")
@@ -357,7 +377,7 @@ class TrainConfig:
         return cls(**values)
 
     def to_json(self):
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True, allow_nan=False)
 
     def differences(self, other):
         """Fields (outside `RESUMABLE_FIELDS`) whose values differ from `other`'s."""

@@ -11,9 +11,13 @@ Faults: SIGTERM (preemption, Kubernetes, Slurm, `timeout`) finishes the current 
 checkpoint at that step and raises `Terminated` (train.py exits with `EXIT_TERMINATED`, 143);
 Ctrl-C saves one too. A latest checkpoint that cannot be read is moved aside (never deleted)
 and training resumes from the newest readable one, with a warning. A resumed run must train on
-the data it started with (`dataset.json`) and never describes fewer steps than it trained.
+the data it started with (`dataset.json`) and never describes fewer steps than it trained. One
+run writes a folder at a time (`lock_model_dir`: a second process is refused). A full disk or a
+read-only folder ends the run with a `WriteFailedError` naming the folder; a refused checkpoint
+leaves no `ckpt-N_temp/` behind, and the last checkpoint stays.
 """
 
+import contextlib
 import json
 import math
 import os
@@ -32,10 +36,13 @@ from dvml_tf import data as data_lib
 from dvml_tf import losses as losses_lib
 from dvml_tf import models
 from dvml_tf import task
+from dvml_tf.evaluation import metrics as metrics_lib
 from dvml_tf.evaluation import runner
 from dvml_tf.training import distribution
 from dvml_tf.training.config import TrainConfig
 from dvml_tf.utils import atomic
+from dvml_tf.utils import locks
+from dvml_tf.utils import write_errors
 
 # metrics.json key of the variance branch's diagnostics (`Trainer.variance_diagnostics`).
 DIAGNOSTICS_KEY = "dvml_diagnostics"
@@ -48,6 +55,8 @@ DIAGNOSTIC_BATCHES = 8
 EXIT_TERMINATED = 143
 # Where checkpoints that cannot be read are moved (inside checkpoints/; never deleted).
 UNREADABLE_DIR = "unreadable"
+# The lock file of a run folder while a run writes it (removed when the run ends).
+RUN_LOCK_FILE = ".train.lock"
 
 
 class NonFiniteLossError(RuntimeError):
@@ -97,6 +106,28 @@ class _StopOnSigterm:
             signal.signal(signal.SIGTERM, previous)
             self._installed = False
         return False
+
+
+def lock_model_dir(model_dir):
+    """Takes the lock of a run folder, `<model_dir>/.train.lock`, or refuses at once.
+
+    Re-entrant within a process (a test or a notebook may build a second `Trainer` of the same
+    folder to resume it); another process is refused with the holder's pid, host and command.
+    The kernel releases the lock when its process dies, and the last holder removes the file.
+
+    Args:
+        model_dir: the run folder.
+
+    Returns:
+        the held `locks.FileLock` (call `release`).
+
+    Raises:
+        locks.LockedError: another process holds it.
+    """
+    path = os.path.join(model_dir, RUN_LOCK_FILE)
+    return locks.FileLock(path, reentrant=True, what="the run's lock file", busy=lambda holder: (
+        f"Another training run is writing {os.path.abspath(model_dir)} ({holder}); wait for it "
+        "to finish, or train into another --model_dir.")).acquire()
 
 
 def _check_writable_model_dir(model_dir):
@@ -241,6 +272,8 @@ class Trainer:
     Raises:
         ValueError, PermissionError: a bad model_dir, or a run there that this configuration or
             this data cannot resume.
+        dvml_tf.utils.locks.LockedError: another process trains into the same model_dir (the
+            chief holds the folder's lock from here to the end of `run`, or until `close`).
     """
 
     def __init__(self, config, splits=None, strategy=None, verbose=True, model_builder=None,
@@ -257,6 +290,16 @@ class Trainer:
             os.makedirs(self.write_dir, exist_ok=True)
         except OSError as error:
             raise ValueError(f"--model_dir: cannot create {self.write_dir}: {error}") from None
+        # One writer per run folder, from before anything is read to the end of `run`.
+        self._run_lock = lock_model_dir(config.model_dir) if self.is_chief else None
+        try:
+            self._set_up(config, splits, model_builder, adapt_classes_per_batch)
+        except BaseException:
+            self.close()
+            raise
+
+    def _set_up(self, config, splits, model_builder, adapt_classes_per_batch):
+        """Loads the data, builds the model, restores the last checkpoint (see __init__)."""
         # Before loading any data; classes_per_batch is compared once it is known.
         _check_model_dir(config, config.model_dir,
                          ignore=("classes_per_batch",) if adapt_classes_per_batch else ())
@@ -438,10 +481,60 @@ class Trainer:
                 f"good checkpoint ({self.manager.latest_checkpoint or 'none yet'}) is intact. "
                 "Lower --learning_rate or check the data."
             )
-        self.manager.save(checkpoint_number=self.step)
+        directory = self.manager.directory
+        before = set(os.listdir(directory)) if os.path.isdir(directory) else set()
+        try:
+            self.manager.save(checkpoint_number=self.step)
+        except Exception as error:
+            failed = write_errors.failure(
+                error, directory, f"checkpoint ckpt-{self.step}", needed=self._checkpoint_bytes(),
+                kept=f"The last checkpoint ({self.manager.latest_checkpoint or 'none yet'}) is "
+                "intact.")
+            if failed is None:
+                raise
+            # SaveV2 leaves its temporary folder (ckpt-N_temp/) behind, and perhaps part of
+            # ckpt-N: remove what this save created, nothing else.
+            for name in set(os.listdir(directory)) - before:
+                path = os.path.join(directory, name)
+                if os.path.isdir(path) and not os.path.islink(path):
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    with contextlib.suppress(OSError):
+                        os.remove(path)
+            raise failed from None
+
+    def _checkpoint_bytes(self):
+        """About the size of a checkpoint: the bytes of the variables it saves."""
+        variables = [*self.model.variables, *self.optimizer.variables]
+        return sum(int(np.prod(v.shape)) * np.dtype(v.dtype).itemsize for v in variables)
+
+    @contextlib.contextmanager
+    def _refused_writes(self):
+        """A write the file system refuses (a checkpoint, TensorBoard events, model.keras, the
+        metrics) ends the run with a `WriteFailedError` naming the folder; the last checkpoint
+        stays as it was."""
+        try:
+            yield
+        except Exception as error:
+            failed = write_errors.failure(
+                error, self.write_dir, "the run's files", kept=(
+                    f"The last checkpoint ({self.manager.latest_checkpoint or 'none yet'}) is "
+                    "intact."))
+            if failed is None or failed is error:
+                raise
+            raise failed from None
 
     def train(self, stop_at=None):
-        """Runs the remaining steps (or up to step `stop_at`). Returns the last step's logs."""
+        """Runs the remaining steps (or up to step `stop_at`). Returns the last step's logs.
+
+        Raises:
+            write_errors.WriteFailedError: the disk refused a checkpoint or the TensorBoard
+                events (a full disk, a read-only folder); the last checkpoint is intact.
+        """
+        with self._refused_writes():
+            return self._train(stop_at)
+
+    def _train(self, stop_at):
         config = self.config
         last_step = config.steps if stop_at is None else min(stop_at, config.steps)
         if self.step >= last_step:
@@ -564,16 +657,20 @@ class Trainer:
         """Evaluates z_I on `config.evaluation_split` (the test classes unless doing model
         selection); writes the metrics JSON and TensorBoard scalars."""
         split = self.config.evaluation_split
+        catalog = getattr(self.splits, split)
         metrics = runner.evaluate_model(
             self.model,
-            getattr(self.splits, split),
+            catalog,
             self.preprocess,
             batch_size=self.config.eval_batch_size,
             recall_ks=self.config.recall_ks,
         )
         diagnostics = self.variance_diagnostics() if self.config.dvml else None
         if self.is_chief:
-            record = dict(metrics)
+            # How many queries Recall@K and MAP@R leave out (no possible positive), as
+            # evaluate.py records it.
+            record = {**metrics, "excluded_queries": metrics_lib.queries_without_positive(
+                catalog.labels, catalog.is_query, catalog.is_gallery)}
             if diagnostics is not None:
                 record[DIAGNOSTICS_KEY] = diagnostics
             atomic.write_json(os.path.join(self.write_dir, task.metrics_file(split)), record,
@@ -641,14 +738,22 @@ class Trainer:
         if self.is_chief:
             atomic.save_keras_model(self.model, os.path.join(self.write_dir, task.MODEL_FILE))
 
+    def close(self):
+        """Releases the run folder's lock (`run` does it when it ends)."""
+        lock, self._run_lock = self._run_lock, None
+        if lock is not None:
+            lock.release()
+
     def run(self):
         """Trains (or resumes), saves the model and evaluates on the test classes."""
         try:
-            self.train()
-            self.save_model()
-            metrics = self.evaluate_final()
+            with self._refused_writes():
+                self.train()
+                self.save_model()
+                metrics = self.evaluate_final()
         finally:
             distribution.remove_worker_directory(self.write_dir, self.config.model_dir)
+            self.close()
         if self.verbose:
             metric = runner.distance_metric(self.model.normalize_embeddings)
             title = (f"{self.config.evaluation_split.capitalize()} classes "

@@ -275,3 +275,55 @@ def test_raw_splits_align_row_by_row_with_the_converted_splits(name, no_network)
                 assert image.shape == (105, 105, 3)
             stored = raw.raw_form.to_stored(image).numpy()
             np.testing.assert_array_equal(stored, catalog.image(i), err_msg=f"{split} row {i}")
+
+
+def prepare_tiny_omniglot(data_dir):
+    """A real prepared TFDS omniglot in `data_dir` (tfrecords, dataset_info.json, features.json)
+    with 6 images per split, written through TFDS's own feature encoding: no download.
+
+    Returns:
+        the version folder (omniglot/3.0.0).
+    """
+    builder = tfds.builder("omniglot", data_dir=str(data_dir))
+    rng = np.random.default_rng(0)
+    infos = []
+    for split, labels in (("train", [0, 0, 1, 1, 2, 2]), ("test", [964, 964, 965, 965, 966,
+                                                                    966])):
+        template = tfds.core.ShardedFileTemplate(
+            data_dir=builder.data_dir, template="{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}",
+            dataset_name="omniglot", split=split, filetype_suffix="tfrecord")
+        path = template.sharded_filepath(shard_index=0, num_shards=1)
+        tf.io.gfile.makedirs(builder.data_dir)
+        with tf.io.TFRecordWriter(str(path)) as writer:
+            for label in labels:
+                image = (rng.integers(0, 2, (105, 105, 3)) * 255).astype(np.uint8)
+                writer.write(builder.info.features.serialize_example(
+                    {"image": image, "alphabet": 0, "alphabet_char_id": 0, "label": label}))
+        infos.append(tfds.core.SplitInfo(name=split, shard_lengths=[len(labels)],
+                                         num_bytes=tf.io.gfile.stat(str(path)).length,
+                                         filename_template=template))
+    builder.info.set_splits(tfds.core.SplitDict(infos))
+    builder.info.write_to_directory(builder.data_dir)
+    return builder.data_dir
+
+
+def test_a_damaged_prepared_dataset_says_to_prepare_it_again(tmp_path, no_network):
+    version = prepare_tiny_omniglot(tmp_path)
+    assert load_dataset("omniglot", data_dir=str(tmp_path), raw=True).test.num_images == 6
+    records = f"{version}/omniglot-train.tfrecord-00000-of-00001"
+    with open(records, "rb") as f:
+        data = f.read()
+    with open(records, "wb") as f:
+        f.write(data[:len(data) // 2])  # a truncated copy
+    with pytest.raises(ValueError, match=rf"The prepared TFDS dataset 'omniglot' in {version} is "
+                                         r"damaged: its train split cannot be read \(truncated "
+                                         rf"record .*\)\. Prepare it again: remove {version} and "
+                                         r"load the dataset once with network access"):
+        load_dataset("omniglot", data_dir=str(tmp_path))
+    with open(f"{version}/dataset_info.json", "w") as f:
+        f.write('{"name": "omniglot", "splits": [')  # truncated JSON
+    with pytest.raises(ValueError, match=rf"The prepared TFDS dataset 'omniglot' in "
+                                         rf"{tmp_path}/omniglot is corrupt: its "
+                                         r"dataset_info\.json \(or features\.json\) cannot be "
+                                         r"read \(.*\)\. Prepare it again"):
+        load_dataset("omniglot", data_dir=str(tmp_path))

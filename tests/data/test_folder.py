@@ -1,6 +1,7 @@
 """The folder loader on generated files: every image mode, corrupt files, layouts, bad input."""
 
 import io
+import json
 import os
 
 import numpy as np
@@ -403,3 +404,45 @@ def test_a_class_folder_link_to_the_dataset_folder_is_not_a_class(tmp_path, capl
         splits = load_folder(tmp_path / "data")
     assert splits.train.class_names == ("class_00", "class_01", "class_02", "class_03")
     assert "0_everything" in caplog.text and "same folder as class 'class_00'" in caplog.text
+
+
+def test_images_above_the_pixel_limit_are_skipped_unread(tmp_path, caplog):
+    from tests.data.oversized import png_bomb
+
+    for c in ("a", "b", "c"):
+        for i in range(2):
+            write(str(tmp_path / c / f"{i}.png"),
+                  encode(Image.fromarray(pattern(i)[:8, :8]), "PNG"))  # 64 pixels
+    write(str(tmp_path / "a" / "bomb.png"), png_bomb())  # 20000 x 20000 in 49 kB
+    # 40 x 24 = 960 pixels: a palette BMP (decoded by PIL) and a GIF (decoded by TF).
+    small = Image.fromarray(pattern(3)).convert("P", palette=Image.Palette.ADAPTIVE, colors=8)
+    write(str(tmp_path / "c" / "palette.bmp"), encode(small, "BMP"))
+    write(str(tmp_path / "c" / "small.gif"), encode(small, "GIF"))
+    with caplog.at_level("INFO"):
+        splits = load_folder(tmp_path)
+    assert sorted(os.path.basename(p) for p in splits.unreadable) == ["bomb.png"]
+    assert ("Skipped 1 image file(s) above the limit of 67108864 pixels (--max_image_pixels; "
+            f"they are not decoded): {tmp_path / 'a' / 'bomb.png'} (20000 x 20000)") in caplog.text
+    assert splits.train.num_images == 4 and splits.test.num_images == 4
+    # A lower limit refuses the 960-pixel files on both decoding paths, and the pipeline's
+    # decoder of the catalogs enforces it too.
+    splits = load_folder(tmp_path, max_pixels=959)
+    assert sorted(os.path.basename(p) for p in splits.unreadable) == [
+        "bomb.png", "palette.bmp", "small.gif"]
+    assert splits.test.num_images == 2 and splits.test.max_pixels == 959
+
+
+def test_names_that_are_not_utf8_are_kept_as_their_bytes(tmp_path):
+    root = os.fsencode(tmp_path)
+    for c, cls in enumerate((b"caf\xe9", b"plain", b"\xff\xfeodd", b"zeta")):
+        for i in range(2):
+            path = os.path.join(root, cls, b"img\xe9%d.png" % i)
+            write(path, encode(Image.fromarray(pattern(2 * c + i)), "PNG"))
+    splits = load_dataset("folder", data_dir=str(tmp_path), raw=True)
+    # os lists such names with surrogateescape: the original bytes come back with fsencode.
+    names = [os.fsencode(name) for name in splits.train.class_names]
+    assert names == [b"caf\xe9", b"plain", b"zeta", b"\xff\xfeodd"]
+    assert os.fsencode(splits.test.paths[0]) == os.path.join(root, b"zeta", b"img\xe90.png")
+    np.testing.assert_array_equal(splits.test.image(0), pattern(6))  # zeta: class 3
+    identity = json.loads(json.dumps(splits.identity))  # dataset.json is valid JSON
+    assert identity["train"]["caf\udce9"]["images"] == 2

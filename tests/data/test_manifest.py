@@ -111,6 +111,42 @@ def test_bad_manifests_are_clear_errors(files, text, error, message):
         manifest.load_manifest(write_csv(files / "m.csv", text))
 
 
+def test_odd_text_is_a_clear_error_naming_the_line(files):
+    # An unmatched quote on line 2 swallows the rest of the file into one field.
+    text = "path,label\n\"img/a_0.png,a\n" + rows("bcdef") + "\n"
+    with pytest.raises(ValueError, match=r"1 bad row\(s\): line 2: a quote \(\"\) opened here is "
+                                         r"never closed: it swallows lines 2-17"):
+        manifest.load_manifest(write_csv(files / "m.csv", text))
+    # ... or, past the csv module's field limit, ends in its error: still named with the line.
+    long_text = "path,label\nimg/a_0.png,a\n\"img/b_0.png,b\n" + "x" * 140_000 + "\n"
+    with pytest.raises(ValueError, match=r"m2\.csv, line 3: field larger than field limit "
+                                         r"\(131072\)\. A field that opens a quote"):
+        manifest.load_manifest(write_csv(files / "m2.csv", long_text))
+    # A path longer than the limit: the same error, naming its line.
+    with pytest.raises(ValueError, match=r"m3\.csv, line 2: field larger than field limit"):
+        manifest.load_manifest(write_csv(files / "m3.csv", "path,label\n"
+                                         + "a" * 131_073 + ".png,a\n"))
+    # Numeric labels beyond 64 bits.
+    big = "path,label\nimg/a_0.png,1\nimg/b_0.png,99999999999999999999\nimg/c_0.png,-2\n"
+    with pytest.raises(ValueError, match=r"class ids must fit in 64 bits \(\|id\| < 2\^63\); 1 "
+                                         r"label\(s\) do not: line 3: 99999999999999999999\. Use "
+                                         r"smaller ids, or class names"):
+        manifest.load_manifest(write_csv(files / "m4.csv", big))
+
+
+def test_a_latin1_manifest_is_refused_naming_the_line(files):
+    text = ("path,label\n" + rows("abc") + "\nimg/d_0.png,caf\u00e9\n" + rows("ef")).encode(
+        "latin-1")
+    (files / "latin1.csv").write_bytes(text)
+    with pytest.raises(ValueError, match=r"latin1\.csv is not UTF-8 text: line 11 holds the byte "
+                                         r"0xe9 \(Latin-1 or another encoding\?\)\. Save it as "
+                                         "UTF-8"):
+        manifest.load_manifest(files / "latin1.csv")
+    # The same text in UTF-8 (with or without a byte-order mark) is read, accents kept.
+    (files / "utf8.csv").write_bytes(text.decode("latin-1").encode("utf-8-sig"))
+    assert "caf\u00e9" in manifest.load_manifest(files / "utf8.csv").test.class_names
+
+
 def test_unreadable_files_are_skipped_and_listed(files):
     (files / "img" / "e_1.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
     splits = manifest.load_manifest(write_csv(files / "m.csv", "path,label\n" + rows("abcdef")))
@@ -153,6 +189,7 @@ def test_train_and_evaluate_on_a_manifest_with_query_and_gallery_rows(files, tmp
     trainer.Trainer(config, verbose=False).run()
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     metrics.pop("dvml_diagnostics", None)
+    assert metrics.pop("excluded_queries") == 0  # every query has a same-class gallery image
     # 4 queries (two per test class) search a gallery of 4 (rows 1 and 2 of each class); row 1
     # is both and never finds itself, so every query has one or two same-class gallery images.
     assert set(metrics) == {"nmi", "f1", "recall@1", "recall@2", "map@r"}

@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+from dvml_tf.evaluation import exact_search
 from dvml_tf.evaluation import knn
 
 
@@ -78,17 +79,22 @@ def test_thread_count_and_chunking_do_not_change_the_result():
             got = knn.nearest_neighbors(x, 9, memory_budget_bytes=budget, num_threads=threads)
             np.testing.assert_array_equal(got[0], reference[0])
             np.testing.assert_array_equal(got[1], reference[1])
-    # Another chunking: the same neighbours; the distances within float32 rounding, because
-    # BLAS may pick another kernel for a product of another shape (seen on x86_64 OpenBLAS).
+    # Another chunking (here symmetric tiles against query chunks): the ranking is exact, and
+    # the distances are re-scored pair by pair, so both are bit-identical although BLAS rounds
+    # products of other shapes differently.
     whole = knn.nearest_neighbors(x, 9, memory_budget_bytes=1 << 30)
     chunked = knn.nearest_neighbors(x, 9, memory_budget_bytes=30_000)
     np.testing.assert_array_equal(chunked[0], whole[0])
-    np.testing.assert_allclose(chunked[1], whole[1], rtol=1e-5)
+    np.testing.assert_array_equal(chunked[1], whole[1])
 
 
 def test_iter_yields_contiguous_chunks():
     x = np.random.default_rng(4).standard_normal((103, 4)).astype(np.float32)
-    budget = 40 * (103 * 13 + 3 * 64)  # 40 rows per chunk (see knn._BYTES_PER_*).
+    # Too small for the symmetric state: one 128 x 128 tile (147,456 bytes) and 40 query rows
+    # of candidates ((3 + 32) x 12 x 2 + 64 bytes each).
+    budget = 147_456 + 40 * 904
+    plan = exact_search.Plan(103, 103, 3, True, budget)
+    assert not plan.symmetric and plan.chunk == 40
     chunks = list(knn.iter_nearest_neighbors(x, 3, memory_budget_bytes=budget))
     assert [c[0] for c in chunks] == [0, 40, 80]
     ids = np.concatenate([c[1] for c in chunks])
@@ -164,11 +170,14 @@ def test_nan_and_inf_rows_are_counted():
         knn.nearest_neighbors(x, 1)
 
 
-def test_chunk_size_follows_the_memory_budget():
-    assert knn.chunk_size_for(60_502, 1001) > 1000
-    assert knn.chunk_size_for(60_502, 1001, memory_budget_bytes=1 << 20) == 1
-    small = knn.chunk_size_for(1000, 10, memory_budget_bytes=1 << 20)
-    assert small * (1000 * 13 + 10 * 64) <= 1 << 20
+def test_plan_follows_the_memory_budget():
+    # SOP's R@1 + MAP@R (k = 12) reuses symmetric tiles; R@1000's state is too big for that.
+    sop = exact_search.Plan(60_502, 60_502, 12, True, knn.DEFAULT_MEMORY_BUDGET_BYTES)
+    assert sop.symmetric and sop.tile == 2048
+    large_k = exact_search.Plan(60_502, 60_502, 1001, True, knn.DEFAULT_MEMORY_BUDGET_BYTES)
+    assert not large_k.symmetric and large_k.chunk == 2048
+    tiny = exact_search.Plan(60_502, 60_502, 1001, True, 1 << 20)
+    assert 1 <= tiny.chunk < 100 and tiny.tile == 147
 
 
 def test_data_far_from_the_origin_keep_their_precision():

@@ -29,26 +29,29 @@ def brute_force_retrieval(embeddings, labels, ks, metric="euclidean"):
     for q in range(num):
         others = [j for j in np.argsort(dist[q], kind="stable") if j != q]
         tally_query([labels[j] == labels[q] for j in others], ks, hits, aps)
-    return tallied_metrics(ks, hits, aps, num)
+    return tallied_metrics(ks, hits, aps)
 
 
 def tally_query(same, ks, hits, aps):
     """Adds one query's Recall@K hits and AP@R; `same` says which ranked neighbours share its
-    class."""
+    class. A query with no same-class neighbour at all (R = 0) is left out of both, as
+    pytorch-metric-learning's AccuracyCalculator leaves it out."""
+    r = sum(same)
+    if not r:
+        return
     for k in ks:
         hits[k] += any(same[:k])
-    r = sum(same)
-    if r:
-        found, ap = 0, 0.0
-        for i in range(r):
-            if same[i]:
-                found += 1
-                ap += found / (i + 1)
-        aps.append(ap / r)
+    found, ap = 0, 0.0
+    for i in range(r):
+        if same[i]:
+            found += 1
+            ap += found / (i + 1)
+    aps.append(ap / r)
 
 
-def tallied_metrics(ks, hits, aps, num_queries):
-    out = {f"recall@{k}": hits[k] / num_queries for k in ks}
+def tallied_metrics(ks, hits, aps):
+    counted = len(aps)  # one AP@R per query with R >= 1: the queries both metrics score
+    out = {f"recall@{k}": hits[k] / counted if counted else math.nan for k in ks}
     out["map@r"] = float(np.mean(aps)) if aps else math.nan
     return out
 
@@ -71,6 +74,9 @@ def test_recall_at_k_hand_case():
     assert metrics.recall_at_k(query, neighbors, 1) == 0.0
     assert metrics.recall_at_k(query, neighbors, 2) == pytest.approx(1 / 3)
     assert metrics.recall_at_k(query, neighbors, 3) == pytest.approx(2 / 3)
+    # With R known, a query without a possible positive is left out (here query 1: R = 0).
+    assert metrics.recall_at_k(query, neighbors, 3, num_relevant=[2, 0, 1]) == 1.0
+    assert math.isnan(metrics.recall_at_k(query, neighbors, 3, num_relevant=[0, 0, 0]))
     with pytest.raises(ValueError, match="exceeds the number of neighbours"):
         metrics.recall_at_k(query, neighbors, 4)
 
@@ -167,12 +173,32 @@ def test_hand_case_singleton_class_and_k_larger_than_classes():
     x = np.array([[0.0], [1.0], [10.0], [11.0], [12.0], [30.0]], dtype=np.float32)
     labels = np.array([0, 0, 1, 1, 1, 2])
     got = metrics.evaluate_embeddings(x, labels, (1, 3, 5, 100), compute_clustering=False)
-    # Every non-singleton query has its nearest neighbour in its class; the singleton never hits,
-    # not even with K = 100 > N - 1 (capped to the 5 other samples).
-    assert got["recall@1"] == pytest.approx(5 / 6)
-    assert got["recall@3"] == got["recall@5"] == got["recall@100"] == pytest.approx(5 / 6)
-    # MAP@R over the 5 non-singleton queries only: all their first R neighbours are relevant.
+    # Every non-singleton query has its nearest neighbour in its class; the singleton, which can
+    # never hit, is left out of Recall@K (K = 100 > N - 1 is capped to the 5 other samples) and
+    # of MAP@R alike: both score the same 5 queries.
+    assert got["recall@1"] == got["recall@3"] == got["recall@5"] == got["recall@100"] == 1.0
     assert got["map@r"] == pytest.approx(1.0)
+    assert metrics.queries_without_positive(labels) == 1
+
+
+def test_queries_without_positive_are_left_out_of_both_metrics_alike():
+    # Class 0 = {0, 1}, class 1 = {5, 6}, singletons 2 (at -0.6, next to row 0) and 3 (far).
+    x = np.array([[0.0], [1.0], [5.0], [6.0], [-0.6], [20.0]], np.float32)
+    labels = np.array([0, 0, 1, 1, 2, 3])
+    got = metrics.evaluate_embeddings(x, labels, (1, 2), compute_clustering=False)
+    # Query 0's nearest is the singleton (0.6 away): an R@1 miss, a hit at K = 2; AP@R (R=1) = 0.
+    # The singleton queries 4 and 5 are counted nowhere (before, they were R@K misses only).
+    assert got == pytest.approx({"recall@1": 3 / 4, "recall@2": 1.0, "map@r": 3 / 4})
+    assert metrics.queries_without_positive(labels) == 2
+    # In the query/gallery protocol, R counts the gallery: a query whose class is absent from
+    # the gallery (or whose only gallery image is itself) has none.
+    is_query = np.array([True, True, True, False, True, False])
+    is_gallery = np.array([False, True, True, True, True, True])
+    assert metrics.queries_without_positive(labels, is_query, is_gallery) == 2  # rows 1 and 4
+    split = metrics.evaluate_embeddings(x, labels, (1,), compute_clustering=False,
+                                        is_query=is_query, is_gallery=is_gallery)
+    # Rows 0 (finds the singleton first: a miss) and 2 (finds row 3) are scored.
+    assert split == pytest.approx({"recall@1": 1 / 2, "map@r": 1 / 2})
 
 
 def test_hand_case_ties_use_the_smaller_index():
@@ -193,9 +219,9 @@ def test_duplicates_at_distance_zero_are_hits():
     assert got == {"recall@1": 1.0, "map@r": 1.0}
 
 
-def test_all_singletons_give_zero_recall_and_nan_map():
+def test_all_singletons_give_nan_recall_and_map():
     got = metrics.evaluate_embeddings(np.eye(3), [0, 1, 2], (1,), compute_clustering=False)
-    assert got["recall@1"] == 0.0 and math.isnan(got["map@r"])
+    assert math.isnan(got["recall@1"]) and math.isnan(got["map@r"])
 
 
 # --- invariances (hypothesis) --------------------------------------------------------------------
@@ -303,7 +329,7 @@ def brute_force_query_gallery(embeddings, labels, is_query, is_gallery, ks, metr
             dist = [np.sqrt(((x[q] - x[g]) ** 2).sum()) for g in others]
         ranked = [others[i] for i in np.argsort(dist, kind="stable")]
         tally_query([labels[g] == labels[q] for g in ranked], ks, hits, aps)
-    return tallied_metrics(ks, hits, aps, len(queries))
+    return tallied_metrics(ks, hits, aps)
 
 
 @pytest.mark.parametrize("metric", ["euclidean", "cosine"])

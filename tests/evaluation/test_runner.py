@@ -67,7 +67,14 @@ def test_encoded_images_reads_files_and_bytes(tmp_path):
         runner.encoded_images(catalog, [2])
     errors = {}
     assert runner.encoded_images(catalog, [2, 1], errors=errors) == [None, b"inline"]
-    assert list(errors) == [2] and "cannot read" in errors[2] and "gone.png" in errors[2]
+    assert errors == {2: "file disappeared since the dataset was loaded (deleted or moved): "
+                         f"{tmp_path / 'gone.png'}"}
+    # A file that became empty since the loader decoded it says so (not "cannot decode").
+    (tmp_path / "a.png").write_bytes(b"")
+    assert runner.encoded_images(catalog, [0], errors=errors) == [None]
+    assert errors[0].startswith("file is empty now, though it was a readable image")
+    with pytest.raises(ValueError, match="truncated or replaced since"):
+        runner.encoded_images(catalog, [0])
     decoded = data.ImageCatalog([0], images=np.zeros((1, 2, 2, 3), np.uint8))
     with pytest.raises(ValueError, match="decoded pixels"):
         runner.encoded_images(decoded, [0])

@@ -62,6 +62,29 @@ def test_tfsim_map_counts_singletons_as_zero(tfsim):
     assert ours == pytest.approx(1.0)
 
 
+def test_tfsims_recall_alone_would_count_queries_without_a_positive_as_misses(tfsim):
+    # Why only the queries with R >= 1 are given to tfsim: RecallAtK averages over every query
+    # it gets, so the singleton query 9 (no possible positive) would be a miss.
+    import tensorflow as tf
+    from tensorflow_similarity.retrieval_metrics import RecallAtK
+
+    query = tf.constant([0, 0, 9])
+    match = tf.constant([[True, False], [False, True], [False, False]])
+    value = RecallAtK(k=2).compute(query_labels=query, lookup_labels=None,
+                                   lookup_distances=None, match_mask=match)
+    assert float(value) == pytest.approx(2 / 3)
+    ours = metrics.recall_at_k(np.array([0, 0, 9]), np.array([[0, 1], [1, 0], [1, 1]]), 2,
+                               num_relevant=[1, 1, 0])
+    assert ours == 1.0
+    # And the cross-check agrees with us on data that has such queries (random_case has 4).
+    x, labels = random_case(2, num=60)
+    assert metrics.queries_without_positive(labels) >= 4
+    theirs = tfsim_check.tfsim_retrieval_metrics(x, labels, (1, 4))
+    assert theirs == pytest.approx(metrics.evaluate_embeddings(x, labels, (1, 4),
+                                                               compute_clustering=False),
+                                   abs=1e-6)
+
+
 def test_missing_tfsim_gives_install_hint(monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorflow_similarity", None)  # Makes the import fail.
     with pytest.raises(ImportError, match=r"pip install -r requirements-tfsim\.txt"):

@@ -63,8 +63,8 @@ def test_layout_and_report(exported):
     export_dir = result.export_dir
     assert result.version == 1
     assert _visible(export_dir) == sorted(ARTIFACTS)
-    # Besides them only the lock file: no staging folder is left behind.
-    assert sorted(set(os.listdir(export_dir)) - set(ARTIFACTS)) == [exporter.LOCK_FILE]
+    # Nothing besides them: no staging folder, no lock file is left behind.
+    assert sorted(set(os.listdir(export_dir)) - set(ARTIFACTS)) == []
     assert os.listdir(os.path.join(export_dir, "saved_model")) == ["1"]
     assert result.saved_model_dir == os.path.join(export_dir, "saved_model", "1")
     # Readable by a model server running as another user (umask permitting).
@@ -99,6 +99,10 @@ def test_layout_and_report(exported):
     assert report["model"]["normalized"] == bool(model.normalize_embeddings)
     assert report["signatures"]["serving_default"]["inputs"]["images"] == (
         "uint8 [None, 105, 105, 3]")
+    # The pixel limit embed_bytes enforces: the run's (TrainConfig.max_image_pixels).
+    assert report["signatures"]["embed_bytes"]["max_image_pixels"] == 8192 * 8192
+    assert layout.max_image_pixels(report) == 8192 * 8192
+    assert layout.max_image_pixels({"signatures": {}}) == 8192 * 8192  # older exports
     with open(os.path.join(export_dir, "retrieval_gallery.json")) as f:
         assert json.load(f)["labels"] == splits.test.labels.tolist()
     # The retriever carries the labels too: a gallery image's top row is itself, with its label.
@@ -146,7 +150,10 @@ def test_a_second_export_adds_a_version_and_keeps_the_first(exported, config, tm
         "retrieval_gallery.json": {"role": "retrieval_gallery", "version": 1},
     }
     assert layout.read_version_report(export_dir / "saved_model" / "2") == report
-    assert layout.read_version_report(export_dir / "saved_model" / "1")["version"] == 1
+    first = layout.read_version_report(export_dir / "saved_model" / "1")
+    assert first["version"] == 1
+    # The same model exported again: the same weights, hence the same contract fingerprint.
+    assert report["model"]["weights"] == first["model"]["weights"]
     assert not [p for p in os.listdir(export_dir) if p.startswith(exporter.STAGING_PREFIX)]
     assert sorted(os.listdir(tmp_path)) == ["E"]
 
@@ -212,7 +219,7 @@ def test_a_failed_export_leaves_the_previous_one_untouched(exported, config, tmp
         exporter.export_model(model, config, export_dir, raw_splits=splits, **FAST)
     assert _snapshot(export_dir) == before
     # No staging folder left behind, neither in E nor next to it.
-    assert sorted(os.listdir(export_dir)) == sorted([*ARTIFACTS, exporter.LOCK_FILE])
+    assert sorted(os.listdir(export_dir)) == sorted(ARTIFACTS)
     assert sorted(os.listdir(tmp_path)) == ["E"]
 
 
@@ -547,6 +554,8 @@ def test_a_sigkilled_export_leaves_e_intact_and_the_next_one_removes_its_staging
     assert len(staging) == 1  # the killed export's half-made version, hidden in E
     assert os.path.isdir(export_dir / staging[0] / "saved_model" / "2")
     after = _snapshot(export_dir)
+    # A SIGKILLed process cannot remove its lock file; the kernel released its lock, though.
+    assert f'"pid": {process.pid}' in after.pop(exporter.LOCK_FILE).decode()
     assert {k: v for k, v in after.items()
             if not k.startswith(exporter.STAGING_PREFIX)} == before
     assert layout.existing_versions(export_dir / "saved_model") == [1]
@@ -558,7 +567,54 @@ def test_a_sigkilled_export_leaves_e_intact_and_the_next_one_removes_its_staging
     assert f"Removing {export_dir / staging[0]}, left by an export (pid {process.pid}" \
         in caplog.text
     assert not [p for p in os.listdir(export_dir) if p.startswith(exporter.STAGING_PREFIX)]
+    assert not (export_dir / exporter.LOCK_FILE).exists()  # the next holder removed it
     after = _snapshot(export_dir)
     for name, content in before.items():
         if name != "export_report.json":
             assert after[name] == content, name
+
+
+def test_a_full_disk_is_a_clear_error_and_e_stays_as_it_was(exported, config, tmp_path):
+    from dvml_tf.utils import write_errors
+    from tests import faults
+
+    model, splits, result = exported
+    with faults.full_disk(tmp_path / "disk") as disk:
+        export_dir = os.path.join(disk.path, "E")
+        shutil.copytree(result.export_dir, export_dir)
+        before = _snapshot(export_dir)
+        disk.fill()
+        reason = ("no space left on device" if disk.mounted
+                  else "file too large for the file system")
+        with pytest.raises(write_errors.WriteFailedError) as failed:
+            exporter.export_model(model, config, export_dir, raw_splits=splits,
+                                  litert_models=False, **FAST)
+        assert str(failed.value).startswith(
+            f"Cannot write the export (version 2) in {export_dir}: {reason}"), failed.value
+        assert "What the folder held before is intact." in str(failed.value)
+        # evaluate.py --calibrate's write of the thresholds into both reports.
+        with pytest.raises(write_errors.WriteFailedError, match=(
+                f"Cannot write export_report.json in {export_dir}/saved_model/1/assets.extra: "
+                f"{reason}")):
+            exporter.update_report(os.path.join(export_dir, "saved_model", "1"), "matching",
+                                   {"thresholds": {"0.9": 0.5}})
+        # No staging folder, no temporary file, no lock file: E is byte for byte as it was.
+        assert _snapshot(export_dir) == before
+        assert sorted(os.listdir(export_dir)) == sorted(ARTIFACTS)
+
+
+def test_a_read_only_export_folder_is_a_clear_error(exported, config, tmp_path, monkeypatch):
+    from dvml_tf.utils import write_errors
+    from tests import faults
+
+    model, splits, result = exported
+    export_dir = tmp_path / "E"
+    shutil.copytree(result.export_dir, export_dir)
+    before = _snapshot(export_dir)
+    with faults.read_only(export_dir, monkeypatch) as code:
+        reason = os.strerror(code).lower()
+        with pytest.raises(write_errors.WriteFailedError,
+                           match=f"Cannot write the export's lock file in {export_dir}: {reason}"):
+            exporter.export_model(model, config, export_dir, raw_splits=splits,
+                                  litert_models=False, **FAST)
+    assert _snapshot(export_dir) == before

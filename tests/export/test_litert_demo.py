@@ -17,6 +17,7 @@ from dvml_tf.export import litert
 from dvml_tf.export import retrieval
 from dvml_tf.testing import synthetic_data
 from dvml_tf.training.config import TrainConfig
+from tests import faults
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DEMO = os.path.join(ROOT, "examples", "litert_retrieval.py")
@@ -97,3 +98,50 @@ def test_other_sizes_are_resized_with_a_note(export_dir, tmp_path):
     Image.fromarray(test.images[0]).resize((210, 210)).save(tmp_path / "big.png")
     out = _run_demo(["--export_dir", str(folder), "--image", str(tmp_path / "big.png")])
     assert "note: resizing 210x210 to 105x105" in out
+
+
+def test_images_above_the_pixel_limit_are_refused_from_their_header(export_dir, tmp_path):
+    from tests.data.oversized import png_bomb
+    from tests.data.oversized import run_measured
+
+    folder, test, _ = export_dir
+    (tmp_path / "bomb.png").write_bytes(png_bomb())  # 20000 x 20000 in 49 kB
+    Image.fromarray(test.images[0]).resize((210, 210)).save(tmp_path / "big.png")
+    np.save(tmp_path / "big.npy", np.zeros((210, 210, 3), np.uint8))
+    for image, extra, message in (
+        ("bomb.png", [], "bomb.png: Image size (400000000 pixels) exceeds limit of 134217728 "
+                         "pixels, could be decompression bomb DOS attack. "
+                         "(--max_image_pixels=67108864); downscale it first."),
+        ("big.png", ["--max_image_pixels=40000"], "big.png: 210 x 210 pixels, above the limit "
+                                                  "of 40000 pixels (--max_image_pixels); "
+                                                  "downscale it first."),
+        ("big.npy", ["--max_image_pixels=40000", "--embed"], "big.npy: 210 x 210 pixels"),
+    ):
+        result, peak_mb = run_measured(
+            [sys.executable, DEMO, "--export_dir", str(folder), "--image", str(tmp_path / image),
+             *extra], tmp_path, cwd=ROOT, timeout=120)
+        assert result.returncode == 1, result.stderr
+        assert message in result.stderr.strip().splitlines()[-1], result.stderr
+        assert "Traceback" not in result.stderr
+        assert peak_mb < 300, peak_mb  # decoding the bomb alone would take 1.2 GB
+    # An export without LiteRT models (--skip_litert) is one line, not a traceback.
+    result = subprocess.run([sys.executable, DEMO, "--export_dir", str(tmp_path), "--image",
+                             str(tmp_path / "big.png")], capture_output=True, text=True,
+                            timeout=120, cwd=ROOT)
+    assert result.returncode == 1 and result.stderr.strip() == (
+        f"{tmp_path}/retrieval.tflite does not exist: export without --skip_litert (export.py "
+        "writes the LiteRT models next to the SavedModel).")
+
+
+def test_a_pickled_npy_is_refused_unrun(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("litert_demo", DEMO)
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    marker = tmp_path / "payload_ran"
+    np.save(tmp_path / "query.npy", np.array([faults.PickledPayload(marker)], dtype=object),
+            allow_pickle=True)
+    with pytest.raises(SystemExit, match=r"query\.npy: not a numeric \.npy array \("):
+        demo.load_image(str(tmp_path / "query.npy"), 16, 16)
+    assert not marker.exists()

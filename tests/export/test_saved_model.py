@@ -193,3 +193,33 @@ def test_serves_the_models_own_embedder(exported):
     np.testing.assert_allclose(raw / np.linalg.norm(raw, axis=1, keepdims=True), reference,
                                atol=1e-5)
     assert json.dumps(raw_form.to_dict())  # serializable for the report
+
+
+def test_images_above_the_pixel_limit_fail_the_request_naming_them(exported, tmp_path):
+    from tests.data.oversized import png_bomb
+
+    model, (raw_form, preprocess), path, images, reference = exported
+    embed_bytes = tf.saved_model.load(path).signatures["embed_bytes"]
+    good = tf.io.encode_png(images[0]).numpy()
+    bomb = png_bomb()  # 20000 x 20000: 1.2 GB decoded, refused from its header in-graph
+    with pytest.raises(tf.errors.InvalidArgumentError) as error:
+        embed_bytes(image_bytes=tf.constant([good, bomb, good, bomb]))
+    assert saved_model.error_message(error.value) == (
+        "embed_bytes: image_bytes at indices 1 (20000 x 20000 pixels), 3 (20000 x 20000 pixels) "
+        "are above the limit of this model, 67108864 pixels (width x height; export.py "
+        "--max_image_pixels): downscale such images before sending them.")
+    # The limit is the export's: 105 x 105 = 11025 pixels pass 11025 and fail 11024.
+    for limit, passes in ((11025, True), (11024, False)):
+        version = str(tmp_path / str(limit))
+        saved_model.write_saved_model(model, raw_form, preprocess, version, max_pixels=limit)
+        signature = tf.saved_model.load(version).signatures["embed_bytes"]
+        if passes:
+            out = signature(image_bytes=tf.constant([good]))["embedding"].numpy()
+            # The check changes no output: the same numbers as the default export's.
+            np.testing.assert_array_equal(
+                out, embed_bytes(image_bytes=tf.constant([good]))["embedding"].numpy())
+            np.testing.assert_allclose(out, reference[:1], atol=1e-6)
+        else:
+            with pytest.raises(tf.errors.InvalidArgumentError, match=r"index 0 \(105 x 105 "
+                                                                     r"pixels\) is above"):
+                signature(image_bytes=tf.constant([good]))

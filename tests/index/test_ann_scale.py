@@ -59,3 +59,19 @@ def test_ann_scale_small_run(tmp_path, capsys):
     assert "Reusing the data" in printed and "hnsw: reusing the index built in" in printed
     assert again["backends"]["hnsw"]["build_s"] == record["backends"]["hnsw"]["build_s"]
     assert again["backends"]["hnsw"]["recall@10"] == record["backends"]["hnsw"]["recall@10"]
+
+
+def test_quick_runs_never_overwrite_the_committed_full_scale_results():
+    ann_scale = _load_script()
+    parser = ann_scale.make_parser()
+    committed = ROOT / "benchmarks" / "results" / "ann_scale.json"
+    assert pathlib.Path(ann_scale.default_output(parser.parse_args([]), parser)) == committed
+    assert pathlib.Path(ann_scale.default_output(parser.parse_args(["--sweep"]),
+                                                 parser)) == committed
+    # The quick command of the script's docstring, exactly as written there.
+    (quick,) = [line.split()[2:] for line in ann_scale.__doc__.splitlines()
+                if "--num=20000" in line]
+    output = ann_scale.default_output(parser.parse_args(quick), parser)
+    assert pathlib.Path(output) == committed.with_name("ann_scale_20000x512_200q.json")
+    explicit = parser.parse_args([*quick, "--output=elsewhere.json"])
+    assert explicit.output == "elsewhere.json"  # main keeps a given --output

@@ -17,6 +17,7 @@ from dvml_tf.export import layout
 from dvml_tf.index import GalleryIndex
 from dvml_tf.index import builder
 from dvml_tf.index import evaluation
+from dvml_tf.utils import write_errors
 from tests.index.catalogue import PER_CLASS
 
 
@@ -85,7 +86,8 @@ def test_an_image_that_does_not_decode_is_isolated_and_reported(catalogue_export
         progress=False)
     assert embedded_now == len(sources)
     assert [f["id"] for f in failures] == [3, 7, 9]
-    assert "cannot read" in failures[2]["error"] and failures[2]["path"] == catalog.paths[9]
+    assert failures[2]["error"].startswith("file disappeared since the dataset was loaded")
+    assert failures[2]["path"] == catalog.paths[9]
     assert all(f["error"] for f in failures)
     bad = np.isnan(vectors).any(axis=1)
     assert np.flatnonzero(bad).tolist() == [3, 7, 9]
@@ -178,8 +180,15 @@ def test_an_interrupted_build_resumes_after_its_last_checkpoint(catalogue_export
 def test_checkpoints_of_other_settings_are_refused_unless_restarted(catalogue_export, tmp_path):
     staging = builder.staging_path(tmp_path / "I")
     os.makedirs(staging)
-    with open(os.path.join(staging, builder.PROGRESS_FILE), "w") as f:
+    progress = os.path.join(staging, builder.PROGRESS_FILE)
+    with open(progress, "w") as f:  # written by an older index.py: no format, no checksums
         json.dump({"plan": {"split": "train"}, "chunks": []}, f)
+    with pytest.raises(ValueError, match=r"by an older index.py, without checksums.*--restart"):
+        build(catalogue_export, tmp_path / "I")
+    fingerprint = builder.load_model(catalogue_export.version_dir)[2]["fingerprint"]
+    with open(progress, "w") as f:
+        json.dump({"format": builder.STAGING_FORMAT, "chunks": [],
+                   "plan": {"split": "train", "fingerprint": fingerprint}}, f)
     with pytest.raises(ValueError, match=r"interrupted build with other settings.*--restart"):
         build(catalogue_export, tmp_path / "I")
     result = build(catalogue_export, tmp_path / "I", restart=True)
@@ -248,3 +257,173 @@ def test_in_shop_catalogues_index_the_gallery_and_queries_search_it(catalogue_ex
     assert through == pytest.approx(exact, abs=1e-12)
     with pytest.raises(ValueError, match="other labels than the split's rows"):
         evaluation.index_retrieval_metrics(index, embeddings, labels[::-1], (1,))
+
+
+# ------------------------------------------------------------------ checksums, models, overwrite
+
+def flip_byte(path, offset=-3):
+    data = bytearray(pathlib.Path(path).read_bytes())
+    data[offset] ^= 0x40
+    pathlib.Path(path).write_bytes(bytes(data))
+
+
+def test_a_corrupt_shard_is_refused_before_merging(catalogue_export, tmp_path):
+    shards = [tmp_path / f"p{i}" for i in range(2)]
+    for i, shard in enumerate(shards):
+        build(catalogue_export, shard, num_shards=2, shard_index=i)
+    # One flipped bit in an embedding: still a valid .npy file of the right shape.
+    flip_byte(shards[1] / "embeddings.npy")
+    with pytest.raises(ValueError, match=(
+            f"Shard {shards[1]} is corrupt: embeddings.npy differs from the SHA-256 and size "
+            r"shard.json recorded when it was written; rebuild it \(index.py build")):
+        builder.merge_shards(shards, tmp_path / "I")
+    assert not (tmp_path / "I").exists()
+
+
+def test_shards_of_two_models_are_not_merged(catalogue_export, tmp_path):
+    from tests.index.catalogue import export_catalogue_model
+
+    _, other = export_catalogue_model(catalogue_export.manifest, tmp_path / "E2", seed=1)
+    build(catalogue_export, tmp_path / "p0", num_shards=2, shard_index=0)
+    builder.build_index(other.saved_model_dir, tmp_path / "p1", num_shards=2, shard_index=1,
+                        data_dir=str(catalogue_export.manifest), progress=False)
+    first = builder.load_model(catalogue_export.version_dir)[2]["fingerprint"]
+    second = builder.load_model(other.saved_model_dir)[2]["fingerprint"]
+    with pytest.raises(ValueError) as refused:
+        builder.merge_shards([tmp_path / "p0", tmp_path / "p1"], tmp_path / "I")
+    assert str(refused.value).startswith(
+        f"Shards {tmp_path / 'p0'} and {tmp_path / 'p1'} were embedded by different models: "
+        f"fingerprint {first} ({os.path.abspath(catalogue_export.version_dir)}) vs {second} "
+        f"({other.saved_model_dir}); other weights")
+    assert not (tmp_path / "I").exists()
+
+
+def interrupt_after_first_chunk(monkeypatch, build_call):
+    """Runs a build (batches of 2, checkpoints of 4 images) that is interrupted in its second
+    chunk, as Ctrl-C would."""
+    original, calls = runner.run_embed_bytes, []
+
+    def interrupted(signature, encoded):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return original(signature, encoded)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(runner, "run_embed_bytes", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            build_call()
+
+
+def test_a_corrupt_checkpoint_is_embedded_again_when_resuming(catalogue_export, tmp_path,
+                                                              monkeypatch, caplog):
+    def build_call():
+        return build(catalogue_export, tmp_path / "I", batch_size=2, chunk_images=4)
+
+    interrupt_after_first_chunk(monkeypatch, build_call)
+    chunk = pathlib.Path(builder.staging_path(tmp_path / "I"), "chunk-000000.npy")
+    flip_byte(chunk)
+    with caplog.at_level("WARNING"):
+        result = build_call()
+    assert f"Checkpoint {chunk} is corrupt: its SHA-256 differs" in caplog.text
+    assert result.embedded_now == 3 * PER_CLASS  # the corrupt chunk, and everything after it
+    build(catalogue_export, tmp_path / "fresh")
+    embeddings, _, _ = reference_embeddings(catalogue_export)
+    resumed, fresh = GalleryIndex.load(tmp_path / "I"), GalleryIndex.load(tmp_path / "fresh")
+    for a, b in zip(resumed.search(embeddings, 4), fresh.search(embeddings, 4), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_an_image_changed_since_its_checkpoint_is_embedded_again(catalogue_export, tmp_path,
+                                                                 monkeypatch, caplog):
+    root = tmp_path / "data"
+    shutil.copytree(os.path.dirname(catalogue_export.manifest), root)
+    manifest = root / "manifest.csv"
+
+    def build_call():
+        return build(catalogue_export, tmp_path / "I", batch_size=2, chunk_images=4,
+                     data_dir=str(manifest))
+
+    interrupt_after_first_chunk(monkeypatch, build_call)
+    # Test row 1 (in the checkpointed first chunk) now holds another class's image.
+    shutil.copyfile(root / "img" / "c8_3.png", root / "img" / "c6_1.png")
+    with caplog.at_level("WARNING"):
+        result = build_call()
+    assert "Images of checkpoint" in caplog.text and "(rows 0-3) changed" in caplog.text
+    assert result.embedded_now == 3 * PER_CLASS  # the changed chunk again, then the rest
+    index = GalleryIndex.load(tmp_path / "I")
+    report = layout.read_version_report(catalogue_export.version_dir)
+    catalog, _ = runner.saved_model_catalog(report, "test", data_dir=str(manifest))
+    signature = runner.load_embed_bytes(catalogue_export.version_dir)
+    now, _ = runner.saved_model_embeddings(signature, catalog, batch_size=1000)
+    # Row 1 is the new image's embedding (the one of c8_3.png, row 13), not the old one.
+    np.testing.assert_allclose(index.search(now[13:14], 2)[1][0], [1.0, 1.0], atol=1e-5)
+    assert sorted(index.search(now[13:14], 2)[0][0].tolist()) == [1, 13]
+
+
+def test_overwrite_replaces_only_what_the_build_wrote(catalogue_export, tmp_path):
+    build(catalogue_export, tmp_path / "I")
+    (tmp_path / "I" / "README.txt").write_text("how we built this index")
+    (tmp_path / "I" / "eval").mkdir()
+    (tmp_path / "I" / "eval" / "metrics.json").write_text('{"recall@1": 0.9}')
+    build(catalogue_export, tmp_path / "I", backend="hnsw", overwrite=True)
+    assert (tmp_path / "I" / "README.txt").read_text() == "how we built this index"
+    assert (tmp_path / "I" / "eval" / "metrics.json").read_text() == '{"recall@1": 0.9}'
+    index = GalleryIndex.load(tmp_path / "I")
+    assert index.backend == "hnsw"
+    assert not (tmp_path / "I" / "flat_vectors.npy").exists()  # the old index's own file
+    # The same for a shard.
+    build(catalogue_export, tmp_path / "S", num_shards=2)
+    (tmp_path / "S" / "notes.md").write_text("shard 0 of 2")
+    build(catalogue_export, tmp_path / "S", num_shards=2, shard_by="modulo", overwrite=True)
+    assert (tmp_path / "S" / "notes.md").read_text() == "shard 0 of 2"
+    assert builder.read_shard(tmp_path / "S")[0]["plan"]["shard_by"] == "modulo"
+    # No lock, staging or temporary file is left beside the outputs.
+    assert sorted(os.listdir(tmp_path)) == ["I", "S"]
+
+
+def test_a_full_disk_is_a_clear_error_and_the_build_resumes_once_there_is_space(
+        catalogue_export, tmp_path, monkeypatch):
+    from tests import faults
+
+    with faults.full_disk(tmp_path / "disk") as disk:
+        output = os.path.join(disk.path, "I")
+        original = GalleryIndex.save
+
+        def save_on_a_full_disk(index, directory, *args, **kwargs):
+            disk.fill()  # every image is embedded and checkpointed: now the disk is full
+            return original(index, directory, *args, **kwargs)
+
+        with monkeypatch.context() as patch:
+            patch.setattr(GalleryIndex, "save", save_on_a_full_disk)
+            with pytest.raises(write_errors.WriteFailedError) as failed:
+                build(catalogue_export, output, batch_size=4, chunk_images=8)
+        staging = builder.staging_path(output)
+        reason = ("no space left on device" if disk.mounted
+                  else "file too large for the file system")
+        message = str(failed.value)
+        assert message.startswith(f"Cannot write the index in {disk.path}: {reason}"), message
+        assert message.endswith(f"The images embedded so far stay checkpointed in {staging}: "
+                                "run the same command again to resume.")
+        # Nothing half-written: no output, no temporary folder, no lock; the checkpoints stay.
+        assert sorted(os.listdir(disk.path)) == sorted([".filler", os.path.basename(staging)]
+                                                       if disk.mounted
+                                                       else [os.path.basename(staging)])
+        assert sorted(os.listdir(staging)) == ["chunk-000000.npy", "chunk-000001.npy",
+                                               builder.PROGRESS_FILE]
+        disk.free()
+        result = build(catalogue_export, output, batch_size=4, chunk_images=8)
+        assert result.embedded_now == 0 and result.indexed == 3 * PER_CLASS
+        assert sorted(os.listdir(disk.path)) == ["I"]
+
+
+def test_a_read_only_output_folder_is_a_clear_error(catalogue_export, tmp_path, monkeypatch):
+    from tests import faults
+
+    folder = tmp_path / "indexes"
+    folder.mkdir()
+    expected = f"Cannot write the build lock of I in {folder}: "
+    with faults.read_only(folder, monkeypatch), pytest.raises(write_errors.WriteFailedError,
+                                                              match=expected):
+        build(catalogue_export, folder / "I")
+    assert os.listdir(folder) == []

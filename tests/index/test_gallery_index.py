@@ -4,6 +4,7 @@ ANN recall, bad inputs, and saves that race or fail half-way (with real processe
 import json
 import os
 import pathlib
+import re
 import signal
 import subprocess
 import sys
@@ -19,6 +20,7 @@ from dvml_tf.index import PAD_STR_ID
 from dvml_tf.index import GalleryIndex
 from dvml_tf.index import contract_from_report
 from dvml_tf.index import storage
+from tests import faults
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 BACKENDS = ("flat", "hnsw", "ivf_pq")
@@ -27,7 +29,8 @@ SMALL_OPTIONS = {"flat": None, "hnsw": None, "ivf_pq": {"nbits": 6, "m": 4}}
 REPORT = {
     "version": 3,
     "model": {"source": "runs/sop", "dataset": "sop", "backbone": "googlenet", "loss": "npair",
-              "dvml": True, "embedding_dim": 16, "normalized": True},
+              "dvml": True, "embedding_dim": 16, "normalized": True,
+              "weights": "sha256:" + "ab" * 32},
     "raw_input": {"raw_size": [256, 256]},
 }
 
@@ -92,6 +95,21 @@ def test_flat_returns_exactly_the_neighbours_of_knn(metric, offset, k, options):
     expected = 1.0 - dist if metric == "cosine" else -(dist.astype(np.float64) ** 2)
     np.testing.assert_allclose(scores, expected, rtol=1e-5, atol=1e-4 * (1 + offset**2))
     assert (np.diff(scores, axis=1) <= 0).all()
+
+
+@pytest.mark.parametrize("metric", ["cosine", "euclidean"])
+def test_flat_precision_option_changes_speed_not_results(metric):
+    x = gallery_with_ties()
+    q = queries_for(x)
+    found = {}
+    for precision in ("float32", "bfloat16"):
+        index = build("flat", x, metric=metric, backend_options={"precision": precision})
+        found[precision] = index.search(q, 12)
+        index.search(q[:3], 12)  # a second search reuses the prepared gallery
+    np.testing.assert_array_equal(found["float32"][0], found["bfloat16"][0])
+    np.testing.assert_array_equal(found["float32"][1], found["bfloat16"][1])
+    with pytest.raises(ValueError, match="precision"):
+        GalleryIndex(16, metric, "flat", backend_options={"precision": "int8"})
 
 
 @pytest.mark.parametrize("metric", ["cosine", "euclidean"])
@@ -214,9 +232,10 @@ def test_set_search_options_changes_only_search_time_settings():
 def test_save_load_round_trip(tmp_path, backend, id_kind):
     x = gallery_with_ties()
     ids = np.arange(600) * 3 if id_kind == "int" else np.array([f"id-{i}" for i in range(600)])
-    contract = contract_from_report(REPORT, saved_model="exports/3")
-    index = GalleryIndex(16, "euclidean" if backend == "hnsw" else "cosine", backend,
-                         contract=contract, backend_options=SMALL_OPTIONS[backend])
+    metric = "euclidean" if backend == "hnsw" else "cosine"
+    contract = contract_from_report({**REPORT, "metric": metric}, saved_model="exports/3")
+    index = GalleryIndex(16, metric, backend, contract=contract,
+                         backend_options=SMALL_OPTIONS[backend])
     index.add(ids, x, labels=np.arange(600) % 7, metadata={"path": [f"/d/{i}" for i in range(600)]})
     index.remove(ids[100:150])  # hnsw keeps them as tombstones through the save
     q = queries_for(x)
@@ -240,7 +259,7 @@ def test_save_load_round_trip(tmp_path, backend, id_kind):
     assert len(loaded) == 550
     loaded.save(path)
     assert len(GalleryIndex.load(path)) == 550
-    assert sorted(os.listdir(tmp_path)) == [".gallery.lock", "gallery"]
+    assert sorted(os.listdir(tmp_path)) == ["gallery"]  # the lock file is removed on release
     header = json.loads((tmp_path / "gallery" / "index.json").read_text())
     assert header["format_version"] == 1 and header["count"] == 550
     assert set(header["files"]) == set(os.listdir(path)) - {"index.json"}
@@ -262,8 +281,9 @@ def test_check_contract_refuses_another_model():
     index = build("flat", gallery_with_ties(), contract=contract)
     index.check_contract(contract)
     index.check_contract(contract_from_report(json.loads(json.dumps(REPORT))))  # same model
-    retrained = {**REPORT, "version": 4}
-    with pytest.raises(ValueError, match=r"another model.*exports/3.*fingerprint"):
+    index.check_contract(contract_from_report({**REPORT, "version": 4}))  # exported again
+    retrained = {**REPORT, "model": {**REPORT["model"], "weights": "sha256:" + "cd" * 32}}
+    with pytest.raises(ValueError, match=r"another model.*exports/3.*fingerprint.*other weights"):
         index.check_contract(contract_from_report(retrained))
     wrong_dim = {**contract, "dim": 32}
     with pytest.raises(ValueError, match="dim 32 != the index's 16"):
@@ -367,6 +387,17 @@ def test_bad_inputs_give_clear_errors():
         GalleryIndex(16, backend="hnsw", backend_options={"ef": 3})
     with pytest.raises(ValueError, match="m'\\]=5 must divide the dimension 16"):
         GalleryIndex(16, backend="ivf_pq", backend_options={"m": 5})
+    # Bounds: a typo fails when the index is made, not as a MemoryError once rows are added.
+    for backend, options, message in (
+        ("hnsw", {"M": 10**8}, r"'M'\] must be an int in \[1, 256\]; got 100000000 \(each row "
+                               r"keeps 2M links: 8M bytes\)"),
+        ("hnsw", {"ef_search": 10**7}, r"'ef_search'\] must be an int in \[1, 65536\]"),
+        ("ivf_pq", {"nlist": 10**9}, r"'nlist'\] must be an int in \[1, 4194304\] or None"),
+        ("ivf_pq", {"m": 32}, r"'m'\] must be an int in \[1, 16\] or None"),
+        ("flat", {"memory_budget_bytes": 2**50}, r"'memory_budget_bytes'\] must be an int in"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            GalleryIndex(16, backend=backend, backend_options=options)
     with pytest.raises(ValueError, match="normalize=False is only valid"):
         GalleryIndex(16, metric="cosine", normalize=False)
     with pytest.raises(ValueError, match="dim must be an int >= 1"):
@@ -430,6 +461,35 @@ def test_load_rejects_missing_corrupt_and_foreign_folders(tmp_path):
     assert os.listdir(tmp_path / "photos") == ["cat.jpg"]
 
 
+def test_planted_files_with_matching_digests_are_refused_and_never_run(tmp_path):
+    # Whoever can write the folder can also rewrite index.json's digests: the checks below
+    # must hold on their own. A pickled object array in place of ids.npy (np.load would run
+    # it with allow_pickle=True), and file names that point outside the folder.
+    path = pathlib.Path(build("flat").save(tmp_path / "g"))
+    header = json.loads((path / "index.json").read_text())
+    marker = tmp_path / "payload_ran"
+    ids = (path / "ids.npy").read_bytes()
+    count = len(np.load(path / "ids.npy"))
+    np.save(path / "ids.npy", np.array([faults.PickledPayload(marker)] * count, dtype=object),
+            allow_pickle=True)
+    planted = storage.file_digest(path / "ids.npy")
+    (path / "index.json").write_text(json.dumps(
+        {**header, "files": {**header["files"], "ids.npy": planted}}))
+    with pytest.raises(ValueError, match=r"ids\.npy is corrupt: Object arrays cannot be loaded "
+                                         "when allow_pickle=False"):
+        GalleryIndex.load(path)
+    assert not marker.exists()
+    (path / "ids.npy").write_bytes(ids)
+    (tmp_path / "secret").write_text("not the index's")
+    for name in ("../secret", str(tmp_path / "secret"), ".."):
+        (path / "index.json").write_text(json.dumps(
+            {**header, "files": {**header["files"], name: storage.file_digest(
+                tmp_path / "secret")}}))
+        with pytest.raises(ValueError, match=rf"index\.json is corrupt: file name "
+                                             rf"{re.escape(repr(name))}\."):
+            GalleryIndex.load(path)
+
+
 # ------------------------------------------------------------- saves that fail or race
 
 def test_interrupted_save_leaves_the_previous_index_intact(tmp_path, monkeypatch):
@@ -452,7 +512,7 @@ def test_interrupted_save_leaves_the_previous_index_intact(tmp_path, monkeypatch
     loaded = GalleryIndex.load(path)
     assert len(loaded) == 600
     np.testing.assert_array_equal(loaded.search(x[:5], 4)[0], good.search(x[:5], 4)[0])
-    assert sorted(os.listdir(tmp_path)) == [".g.lock", "g"]  # the temporary folder is gone
+    assert sorted(os.listdir(tmp_path)) == ["g"]  # no temporary folder, no lock file
 
 
 CHILD = textwrap.dedent("""
@@ -523,7 +583,7 @@ def test_concurrent_saves_from_two_processes_never_interleave(tmp_path):
     assert len(loaded) == {"a": 300, "b": 500}[last]
     assert loaded.ids[0] == {"a": 0, "b": 10_000}[last]
     leftovers = [n for n in os.listdir(tmp_path) if n.startswith(".gallery.")]
-    assert leftovers == [".gallery.lock"]
+    assert leftovers == []  # the last holder removed the lock file
 
 
 @pytest.mark.slow
@@ -552,3 +612,23 @@ def test_a_save_killed_mid_way_leaves_the_previous_index_intact(tmp_path):
     np.testing.assert_array_equal(loaded.ids, original.ids)
     # The dead process's flock died with it: the next save goes through.
     original.save(folder, lock_timeout=5)
+
+
+def test_faiss_loader_notices_are_silenced_and_its_warnings_kept():
+    # faiss's loader logs each missing AVX512/AVX2 build at INFO ("No module named
+    # 'faiss.swigfaiss_avx512'") before falling back; the commands log at INFO.
+    # As the commands run: absl's app, which logs Python's loggers at INFO.
+    script = ("import logging as std\n"
+              "from absl import app, logging\n"
+              "def main(argv):\n"
+              "    logging.set_verbosity(logging.INFO)\n"
+              "    from dvml_tf.index import backends\n"
+              "    backends._faiss()\n"
+              "    std.getLogger('faiss.loader').warning('a real warning stays visible')\n"
+              "app.run(main)\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            timeout=300, cwd=os.path.dirname(os.path.dirname(os.path.dirname(
+                                os.path.abspath(__file__)))))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "swigfaiss" not in result.stderr and "Loading faiss" not in result.stderr
+    assert "a real warning stays visible" in result.stderr

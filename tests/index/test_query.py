@@ -108,3 +108,26 @@ def test_the_worked_example_of_the_docs_runs_against_a_rest_server(catalogue_exp
     assert namespace["names"][0] == "glyph_7"
     assert namespace["matched"][0] is True  # the image itself, score 1 >= 0.5
 
+
+
+def test_an_index_of_the_older_contract_is_told_to_rebuild(catalogue_export, built, tmp_path):
+    import json
+    import shutil
+
+    # An index written before the fingerprint covered the weights: its contract fingerprints
+    # the export report's fields and has no "weights" (index.json is not among the digested
+    # files, so the rest of the index still loads).
+    old = tmp_path / "old"
+    shutil.copytree(built.saved_at, old)
+    header = json.loads((old / "index.json").read_text())
+    contract = header["contract"]
+    header["contract"] = {"fingerprint": "sha256:" + "0" * 64, "dim": contract["dim"],
+                          "normalized": contract["normalized"], "version": 1,
+                          "saved_model": contract["saved_model"], "metric": contract["metric"]}
+    (old / "index.json").write_text(json.dumps(header))
+    with pytest.raises(ValueError) as refused:
+        query.QueryEmbedder.from_saved_model(GalleryIndex.load(old))
+    assert str(refused.value) == (
+        f"This index ({contract['saved_model']}) was built by an older dvml_tf, whose contract "
+        "fingerprint did not cover the model's weights: nothing proves that its vectors come "
+        "from this model. Rebuild it (index.py build --overwrite).")

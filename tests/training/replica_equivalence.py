@@ -1,16 +1,20 @@
-"""One DVML training step in two set-ups that must agree, for every base loss and both phases.
+"""DVML training steps in two set-ups that must agree, for every base loss and both phases.
 
 Run as a script (the logical devices must exist before TensorFlow initializes):
 
-    python -m tests.training.replica_equivalence                    # 2 replicas vs 1 device
+    python -m tests.training.replica_equivalence                    # the three checks below
+    python -m tests.training.replica_equivalence --float32          # 2 replicas vs 1 device
     python -m tests.training.replica_equivalence --mixed_precision  # the same in mixed_float16
     python -m tests.training.replica_equivalence --jit_compile      # XLA vs no XLA, 1 device
 
+Each case trains two steps on one model per set-up: the first in phase 1, the second in phase 2
+(the phase is in the graph, so one trace covers both, and the switch itself is checked).
 XLA cannot place one computation over two logical CPU devices, so the XLA check compares a
 compiled with an uncompiled step on one device; and XLA implements TF's stateless random ops with
 other streams, so for that check both steps draw from `hashed_random_ops` instead, an integer-hash
 generator that gives the same numbers compiled or not. Prints a JSON object
-{"<loss>/phase<n>": {"weights": max |diff|, "updates": max |diff|, "update_scale": ..., ...}}.
+{"<check>": {"<case>/phase<n>": {"weights": max |diff|, "updates": max |diff|,
+"update_scale": ..., "loss": |diff|, "steps": [steps of each set-up]}}}.
 """
 
 import json
@@ -56,8 +60,10 @@ OPTIONS = dict(reconstruction="standardized_squares", detach_variance_heads=True
                variance_transfer=True, scale_to_intra_class=True)
 
 
-def one_step(strategy, loss_name, phase1_steps, images, labels, jit_compile=False,
-             options=None, synthesis="none"):
+def two_steps(strategy, loss_name, images, labels, jit_compile=False, options=None,
+              synthesis="none"):
+    """Two training steps on the same global batch, the first in phase 1, the second in
+    phase 2: per step, (weights after, their update, loss, the model's step counter)."""
     with strategy.scope():
         keras.utils.set_random_seed(0)
         model = models.DVMLModel(
@@ -65,7 +71,7 @@ def one_step(strategy, loss_name, phase1_steps, images, labels, jit_compile=Fals
             losses.get_metric_loss(loss_name, synthesis=synthesis),
             embedding_dim=8,
             num_samples=3,
-            phase1_steps=phase1_steps,
+            phase1_steps=1,
             seed=1,
             **(options or {}),
         )
@@ -82,15 +88,19 @@ def one_step(strategy, loss_name, phase1_steps, images, labels, jit_compile=Fals
         ]
         return tf.data.Dataset.from_tensor_slices(
             (np.stack([p[0] for p in parts]), np.stack([p[1] for p in parts]))
-        )
+        ).repeat()
 
     iterator = iter(strategy.distribute_datasets_from_function(dataset_fn))
-    before = [v.numpy() for v in model.trainable_variables]
     step = trainer.make_distributed_step(strategy, model, jit_compile)
-    loss = step(iterator)["loss"]
-    after = [v.numpy() for v in model.trainable_variables]
-    updates = [(b - a) for a, b in zip(after, before, strict=True)]
-    return after, updates, float(loss), int(model.step_counter.numpy())
+    results = []
+    before = [v.numpy() for v in model.trainable_variables]
+    for _ in range(2):
+        loss = step(iterator)["loss"]
+        after = [v.numpy() for v in model.trainable_variables]
+        updates = [(b - a) for a, b in zip(after, before, strict=True)]
+        results.append((after, updates, float(loss), int(model.step_counter.numpy())))
+        before = after
+    return results
 
 
 def hashed_random_ops():
@@ -125,43 +135,50 @@ def hashed_random_ops():
     tf.random.stateless_uniform = stateless_uniform
 
 
-def main():
-    if "--mixed_precision" in sys.argv:
-        keras.mixed_precision.set_global_policy("mixed_float16")
-    single = tf.distribute.OneDeviceStrategy("/cpu:0")
-    if "--jit_compile" in sys.argv:
-        hashed_random_ops()
-        other, other_jit = single, True
-    else:
-        other, other_jit = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]), False
+def compare(single, other, other_jit, option_losses):
+    """{"<case>/phase<n>": differences} of every base loss and of the variance-branch options
+    with a reference synthesis on `option_losses`, between `single` and `other`."""
     results = {}
     cases = [(name, name, {}, "none") for name in losses.METRIC_LOSSES]
-    # The variance-branch options, and a reference synthesis on top: for both a pair-layout
-    # and a sampling loss in float32, for one of them under XLA and mixed precision (each case
-    # costs a trace of both steps).
-    option_losses = {"--jit_compile": ("triplet2_dws",), "--mixed_precision": ("npair",)}
-    chosen = next((v for k, v in option_losses.items() if k in sys.argv),
-                  ("npair", "triplet2_dws"))
-    cases += [(f"{name}+options", name, OPTIONS, "embedding_expansion") for name in chosen]
+    cases += [(f"{name}+options", name, OPTIONS, "embedding_expansion")
+              for name in option_losses]
     for case, loss_name, options, synthesis in cases:
         k = 2 if loss_name == "npair" else 4
         images, labels = global_batch(k)
-        for phase1_steps, phase in ((5, 1), (0, 2)):
-            one = one_step(single, loss_name, phase1_steps, images, labels, options=options,
-                           synthesis=synthesis)
-            two = one_step(other, loss_name, phase1_steps, images, labels, jit_compile=other_jit,
-                           options=options, synthesis=synthesis)
+        one = two_steps(single, loss_name, images, labels, options=options, synthesis=synthesis)
+        two = two_steps(other, loss_name, images, labels, jit_compile=other_jit,
+                        options=options, synthesis=synthesis)
+        for phase, (a, b) in enumerate(zip(one, two, strict=True), start=1):
             results[f"{case}/phase{phase}"] = {
-                "weights": max(
-                    float(np.abs(a - b).max()) for a, b in zip(one[0], two[0], strict=True)
-                ),
-                "updates": max(
-                    float(np.abs(a - b).max()) for a, b in zip(one[1], two[1], strict=True)
-                ),
-                "update_scale": max(float(np.abs(a).max()) for a in one[1]),
-                "loss": abs(one[2] - two[2]),
-                "steps": [one[3], two[3]],
+                "weights": max(float(np.abs(x - y).max()) for x, y in zip(a[0], b[0], strict=True)),
+                "updates": max(float(np.abs(x - y).max()) for x, y in zip(a[1], b[1], strict=True)),
+                "update_scale": max(float(np.abs(x).max()) for x in a[1]),
+                "loss": abs(a[2] - b[2]),
+                "steps": [a[3], b[3]],
             }
+    return results
+
+
+CHECKS = ("float32", "mixed_precision", "jit_compile")
+
+
+def main():
+    checks = [c for c in CHECKS if f"--{c}" in sys.argv] or list(CHECKS)
+    single = tf.distribute.OneDeviceStrategy("/cpu:0")
+    mirrored = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    results = {}
+    # The variance-branch options, and a reference synthesis on top: for both a pair-layout
+    # and a sampling loss in float32, for one of them under mixed precision and XLA (each case
+    # costs a trace of both set-ups).
+    if "float32" in checks:
+        results["float32"] = compare(single, mirrored, False, ("npair", "triplet2_dws"))
+    if "mixed_precision" in checks:
+        keras.mixed_precision.set_global_policy("mixed_float16")
+        results["mixed_precision"] = compare(single, mirrored, False, ("npair",))
+        keras.mixed_precision.set_global_policy("float32")
+    if "jit_compile" in checks:
+        hashed_random_ops()  # last: it replaces TF's random ops for the rest of the process
+        results["jit_compile"] = compare(single, single, True, ("triplet2_dws",))
     print(json.dumps(results))
 
 

@@ -64,6 +64,15 @@ def test_unknown_preset_lists_the_valid_ones():
          "--loss_options: nu must be a number, got True"),
         ({"loss": "npair", "loss_options": {"normalize": 1}},
          "--loss_options: normalize must be True or False, got 1"),
+        # NaN passes every comparison (and would make config.json invalid JSON).
+        ({"learning_rate": float("nan")}, "learning_rate must be a finite number; got nan"),
+        ({"learning_rate": float("inf")}, "learning_rate must be a finite number; got inf"),
+        ({"variance_scale": float("nan")}, "variance_scale must be a finite number; got nan"),
+        ({"phase1_weights": (1.0, float("nan"), 1.0, 1.0)},
+         r"phase1_weights must be a finite number; got \(1\.0, nan, 1\.0, 1\.0\)"),
+        ({"loss": "triplet", "loss_options": {"margin": float("nan")}},
+         "--loss_options: margin must be a finite number, got nan"),
+        ({"max_image_pixels": 0}, "max_image_pixels must be >= 1; got 0"),
     ],
 )
 def test_invalid_values_name_the_field(changes, match):

@@ -69,6 +69,7 @@ OVERRIDES = {
     "image_size": (["--image_size=24"], {"image_size": 24}),
     "resize_size": (["--resize_size=40"], {"resize_size": 40}),
     "validation_classes": (["--validation_classes=7"], {"validation_classes": 7}),
+    "max_image_pixels": (["--max_image_pixels=1000000"], {"max_image_pixels": 1000000}),
     "backbone": (["--backbone=googlenet"], {"backbone": "googlenet"}),
     "pretrained": (["--pretrained"], {"pretrained": True}),
     "backbone_weights": (["--backbone_weights=/w.weights.h5"],
@@ -161,6 +162,12 @@ def test_the_folder_presets_gpu_by_default_and_cpu_on_request():
         ("--recall_ks=1,2.5", "--recall_ks: expected comma-separated integers, got '2.5'"),
         ("--loss_options=margin", "--loss_options: expected key=value pairs, got 'margin'."),
         ("--loss_options=margin=0.1,=3", "--loss_options: expected key=value pairs, got '=3'."),
+        # absl parses these as floats; the configuration refuses them before anything runs.
+        ("--learning_rate=nan", "learning_rate must be a finite number; got nan."),
+        ("--learning_rate=inf", "learning_rate must be a finite number; got inf."),
+        ("--variance_scale=nan", "variance_scale must be a finite number; got nan."),
+        ("--phase1_weights=1,nan,1,1",
+         "phase1_weights must be a finite number; got (1.0, nan, 1.0, 1.0)."),
     ],
 )
 def test_bad_values_name_the_flag(flag, message):

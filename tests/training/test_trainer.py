@@ -1,5 +1,6 @@
 import json
 import os
+import pathlib
 import signal
 
 import numpy as np
@@ -40,6 +41,7 @@ def test_trains_saves_and_evaluates(tmp_path):
     run = tmp_path / "run"
     saved = json.loads((run / "metrics.json").read_text())
     diagnostics = saved.pop(trainer.DIAGNOSTICS_KEY)
+    assert saved.pop("excluded_queries") == 0  # every synthetic class has several images
     assert saved == pytest.approx(metrics)
     assert set(saved) >= {"nmi", "f1", "recall@1", "recall@2", "recall@4", "recall@8", "map@r"}
     assert set(diagnostics) >= {"active_units", "kl", "kl_per_dim", "recon", "recon_shuffled",
@@ -361,3 +363,61 @@ def test_a_resumed_folder_run_must_train_on_the_same_images_wherever_they_are(tm
     resumed = trainer.Trainer(config.replace(data_dir=str(moved), steps=3), verbose=False)
     assert resumed.step == 2
     assert json.loads((run / "dataset.json").read_text()) == recorded
+
+
+def folder_bytes(folder):
+    """{name: bytes} of the files of a folder (a subfolder's name maps to None)."""
+    return {name: pathlib.Path(folder, name).read_bytes()
+            if os.path.isfile(os.path.join(folder, name)) else None
+            for name in os.listdir(folder)}
+
+
+def test_a_full_disk_is_a_clear_error_and_the_last_checkpoint_stays(tmp_path, monkeypatch):
+    from dvml_tf.utils import write_errors
+    from tests import faults
+
+    splits = synthetic.splits()
+    with faults.full_disk(tmp_path / "disk") as disk:
+        folder = os.path.join(disk.path, "run")
+        config = tiny_config(tmp_path, steps=10, checkpoint_every=5, model_dir=folder)
+        run = trainer.Trainer(config, splits=splits, verbose=False)
+        run.train(stop_at=5)
+        checkpoints = os.path.join(folder, "checkpoints")
+        before = folder_bytes(checkpoints)
+        reason = ("no space left on device" if disk.mounted
+                  else "file too large for the file system")
+        advice = ("free some space or choose another folder" if disk.mounted
+                  else "choose another folder or raise the limit")
+        kept = f"The last checkpoint ({checkpoints}/ckpt-5) is intact. To go on, {advice}."
+        # Full before training goes on: TensorBoard's event file is refused first.
+        disk.fill()
+        with pytest.raises(write_errors.WriteFailedError) as failed:
+            run.train()
+        assert str(failed.value).startswith(f"Cannot write the run's files in {folder}: {reason}")
+        assert str(failed.value).endswith(kept)
+        disk.free()
+        # Full when the checkpoint of step 10 is saved (TensorFlow's SaveV2 op).
+        save = run._save_checkpoint
+
+        def save_on_a_full_disk():
+            if run.step == 10:
+                disk.fill()
+            save()
+
+        monkeypatch.setattr(run, "_save_checkpoint", save_on_a_full_disk)
+        with pytest.raises(write_errors.WriteFailedError) as failed:
+            run.train()
+        message = str(failed.value)
+        assert message.startswith(f"Cannot write checkpoint ckpt-10 in {checkpoints}: {reason} "
+                                  "("), message
+        assert "needed). " in message and message.endswith(kept)
+        # SaveV2's temporary ckpt-10_temp/ is gone; the checkpoints and the state file are as
+        # they were.
+        assert folder_bytes(checkpoints) == before
+        disk.free()
+        run.close()
+        resumed = trainer.Trainer(config, splits=splits, verbose=False)
+        assert resumed.step == 5
+        resumed.run()
+        assert resumed.step == 10
+        assert not os.path.exists(os.path.join(folder, trainer.RUN_LOCK_FILE))

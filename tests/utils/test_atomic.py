@@ -1,5 +1,6 @@
 import json
 import os
+import re
 import stat
 
 import pytest
@@ -101,3 +102,65 @@ def test_check_writable_refuses_files_in_the_way_and_unwritable_folders(tmp_path
         atomic.check_writable(tmp_path / "folder" / "m.json")
     with pytest.raises(PermissionError, match=f"{tmp_path}/folder is not writable"):
         atomic.check_writable(tmp_path / "folder", directory=True)
+
+
+def test_atomic_directory_keeps_what_its_writer_does_not_own(tmp_path):
+    target = tmp_path / "I"
+    with atomic.AtomicDirectory(target) as tmp:
+        for name in ("index.json", "ids.npy", "old_backend.faiss"):
+            (tmp_path / os.path.basename(tmp) / name).write_text("v1")
+    (target / "README.txt").write_text("mine")
+    (target / "eval").mkdir()
+    (target / "eval" / "metrics.json").write_text("{}")
+    (target / "latest").symlink_to("eval/metrics.json")
+    inode = os.stat(target / "README.txt").st_ino
+    owned = {"index.json", "ids.npy", "old_backend.faiss"}
+    # A failure leaves the old folder, the user's files included, as it was.
+    with pytest.raises(RuntimeError), atomic.AtomicDirectory(target, True, owned) as tmp:
+        (tmp_path / os.path.basename(tmp) / "index.json").write_text("half")
+        raise RuntimeError("crash")
+    assert sorted(os.listdir(target)) == ["README.txt", "eval", "ids.npy", "index.json",
+                                          "latest", "old_backend.faiss"]
+    with atomic.AtomicDirectory(target, overwrite=True, owned=owned) as tmp:
+        for name in ("index.json", "ids.npy", "new_backend.npy"):
+            (tmp_path / os.path.basename(tmp) / name).write_text("v2")
+    assert sorted(os.listdir(target)) == ["README.txt", "eval", "ids.npy", "index.json",
+                                          "latest", "new_backend.npy"]
+    assert (target / "index.json").read_text() == "v2"
+    assert (target / "README.txt").read_text() == "mine"
+    assert os.stat(target / "README.txt").st_ino == inode  # the same file, not a copy
+    assert (target / "eval" / "metrics.json").read_text() == "{}"
+    assert os.readlink(target / "latest") == "eval/metrics.json"
+    assert sorted(os.listdir(tmp_path)) == ["I"]
+
+
+def test_write_json_never_writes_nan(tmp_path):
+    path = tmp_path / "metrics.json"
+    atomic.write_json(path, {"map@r": float("nan"), "recall@1": [0.5, float("inf")],
+                             "nested": {"x": float("-inf"), "n": 3}})
+    # Strict JSON (Python would otherwise write the tokens NaN and Infinity).
+    text = path.read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    assert json.loads(text) == {"map@r": None, "recall@1": [0.5, None],
+                                "nested": {"x": None, "n": 3}}
+
+
+def test_check_writable_tries_the_write_root_passes_permissions(tmp_path):
+    # A dangling symbolic link on the way: os.access saw a writable folder above it.
+    (tmp_path / "out").symlink_to(tmp_path / "nowhere")
+    with pytest.raises(ValueError, match=re.escape(
+            f"Cannot write {tmp_path}/out/sub/m.json: {tmp_path}/out is a symbolic link to "
+            f"{tmp_path}/nowhere, which does not exist.")):
+        atomic.check_writable(tmp_path / "out" / "sub" / "m.json")
+    # A folder name longer than the file system allows.
+    with pytest.raises(ValueError, match=r"Cannot write .*: File name too long"):
+        atomic.check_writable(tmp_path / ("x" * 300) / "m.json")
+    # /proc, whose permission bits root passes (os.access says writable), makes no folder.
+    with pytest.raises((ValueError, PermissionError),
+                       match=r"Cannot write /proc/dvml_check/m\.json: .*(/proc/dvml_check\)|"
+                             r"/proc is not writable)"):
+        atomic.check_writable("/proc/dvml_check/m.json")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # nothing left behind
+    # Where the write works, the folders it needs are made.
+    atomic.check_writable(tmp_path / "a" / "b" / "m.json")
+    assert (tmp_path / "a" / "b").is_dir() and not list((tmp_path / "a" / "b").iterdir())
