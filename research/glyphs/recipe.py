@@ -2,11 +2,17 @@
 baseline network and schedule (so that the glyph and Omniglot baselines differ only in their
 data), and a folder's build arguments as the builder's `BuildSpec`."""
 
-STEPS = 3000
+# The budget's steps (calibration.json `method_cost`, measured before any calibration run): a
+# run of at most 12 CPU minutes, single-threaded, of the dearest study method of its loss,
+# minus 90 s for start-up, tracing and evaluation, by 50s. N-pair and triplet2 + DWS: DVML
+# (decoded) 0.94-0.96 CPU s per step -> 650; triplet: DVML (decoded) 2.03 s -> 300 (its loss on
+# 20 synthesized points per image costs three times the baseline's step).
+STEPS = 650
+STEPS_BY_LOSS = {"npair": 650, "triplet2_dws": 650, "triplet": 300}
 NETWORK = ["--nodvml", "--backbone=convnet_wide", "--embedding_dim=128", "--loss=npair",
            "--classes_per_batch=64", "--images_per_class=2", "--learning_rate=1e-3",
-           f"--steps={STEPS}", "--seed=0", "--eval_every=1000", "--log_every=250",
-           "--checkpoint_every=1000"]
+           f"--steps={STEPS}", "--seed=0", "--eval_every=325", "--log_every=50",
+           "--checkpoint_every=325"]
 # Crop of the training recipe per image size: Omniglot's 32 -> 28, the same 7/8 for the others.
 CROPS = {28: 24, 32: 28, 48: 42}
 
