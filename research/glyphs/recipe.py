@@ -5,8 +5,8 @@ data), and a folder's build arguments as the builder's `BuildSpec`."""
 # The budget's steps (calibration.json `method_cost`, measured before any calibration run): a
 # run of at most 12 CPU minutes, single-threaded, of the dearest study method of its loss,
 # minus 90 s for start-up, tracing and evaluation, by 50s. N-pair and triplet2 + DWS: DVML
-# (decoded) 0.94-0.96 CPU s per step -> 650; triplet: DVML (decoded) 2.03 s -> 300 (its loss on
-# 20 synthesized points per image costs three times the baseline's step).
+# (dvml_paper) 0.93-0.96 CPU s per step -> 650; triplet: DVML (dvml_transfer) 1.93 s -> 300 (its
+# loss on 20 synthesized points per image costs nearly three times the baseline's step).
 STEPS = 650
 STEPS_BY_LOSS = {"npair": 650, "triplet2_dws": 650, "triplet": 300}
 NETWORK = ["--nodvml", "--backbone=convnet_wide", "--embedding_dim=128", "--loss=npair",

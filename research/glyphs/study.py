@@ -19,7 +19,6 @@ an interrupted one resumes from its checkpoint; two processes may share a stage'
     S=research/glyphs/study.py
     python $S --stage=protocol --workdir=RUNS              # writes the protocol, no run
     python $S --stage=prepare --workdir=RUNS               # the two folders, the backbone
-    python $S --stage=curve --regime=scratch --workdir=RUNS       # the steps rule
     python $S --stage=validation --regime=scratch --workdir=RUNS  # candidates, 2 seeds
     python $S --stage=test --regime=scratch --workdir=RUNS        # 3 seeds x 3 losses
     python $S --stage=geometry --regime=scratch --workdir=RUNS    # the positive control
@@ -27,7 +26,7 @@ an interrupted one resumes from its checkpoint; two processes may share a stage'
     python $S --stage=report
 
 Results: `results/glyphs_synthesis.json` (this folder): `protocol`, `premise` (from
-premise.json), `font_packages`, `folders` (what `prepare` built), `steps` ({regime: steps}),
+premise.json), `font_packages`, `folders` (what `prepare` built),
 `selected` ({regime: {"dvml": NAME, "validation_means": ...}}), `validation` and `test`
 ({regime: {loss: {method: {"seeds", "recall@1", "map@r", ..., diagnostics}}}}), `success`
 ({regime: the rule per loss and overall}), `geometry` ({regime: [positive control per run]}),
@@ -61,10 +60,6 @@ FLAGS = flags.FLAGS
 REGIMES = ("scratch", "transfer")
 TRANSFER_TRAIN_CLASSES = 100  # as CUB-200-2011's 100 training classes
 BUDGET_SECONDS = 12 * 60
-# A DVML step costs more than a baseline step: 14-18 against 11-13 minutes per run in the
-# Omniglot follow-up on this network (research/dvml_omniglot/README.md); the upper ratio.
-DVML_COST_RATIO = 1.4
-CURVE_EVERY = 500
 VALIDATION_SEEDS, TEST_SEEDS = (0, 1), (0, 1, 2)
 VALIDATION_LOSSES = ("npair", "triplet2_dws")
 TEST_LOSSES = ("triplet", "npair", "triplet2_dws")
@@ -77,16 +72,17 @@ REGIME_FLAGS = {
     "transfer": ["--learning_rate=1e-4", "--phase1_fraction=0.25"],
 }
 # The DVML candidates: the paper's literal recipe, the Omniglot follow-up's selected variant
-# (`dvml_centre`), its best other validation variant (`dvml_transfer`) and the post-hoc variant
-# whose samples lie along the embedding's intra-class directions (`dvml_decoded`).
+# (`dvml_centre`) and its best other validation variant (`dvml_transfer`). The post-hoc
+# `dvml_decoded` of the Omniglot study is left out: exploratory there, the dearest step here
+# (calibration.json `method_cost`), and 4 more validation runs per regime.
 DVML_CANDIDATES = {name: methods.DVML_VARIANTS[name]
                    for name in ("dvml_paper", "dvml_centre", "dvml_transfer")}
-DVML_CANDIDATES["dvml_decoded"] = methods.EXPLORATORY_VARIANTS["dvml_decoded"]
 BASELINE = ["--nodvml"]
 REFERENCE = methods.REFERENCE_VARIANTS["ref_deviation_transfer"]
 # The Omniglot study's triplet reduction (selected on its validation classes).
 TRIPLET_EXTRA = methods.TRIPLET_REDUCTIONS["baseline_active"][1:]
-PRETRAIN = {"steps": 3000, "learning_rate": 1e-3, "classes_per_batch": 64,
+# Pretraining is a run too: its steps fit the budget (calibration.json `method_cost`).
+PRETRAIN = {"steps": 900, "learning_rate": 1e-3, "classes_per_batch": 64,
             "images_per_class": 2, "seed": 0, "held_out_designs": 1}
 
 
@@ -111,35 +107,45 @@ def folder_builds(build):
     return {"scratch": build, "transfer": transfer}
 
 
-def estimate(seconds_per_step, steps):
-    """CPU minutes of the study from a measured baseline step (CPU seconds), the DVML ratio
-    and the number of runs of each stage (the curve runs at the budget's cap)."""
-    dvml, base = len(DVML_CANDIDATES), 2  # baseline + the reference: one step each
+def estimate(step_seconds):
+    """CPU hours of the study from the measured step of every method and loss (CPU seconds,
+    calibration.json `method_cost`), the budget's steps and the runs of each stage."""
+    def minutes(kind_seeds, losses, names):
+        return sum(kind_seeds * (recipe.STEPS_BY_LOSS[loss] * step_seconds[f"{loss}/{name}"]
+                                 + START_SECONDS)
+                   for loss in losses for name in names) / 60
+
     per_regime = {
-        "curve": len(VALIDATION_LOSSES) * steps["cap"] * seconds_per_step,
-        "validation": len(VALIDATION_SEEDS) * len(VALIDATION_LOSSES) * steps["cap"]
-        * seconds_per_step * (1 + dvml * DVML_COST_RATIO),
-        "test": len(TEST_SEEDS) * len(TEST_LOSSES) * steps["cap"] * seconds_per_step
-        * (base + DVML_COST_RATIO),
+        "validation": minutes(len(VALIDATION_SEEDS), VALIDATION_LOSSES,
+                              ("baseline", *DVML_CANDIDATES)),
+        # The test's DVML: the dearest candidate (the selection is not known yet).
+        "test": minutes(len(TEST_SEEDS), TEST_LOSSES, ("baseline", "ref_deviation_transfer"))
+        + max(minutes(len(TEST_SEEDS), TEST_LOSSES, (name,)) for name in DVML_CANDIDATES),
     }
-    pretrain = PRETRAIN["steps"] * seconds_per_step
-    minutes = {k: round(v / 60) for k, v in per_regime.items()}
-    total = (2 * sum(per_regime.values()) + pretrain) / 60
-    return {"per_regime_minutes": minutes, "pretrain_minutes": round(pretrain / 60),
+    pretrain = BUDGET_SECONDS / 60
+    total = 2 * sum(per_regime.values()) + pretrain
+    return {"per_regime_cpu_minutes": {k: round(v) for k, v in per_regime.items()},
+            "pretrain_cpu_minutes": round(pretrain),
             "total_cpu_hours": round(total / 60, 1),
             "wall_hours_two_at_a_time": round(total / 120, 1),
-            "runs_per_regime": {"curve": 2, "validation": 4 * (1 + dvml),
-                                "test": len(TEST_SEEDS) * len(TEST_LOSSES) * 3}}
+            "runs_per_regime": {
+                "validation": len(VALIDATION_SEEDS) * len(VALIDATION_LOSSES)
+                * (1 + len(DVML_CANDIDATES)),
+                "test": len(TEST_SEEDS) * len(TEST_LOSSES) * 3}}
 
 
-def make_protocol(calibration_path, step_seconds=0.0):
-    """The protocol; `step_seconds` (CPU seconds of a baseline step) replaces the calibration
-    run's own figure when given (that run's CPU time grows on a machine shared beyond its
-    cores: measure the step on an idle machine, e.g. `calibration.py --stage=step_time`)."""
-    name, build, run = calibration_choice(calibration_path)
-    seconds_per_step = step_seconds or run["cpu_seconds"] / run["steps"]
-    # The budget's cap on steps: a DVML run within BUDGET_SECONDS of CPU, by 500s.
-    cap = int(BUDGET_SECONDS / (seconds_per_step * DVML_COST_RATIO) // 500 * 500)
+# Start-up, tracing and the final evaluation of a run, beside its steps (recipe.STEPS_BY_LOSS).
+START_SECONDS = 90
+
+
+def make_protocol(calibration_path):
+    """The protocol, from the calibration's selected folder and its measured step costs."""
+    name, build, _ = calibration_choice(calibration_path)
+    cost = json.loads(pathlib.Path(calibration_path).read_text()).get("method_cost")
+    if not cost:
+        raise SystemExit(f"{calibration_path} has no method_cost: run calibration.py "
+                         "--stage=method_cost first (the budget's steps rest on it).")
+    step_seconds = cost["cpu_seconds_per_step"]
     return {
         "question": "Where intra-class variation is shared across classes by construction "
                     "(glyphs: one font draws every character), does DVML beat its base-loss "
@@ -167,13 +173,13 @@ def make_protocol(calibration_path, step_seconds=0.0):
                   "losses": {k: runs.LOSS_FLAGS[k] for k in TEST_LOSSES},
                   "triplet_extra": TRIPLET_EXTRA, "baseline": BASELINE,
                   "dvml_candidates": DVML_CANDIDATES, "reference": REFERENCE},
-        "steps_rule": f"Per regime, curve stage: both validation losses' baselines, seed 0, "
-                      f"validation R@1 every {CURVE_EVERY} steps up to the budget's cap "
-                      f"({cap} steps: a DVML run within {BUDGET_SECONDS // 60} CPU minutes at "
-                      f"{DVML_COST_RATIO} x the calibration's baseline step of "
-                      f"{seconds_per_step:.3f} CPU s). Steps = the smallest multiple of "
-                      f"{CURVE_EVERY} at which each baseline is within 0.5 points of its best "
-                      "over the curve; every later run of the regime uses it.",
+        "steps": recipe.STEPS_BY_LOSS,
+        "steps_rule": f"The budget's, per loss, the same in both regimes and for every method: "
+                      f"a run of the dearest method of the loss within {BUDGET_SECONDS // 60} "
+                      f"CPU minutes single-threaded, {START_SECONDS} s of them for start-up "
+                      "and evaluation (calibration.json `method_cost`, measured before the "
+                      "calibration's runs; recipe.STEPS_BY_LOSS). Validation R@1 at half and "
+                      "at the end of every validation run.",
         "validation": "Per regime: N-pair and triplet2 + DWS, seeds 0 and 1, the baseline and "
                       "every DVML candidate, on the validation classes.",
         "selection": "Per regime, the DVML candidate with the highest mean validation R@1 over "
@@ -198,12 +204,10 @@ def make_protocol(calibration_path, step_seconds=0.0):
                        "font's real offset in another class points, against another font's).",
         "budget": f"Each run at most {BUDGET_SECONDS // 60} CPU minutes (single-threaded, two "
                   "at a time on 2 cores).",
-        "estimate": estimate(seconds_per_step, {"cap": cap}),
-        "cap_steps": cap,
-        "baseline_step_cpu_seconds": {
-            "value": round(seconds_per_step, 4),
-            "source": "--step_seconds (an idle machine's measurement)" if step_seconds
-            else f"the calibration run of {name}: its CPU seconds / steps"},
+        "estimate": estimate(step_seconds),
+        "step_cpu_seconds": {"values": step_seconds,
+                             "source": "calibration.json method_cost (phase 2, single-"
+                                       "threaded, CPU time)"},
     }
 
 
@@ -277,7 +281,7 @@ def stage_protocol():
     """Writes the protocol (and what it rests on) before any run; refuses to change it."""
     path = pathlib.Path(FLAGS.output)
     existing = json.loads(path.read_text()) if path.exists() else {}
-    protocol = make_protocol(FLAGS.calibration, FLAGS.step_seconds)
+    protocol = make_protocol(FLAGS.calibration)
     if existing.get("protocol") not in (None, protocol):
         raise SystemExit(f"{path} was written under another protocol; it is fixed once "
                          "written (write a new results file).")
@@ -335,11 +339,14 @@ def stage_prepare():
     update(lambda r: r.__setitem__("folders", record))
 
 
-def regime_flags(regime, loss, seed, steps, protocol):
+def regime_flags(regime, loss, seed, protocol, evaluate_halfway=False):
+    steps = steps_of(protocol, loss)
+    half = max(steps // 2, 1)
     flags_ = [*NETWORK, *protocol["flags"]["size"], *REGIME_FLAGS[regime],
               *runs.LOSS_FLAGS[loss], f"--seed={seed}", f"--steps={steps}",
-              f"--checkpoint_every={min(1000, steps)}", "--dataset=glyphs",
-              f"--data_dir={folder(regime)}"]
+              f"--checkpoint_every={half}", "--dataset=glyphs", f"--data_dir={folder(regime)}"]
+    if evaluate_halfway:  # validation runs: R@1 at half and at the end
+        flags_.append(f"--eval_every={half}")
     if regime == "transfer":
         flags_.append(f"--backbone_weights={backbone_path()}")
     return flags_ + (TRIPLET_EXTRA if loss == "triplet" else [])
@@ -364,45 +371,16 @@ def capped(steps):
     return min(steps, FLAGS.max_steps) if FLAGS.max_steps else steps
 
 
-def stage_curve(regime):
-    protocol = load_results()["protocol"]
-    cap = capped(protocol["cap_steps"])
-    every = capped(CURVE_EVERY)
-    execute(regime, "curve", [
-        (loss, "baseline", 0, [*regime_flags(regime, loss, 0, cap, protocol), *BASELINE,
-                               f"--eval_every={every}"]) for loss in VALIDATION_LOSSES])
-    steps = chosen_steps(load_results(), regime, every)
-    update(lambda r: r.setdefault("steps", {}).__setitem__(regime, steps))
-    print(f"{regime}: steps chosen by the rule: {steps}")
-
-
-def chosen_steps(results, regime, every=CURVE_EVERY):
-    """The steps rule on a regime's curve runs."""
-    curves = results["runs"].get(f"{regime}_curve", {})
-    if set(curves) != set(VALIDATION_LOSSES):
-        raise SystemExit(f"Run --stage=curve --regime={regime} to completion first.")
-    chosen = 0
-    for loss in VALIDATION_LOSSES:
-        curve = {int(k): v for k, v in curves[loss]["baseline"]["0"]["curve"].items()}
-        best = max(curve.values())
-        chosen = max(chosen, min(s for s, r in curve.items()
-                                 if s % every == 0 and r >= best - 0.005))
-    return chosen
-
-
-def steps_of(results, regime):
-    steps = results.get("steps", {}).get(regime)
-    if steps is None:
-        raise SystemExit(f"No steps for {regime}: run --stage=curve --regime={regime} first.")
-    return steps
+def steps_of(protocol, loss):
+    """The protocol's steps of a loss (capped by --max_steps in tests)."""
+    return capped(protocol["steps"][loss])
 
 
 def stage_validation(regime):
-    results = load_results()
-    steps, protocol = steps_of(results, regime), results["protocol"]
+    protocol = load_results()["protocol"]
     candidates = {"baseline": BASELINE, **DVML_CANDIDATES}
     execute(regime, "validation", [
-        (loss, name, seed, [*regime_flags(regime, loss, seed, steps, protocol), *flags_])
+        (loss, name, seed, [*regime_flags(regime, loss, seed, protocol, True), *flags_])
         for seed in VALIDATION_SEEDS for loss in VALIDATION_LOSSES
         for name, flags_ in candidates.items()])
     selected = select(load_results(), regime)
@@ -429,11 +407,11 @@ def stage_test(regime):
     selected = results.get("selected", {}).get(regime)
     if not selected:
         raise SystemExit(f"The {regime} validation stage is not complete: nothing is selected.")
-    steps, protocol = steps_of(results, regime), results["protocol"]
+    protocol = results["protocol"]
     methods = {"baseline": BASELINE, "dvml": DVML_CANDIDATES[selected["dvml"]],
                "reference": REFERENCE}
     execute(regime, "test", [
-        (loss, method, seed, [*regime_flags(regime, loss, seed, steps, protocol), *flags_])
+        (loss, method, seed, [*regime_flags(regime, loss, seed, protocol), *flags_])
         for seed in TEST_SEEDS for loss in TEST_LOSSES for method, flags_ in methods.items()])
 
 
@@ -458,7 +436,7 @@ def cell(values):
 
 def report(results):
     lines = [f"estimate: {json.dumps(results['protocol']['estimate'])}",
-             f"steps: {results.get('steps', {})}"]
+             f"steps: {results['protocol']['steps']}"]
     for kind in ("validation", "test"):
         for regime, by_loss in results.get(kind, {}).items():
             for loss, by_method in by_loss.items():
@@ -482,7 +460,7 @@ def define_flags():
     """The command line's flags, defined when run as a script (or by a test): importing the
     module defines none, so it can share a process with other scripts' flags."""
     flags.DEFINE_enum("stage", "report",
-                      ["protocol", "prepare", "curve", "validation", "test", "geometry", "report"],
+                      ["protocol", "prepare", "validation", "test", "geometry", "report"],
                       "Stage to run.")
     flags.DEFINE_enum("regime", None, ["scratch", "transfer"], "The regime of a training stage.")
     flags.DEFINE_string("workdir", os.path.expanduser("~/dvml_runs/glyphs_study"),
@@ -497,19 +475,16 @@ def define_flags():
     flags.DEFINE_string("output", str(HERE / "results" / "glyphs_synthesis.json"), "Results file.")
     flags.DEFINE_integer("parallel", 2, "Runs at a time (each single-threaded).")
     flags.DEFINE_list("only", [], "Run only these LOSS/VARIANT/SEED jobs of the stage.")
-    flags.DEFINE_float("step_seconds", 0.0,
-                       "protocol: CPU seconds of a baseline step measured on an idle machine "
-                       "(0: the calibration run's CPU seconds / steps).")
     flags.DEFINE_integer("max_steps", 0, "Tests only: cap every run's steps (0: the protocol's).")
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    if FLAGS.stage in ("curve", "validation", "test", "geometry") and not FLAGS.regime:
+    if FLAGS.stage in ("validation", "test", "geometry") and not FLAGS.regime:
         raise app.UsageError(f"--stage={FLAGS.stage} needs --regime=scratch|transfer.")
     stages = {"protocol": stage_protocol, "prepare": stage_prepare, "report": lambda: None}
-    regime_stages = {"curve": stage_curve, "validation": stage_validation, "test": stage_test,
+    regime_stages = {"validation": stage_validation, "test": stage_test,
                      "geometry": stage_geometry}
     if FLAGS.stage in stages:
         stages[FLAGS.stage]()

@@ -1,7 +1,7 @@
 """research/glyphs/study.py on a DejaVu glyph folder, a few steps per run, so that the driver of
-the pre-registered study cannot rot: its protocol, both folders, the pretrained backbone, a
-curve, the selection, a transfer-regime DVML test run (pretrained weights, the triplet reduction,
-the `decoded` research variant) and its positive control. Plus the positive control's cosines
+the pre-registered study cannot rot: its protocol, both folders, the pretrained backbone, the
+selection, a transfer-regime DVML test run (pretrained weights, the triplet reduction) and its
+positive control. Plus the positive control's cosines
 and the success rule on cases whose answer is known."""
 
 import json
@@ -73,9 +73,13 @@ def study_flags(tmp_path, monkeypatch):
                               "translation": 0.0, "stroke": 0.0},
              "splits": {"train": 0, "validation": 10, "test": 10, "pretrain": 16}, "seed": 0}
     calibration = tmp_path / "calibration.json"
+    methods = ("baseline", "dvml_paper", "dvml_centre", "dvml_transfer",
+               "ref_deviation_transfer")
+    cost = {f"{loss}/{name}": 1.0 for loss in study.TEST_LOSSES for name in methods}
     calibration.write_text(json.dumps({
         "selected": "dejavu", "settings": {"dejavu": {"build": build}},
-        "runs": {"dejavu": {"cpu_seconds": 540.0, "steps": 3000, "recall@1": 0.8}}}))
+        "runs": {"dejavu": {"cpu_seconds": 540.0, "steps": 650, "recall@1": 0.8}},
+        "method_cost": {"cpu_seconds_per_step": cost}}))
     # N-pair's 64 x 2 batches need 64 training classes; the pretraining pool is 16 classes.
     monkeypatch.setattr(study, "TRANSFER_TRAIN_CLASSES", 66)
     monkeypatch.setattr(study, "PRETRAIN", {**study.PRETRAIN, "classes_per_batch": 8})
@@ -98,11 +102,12 @@ def test_the_study_driver_runs_each_stage_on_a_tiny_folder(study_flags, tmp_path
             study.load_results()
         study.stage_protocol()
         protocol = study.load_results()["protocol"]
-        # 540 s / 3000 steps, x 1.4 for DVML: 720 s hold 2857 steps, 2500 by 500s.
-        assert protocol["cap_steps"] == 2500
+        assert protocol["steps"] == {"npair": 650, "triplet2_dws": 650, "triplet": 300}
         assert protocol["data"]["folders"]["transfer"]["splits"]["train"] == 66
-        assert protocol["estimate"]["runs_per_regime"] == {"curve": 2, "validation": 20,
-                                                           "test": 27}
+        assert protocol["estimate"]["runs_per_regime"] == {"validation": 16, "test": 27}
+        # 1 CPU s per step: validation 2 seeds x 4 methods x (650 + 90) s x 2 losses.
+        assert protocol["estimate"]["per_regime_cpu_minutes"]["validation"] == round(
+            2 * 4 * 740 * 2 / 60)
         study.stage_prepare()
         results = study.load_results()
         folders = results["folders"]
@@ -110,29 +115,20 @@ def test_the_study_driver_runs_each_stage_on_a_tiny_folder(study_flags, tmp_path
         assert folders["scratch"]["splits"]["train"] > 66
         assert folders["pretraining"]["steps"] == 2 and folders["pretraining"]["classes"] == 16
 
-        # The curve: one real run, the other loss's curve recorded as if run.
-        parse([*study_flags, "--only=npair/baseline/0"])
-        study.update(lambda r: r["runs"].setdefault("transfer_curve", {}).__setitem__(
-            "triplet2_dws", {"baseline": {"0": {"recall@1": 0.5, "curve": {"2": 0.5}}}}))
-        study.stage_curve("transfer")
-        results = study.load_results()
-        run = results["runs"]["transfer_curve"]["npair"]["baseline"]["0"]
-        assert set(run["curve"]) == {"2"} and results["steps"] == {"transfer": 2}
-
-        # The selection on validation results recorded as if run: dvml_decoded is best.
+        # The selection on validation results recorded as if run: dvml_transfer is best.
         def validation(results):
             for loss in study.VALIDATION_LOSSES:
                 for name in ("baseline", *study.DVML_CANDIDATES):
-                    value = 0.6 if name == "dvml_decoded" else 0.5
+                    value = 0.6 if name == "dvml_transfer" else 0.5
                     results["runs"].setdefault("transfer_validation", {}).setdefault(
                         loss, {})[name] = {str(s): {"recall@1": value} for s in (0, 1)}
         study.update(validation)
         assert study.select(study.load_results(), "scratch") is None
         selected = study.select(study.load_results(), "transfer")
-        assert selected["dvml"] == "dvml_decoded"
+        assert selected["dvml"] == "dvml_transfer"
         study.update(lambda r: r.setdefault("selected", {}).__setitem__("transfer", selected))
 
-        # One test run of the transfer regime: pretrained backbone, triplet (active), decoded.
+        # One test run of the transfer regime: pretrained backbone, triplet (active), DVML.
         parse([*study_flags, "--only=triplet/dvml/0"])
         study.stage_test("transfer")
         run_dir = study.run_dir("transfer_test", "triplet", "dvml", 0)
@@ -140,7 +136,7 @@ def test_the_study_driver_runs_each_stage_on_a_tiny_folder(study_flags, tmp_path
         assert config["backbone_weights"] == str(study.backbone_path())
         assert config["learning_rate"] == 1e-4 and config["loss_options"] == {
             "reduction": "active"}
-        assert (run_dir / "research_variant.txt").read_text() == "decoded"
+        assert config["variance_transfer"] and config["decoder_centre"] == "class_mean"
         record = study.load_results()["runs"]["transfer_test"]["triplet"]["dvml"]["0"]
         assert {"recall@1", "map@r", "diagnostics"} <= set(record)
         assert study.load_results()["test"]["transfer"]["triplet"]["dvml"]["seeds"] == [0]
