@@ -2,6 +2,8 @@
 
 import os
 
+import pytest
+
 # Quiet TensorFlow's C++ start-up logging; the tests never use a GPU.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
@@ -29,8 +31,6 @@ LONGEST_FIRST = (
     "tests/test_train_cli.py",
     "tests/index/test_builder.py",
 )
-
-import pytest  # noqa: E402 (after the environment it must not precede)
 
 
 @pytest.fixture(scope="session")
