@@ -47,4 +47,3 @@ def pytest_collection_modifyitems(config, items):
     del config
     rank = {path: i for i, path in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(rank)))
-
