@@ -1,5 +1,6 @@
 """Test-session settings shared by every test module."""
 
+import logging
 import os
 
 import pytest
@@ -40,6 +41,16 @@ def catalogue_export(tmp_path_factory):
     from tests.index import catalogue
 
     return catalogue.make_catalogue_export(tmp_path_factory.mktemp("catalogue"))
+
+
+@pytest.fixture(autouse=True)
+def keep_the_absl_log_level():
+    """Tests that parse absl flags in-process (flagsaver) restore --verbosity too, which sets
+    the absl logger's level to WARNING: keep the level it had, so that later tests of the same
+    worker that capture INFO logs still see them, whatever the order."""
+    level = logging.getLogger("absl").level
+    yield
+    logging.getLogger("absl").setLevel(level)
 
 
 def pytest_collection_modifyitems(config, items):

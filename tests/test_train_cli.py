@@ -1,7 +1,6 @@
 """train.py end to end, in-process (absl flags parsed as on the command line)."""
 
 import json
-import logging as std_logging
 import os
 import pathlib
 import signal
@@ -20,16 +19,6 @@ import train  # noqa: F401  (defines train.py's flags, as running the script doe
 from dvml_tf.training import cli
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(autouse=True)
-def keep_the_absl_log_level():
-    """Restoring the flags (flagsaver) restores --verbosity too, which sets the absl logger's
-    level to WARNING: keep the level it had, so that later tests of the same process that
-    capture INFO logs still see them."""
-    level = std_logging.getLogger("absl").level
-    yield
-    std_logging.getLogger("absl").setLevel(level)
 
 
 def run_main(*flags):
