@@ -258,3 +258,38 @@ def execute(stage, jobs, directory_of, recorded, record, parallel=2, only=(),
 
     with concurrent.futures.ThreadPoolExecutor(parallel) as pool:
         list(pool.map(one, jobs))
+
+
+def success_check(summary, method, losses, seeds, min_gain, min_losses):
+    """A study's success rule for `method` against "baseline" in a test summary ({loss:
+    {variant: row}}, as `summarize` writes it); None until every loss has every seed.
+
+    Per loss: `compare_over_seeds` on R@1 (the gain in the mean, twice the larger seed std of
+    the two, np.std with ddof=0, whether the gain clears both bars, and the same with the
+    sample std, ddof=1, which decides nothing); for a DVML method (its name starts with "dvml")
+    also its fewest active units and whether its decoder uses z_V on every seed (error with
+    shuffled z_V above the error with its own). `success` needs `min_losses` losses that clear
+    the bars with active units > 0 and a decoder that uses z_V.
+    """
+    from dvml_tf.evaluation.seed_comparison import compare_over_seeds
+
+    per_loss = {}
+    for loss in losses:
+        rows = summary.get(loss, {})
+        if any(len(rows.get(name, {}).get("recall@1", [])) < len(seeds)
+               for name in ("baseline", method)):
+            return None
+        check = compare_over_seeds(rows[method]["recall@1"], rows["baseline"]["recall@1"],
+                                   min_gain=min_gain)
+        if method.startswith("dvml"):  # a DVML run without diagnostics meets neither condition
+            row = rows[method]
+            check["active_units_min"] = min(row.get("active_units") or [0])
+            check["decoder_uses_z_v"] = bool(row.get("recon")) and all(
+                shuffled > own
+                for own, shuffled in zip(row["recon"], row["recon_shuffled"], strict=True))
+        per_loss[loss] = check
+    met = [loss for loss, check in per_loss.items()
+           if check["clears_bars"] and check.get("active_units_min", 1) > 0
+           and check.get("decoder_uses_z_v", True)]
+    return {"per_loss": per_loss, "losses_met": met, "success": len(met) >= min_losses}
+

@@ -43,7 +43,6 @@ HERE = pathlib.Path(__file__).resolve().parent
 if str(HERE.parents[1]) not in sys.path:
     sys.path.insert(0, str(HERE.parents[1]))
 
-from dvml_tf.evaluation.seed_comparison import compare_over_seeds  # noqa: E402
 from dvml_tf.utils import atomic  # noqa: E402
 from research.dvml_omniglot import methods  # noqa: E402
 from research.dvml_omniglot import runs  # noqa: E402
@@ -169,34 +168,10 @@ SUCCESS_MIN_LOSSES = 2    # ... for at least two of the three losses
 
 def success_check(summary, method):
     """`protocol["success"]` applied to `method` against "baseline" in a test summary
-    ({loss: {variant: row}}, as `summarize` writes it); None until every loss has every seed.
-
-    Per loss: `compare_over_seeds` on R@1 (the gain in the mean, twice the larger seed std of
-    the two, np.std with ddof=0 as `PROTOCOL_CLARIFICATIONS` states, whether the gain clears
-    both bars, and the same with the sample std, ddof=1, which decides nothing); for a DVML
-    method also its fewest active units and whether its decoder uses z_V on every seed (error
-    with shuffled z_V above the error with its own). `success` needs SUCCESS_MIN_LOSSES losses
-    that clear the bars with active units > 0 and a decoder that uses z_V.
-    """
-    per_loss = {}
-    for loss in TEST_LOSSES:
-        rows = summary.get(loss, {})
-        if any(len(rows.get(name, {}).get("recall@1", [])) < len(TEST_SEEDS)
-               for name in ("baseline", method)):
-            return None
-        check = compare_over_seeds(rows[method]["recall@1"], rows["baseline"]["recall@1"],
-                                   min_gain=SUCCESS_MIN_GAIN)
-        if method.startswith("dvml"):  # a DVML run without diagnostics meets neither condition
-            row = rows[method]
-            check["active_units_min"] = min(row.get("active_units") or [0])
-            check["decoder_uses_z_v"] = bool(row.get("recon")) and all(
-                shuffled > own
-                for own, shuffled in zip(row["recon"], row["recon_shuffled"], strict=True))
-        per_loss[loss] = check
-    met = [loss for loss, check in per_loss.items()
-           if check["clears_bars"] and check.get("active_units_min", 1) > 0
-           and check.get("decoder_uses_z_v", True)]
-    return {"per_loss": per_loss, "losses_met": met, "success": len(met) >= SUCCESS_MIN_LOSSES}
+    (`runs.success_check` with this study's losses, seeds and bars; np.std with ddof=0 as
+    `PROTOCOL_CLARIFICATIONS` states); None until every loss has every seed."""
+    return runs.success_check(summary, method, TEST_LOSSES, TEST_SEEDS, SUCCESS_MIN_GAIN,
+                              SUCCESS_MIN_LOSSES)
 
 
 def load_results():

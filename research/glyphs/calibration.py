@@ -50,14 +50,21 @@ from research.dvml_omniglot import runs  # noqa: E402
 from research.glyphs import recipe  # noqa: E402
 
 FLAGS = flags.FLAGS
-flags.DEFINE_enum("stage", "calibrate", ["calibrate", "step_time", "method_cost", "report"],
-                  "What to do.")
-flags.DEFINE_string("workdir", os.path.expanduser("~/dvml_runs/glyphs_calibration"),
-                    "Glyph folders, the render-check cache and the runs.")
-flags.DEFINE_string("fonts", "/usr/share/fonts", "Font files and folders (setup_fonts.sh).")
-flags.DEFINE_string("output", str(HERE / "results" / "calibration.json"), "Results file.")
-flags.DEFINE_list("only", [], "Run only these settings.")
-flags.DEFINE_integer("parallel", 2, "Runs at a time (each single-threaded).")
+
+
+def define_flags():
+    """The command line's flags, defined when run as a script (or by a test): importing the
+    module defines none, so it can share a process with other scripts' flags."""
+    flags.DEFINE_enum("stage", "calibrate",
+                      ["calibrate", "step_time", "method_cost", "report"], "What to do.")
+    flags.DEFINE_string("workdir", os.path.expanduser("~/dvml_runs/glyphs_calibration"),
+                        "Glyph folders, the render-check cache and the runs.")
+    flags.DEFINE_string("fonts", "/usr/share/fonts",
+                        "Font files and folders (setup_fonts.sh).")
+    flags.DEFINE_string("output", str(HERE / "results" / "calibration.json"), "Results file.")
+    flags.DEFINE_list("only", [], "Run only these settings.")
+    flags.DEFINE_integer("parallel", 2, "Runs at a time (each single-threaded).")
+
 
 CHARACTERS = "U+4E00-U+9FFF"
 # The ideographs mapped by the most faces: every design draws nearly all of them, and the
@@ -299,51 +306,47 @@ def calibrate():
         list(pool.map(lambda name: run_setting(name, SETTINGS[name]), names))
 
 
+def median_step_seconds(steppers, repeats, steps, warmup, clock):
+    """{name: median seconds per step} of `steppers` ({name: (step function, iterator)}):
+    `warmup` steps each, then the steppers alternate `repeats` times, `steps` steps each, timed
+    by `clock` (alternating keeps their ratios honest on a loaded machine)."""
+    import numpy as np
+
+    def run(step_fn, iterator, count):
+        for _ in range(count):
+            {k: float(v) for k, v in step_fn(iterator).items()}
+
+    for step_fn, iterator in steppers.values():
+        run(step_fn, iterator, warmup)
+    seconds = {name: [] for name in steppers}
+    for _ in range(repeats):
+        for name, (step_fn, iterator) in steppers.items():
+            started = clock()
+            run(step_fn, iterator, steps)
+            seconds[name].append((clock() - started) / steps)
+    return {name: float(np.median(values)) for name, values in seconds.items()}
+
+
 def step_time(repeats=7, steps=10, warmup=3):
     """The baseline's training step at each image size, single-threaded, in one process: the
     sizes alternate `repeats` times, `steps` steps each (the median step and its ratio to the
     32 px step; alternating keeps the ratio honest on a loaded machine)."""
-    import keras
     import numpy as np
     import tensorflow as tf
 
-    from dvml_tf import task
     from dvml_tf.training import distribution
-    from dvml_tf.training import trainer as trainer_lib
-    from dvml_tf.training.config import TrainConfig
 
     tf.config.threading.set_intra_op_parallelism_threads(1)
     tf.config.threading.set_inter_op_parallelism_threads(1)
     strategy = distribution.make_strategy("default")
     rng = np.random.default_rng(0)
-    labels = np.repeat(np.arange(64), 2).astype(np.int64)
-    steppers = {}
-    for size, crop in recipe.CROPS.items():
-        config = TrainConfig(config="glyphs", dataset="glyphs", data_dir="unused",
-                             backbone="convnet_wide", image_size=crop, resize_size=size,
-                             embedding_dim=128, loss="npair", dvml=False, classes_per_batch=64,
-                             images_per_class=2, model_dir="unused").validate()
-        with strategy.scope():
-            keras.utils.set_random_seed(0)
-            model = task.build_model(config)
-            model.compile(optimizer=task.build_optimizer(config))
-            model.optimizer.build(model.trainable_variables)
-        images = rng.uniform(0, 255, (128, crop, crop, 3)).astype(np.float32)
-        dataset = tf.data.Dataset.from_tensors((images, labels)).repeat()
-        iterator = iter(strategy.distribute_datasets_from_function(lambda _, d=dataset: d))
-        step_fn = trainer_lib.make_distributed_step(strategy, model, False)
-        steppers[size] = (step_fn, iterator)
-        for _ in range(warmup):
-            {k: float(v) for k, v in step_fn(iterator).items()}
-    seconds = {size: [] for size in steppers}
+    steppers = {size: _stepper(["--backbone=convnet_wide", "--embedding_dim=128", "--nodvml",
+                                *runs.LOSS_FLAGS["npair"], *recipe.size_flags(size),
+                                "--dataset=glyphs", "--data_dir=unused", "--model_dir=unused"],
+                               strategy, rng)
+                for size in recipe.CROPS}
     load_before = os.getloadavg()
-    for _ in range(repeats):
-        for size, (step_fn, iterator) in steppers.items():
-            started = time.perf_counter()
-            for _ in range(steps):
-                {k: float(v) for k, v in step_fn(iterator).items()}
-            seconds[size].append((time.perf_counter() - started) / steps)
-    medians = {size: float(np.median(values)) for size, values in seconds.items()}
+    medians = median_step_seconds(steppers, repeats, steps, warmup, time.perf_counter)
     record = {"crops": {str(k): v for k, v in recipe.CROPS.items()},
               "median_step_seconds": {str(k): round(v, 4) for k, v in medians.items()},
               "ratio_to_32": {str(k): round(v / medians[32], 3) for k, v in medians.items()},
@@ -418,18 +421,8 @@ def method_cost(repeats=3, steps=5, warmup=2):
                     "--phase1_fraction=0", "--dataset=glyphs", "--data_dir=unused",
                     "--model_dir=unused"]
             steppers[f"{loss}/{method}"] = _stepper(argv, strategy, rng)
-            for _ in range(warmup):
-                {k: float(v) for k, v in steppers[f"{loss}/{method}"][0](
-                    steppers[f"{loss}/{method}"][1]).items()}
-    seconds = {name: [] for name in steppers}
     load_before = os.getloadavg()
-    for _ in range(repeats):
-        for name, (step_fn, iterator) in steppers.items():
-            started = time.process_time()
-            for _ in range(steps):
-                {k: float(v) for k, v in step_fn(iterator).items()}
-            seconds[name].append((time.process_time() - started) / steps)
-    medians = {name: float(np.median(values)) for name, values in seconds.items()}
+    medians = median_step_seconds(steppers, repeats, steps, warmup, time.process_time)
     ratios = {name: round(value / medians[name.split("/")[0] + "/baseline"], 3)
               for name, value in medians.items()}
     record = {"cpu_seconds_per_step": {k: round(v, 4) for k, v in medians.items()},
@@ -474,4 +467,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

@@ -49,7 +49,6 @@ ROOT = HERE.parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from dvml_tf.evaluation.seed_comparison import compare_over_seeds  # noqa: E402
 from dvml_tf.utils import atomic  # noqa: E402
 from research.dvml_omniglot import methods  # noqa: E402
 from research.dvml_omniglot import runs  # noqa: E402
@@ -238,27 +237,10 @@ def update(change):
 
 
 def success_check(summary, method):
-    """`protocol["success"]` for `method` against "baseline" in a regime's test summary; None
-    until every loss has every seed."""
-    per_loss = {}
-    for loss in TEST_LOSSES:
-        rows = summary.get(loss, {})
-        if any(len(rows.get(name, {}).get("recall@1", [])) < len(TEST_SEEDS)
-               for name in ("baseline", method)):
-            return None
-        check = compare_over_seeds(rows[method]["recall@1"], rows["baseline"]["recall@1"],
-                                   SUCCESS_MIN_GAIN)
-        if method == "dvml":  # a DVML run without diagnostics meets neither condition
-            row = rows[method]
-            check["active_units_min"] = min(row.get("active_units") or [0])
-            check["decoder_uses_z_v"] = bool(row.get("recon")) and all(
-                shuffled > own
-                for own, shuffled in zip(row["recon"], row["recon_shuffled"], strict=True))
-        per_loss[loss] = check
-    met = [loss for loss, check in per_loss.items()
-           if check["clears_bars"] and check.get("active_units_min", 1) > 0
-           and check.get("decoder_uses_z_v", True)]
-    return {"per_loss": per_loss, "losses_met": met, "success": len(met) >= SUCCESS_MIN_LOSSES}
+    """`protocol["success"]` for `method` against "baseline" in a regime's test summary
+    (`runs.success_check`, the Omniglot study's rule); None until every loss has every seed."""
+    return runs.success_check(summary, method, TEST_LOSSES, TEST_SEEDS, SUCCESS_MIN_GAIN,
+                              SUCCESS_MIN_LOSSES)
 
 
 # ---------------------------------------------------------------------------------- stages
