@@ -62,7 +62,7 @@ def test_mock_splits_are_class_disjoint_and_on_the_right_side(name, no_network, 
 
 
 def test_logs_classes_and_images_per_split(caplog, no_network):
-    with caplog.at_level("INFO"), tfds.testing.mock_data(num_examples=30):
+    with caplog.at_level("INFO", logger="absl"), tfds.testing.mock_data(num_examples=30):
         splits = load_dataset("cub200")
     for split, catalog in splits.splits().items():
         assert (f"cub200 {split}: {catalog.num_classes} classes, {catalog.num_images} images"

@@ -156,7 +156,7 @@ def test_only_tf_unreadable_files_are_held_as_converted_bytes(loaded):
 
 def test_bad_files_are_skipped_and_logged(mixed_folder, caplog):
     root, expected, bad = mixed_folder
-    with caplog.at_level("INFO"):
+    with caplog.at_level("INFO", logger="absl"):
         splits = load_folder(root)
     assert f"Skipped {len(bad)} unreadable or corrupt image file(s)" in caplog.text
     assert os.path.basename(bad[0]) in caplog.text
@@ -418,7 +418,7 @@ def test_images_above_the_pixel_limit_are_skipped_unread(tmp_path, caplog):
     small = Image.fromarray(pattern(3)).convert("P", palette=Image.Palette.ADAPTIVE, colors=8)
     write(str(tmp_path / "c" / "palette.bmp"), encode(small, "BMP"))
     write(str(tmp_path / "c" / "small.gif"), encode(small, "GIF"))
-    with caplog.at_level("INFO"):
+    with caplog.at_level("INFO", logger="absl"):
         splits = load_folder(tmp_path)
     assert sorted(os.path.basename(p) for p in splits.unreadable) == ["bomb.png"]
     assert ("Skipped 1 image file(s) above the limit of 67108864 pixels (--max_image_pixels; "
