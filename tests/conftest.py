@@ -46,8 +46,9 @@ def catalogue_export(tmp_path_factory):
 @pytest.fixture(autouse=True)
 def keep_the_absl_log_level():
     """Tests that parse absl flags in-process (flagsaver) restore --verbosity too, which sets
-    the absl logger's level to WARNING: keep the level it had, so that later tests of the same
-    worker that capture INFO logs still see them, whatever the order."""
+    the absl logger's level to WARNING: keep the level it had for the tests after them. (Tests
+    that capture absl's INFO lines also set its level themselves: this alone did not keep them
+    green in every order.)"""
     level = logging.getLogger("absl").level
     yield
     logging.getLogger("absl").setLevel(level)
