@@ -52,9 +52,10 @@ def test_steps_in_both_phases_equal_the_single_device_steps():
     }
     assert set(results) == set(tolerances)
     for check, tolerance in tolerances.items():
-        # (5 losses + the DVML options on 2 losses in float32, on 1 under XLA or mixed
-        # precision) x 2 phases.
-        assert len(results[check]) == (14 if check == "float32" else 12), check
+        # (5 losses + the DVML options on 2 losses in float32, on 1 under XLA; 2 losses + the
+        # options on 1 in mixed precision) x 2 phases.
+        assert len(results[check]) == {"float32": 14, "jit_compile": 12,
+                                       "mixed_precision": 6}[check], check
         for case, diff in results[check].items():
             assert diff["update_scale"] > 0.1, (check, case)  # the step really moved the weights
             assert diff["updates"] <= tolerance, (check, case, diff)
@@ -143,78 +144,66 @@ def assert_same_weights(a, b, atol=1e-5):
     assert worst <= atol, worst
 
 
-def test_multi_worker_training_equals_one_process_and_resumes_after_sigkill(tmp_path):
-    data_dir = write_folder_dataset(tmp_path / "images")
-    single_dir = tmp_path / "single" / "run"
-    single = subprocess.run(
-        train_command(data_dir, single_dir, 6),
-        cwd=ROOT,
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert single.returncode == 0, single.stderr[-3000:]
+# Every train.py run of this module that a comparison needs trains STEPS steps on one folder.
+STEPS = 16  # phase 1 = steps 1-4
 
-    # Two workers on 127.0.0.1 run the same 6 steps; worker 1 is killed mid-run, then the
-    # cluster is restarted with the same command, as a scheduler would.
-    multi_dir = tmp_path / "multi" / "run"
-    os.makedirs(multi_dir.parent)
-    command = train_command(data_dir, multi_dir, 6, "--strategy=multi_worker")
-    workers = start_workers(command, multi_dir)
-    deadline = time.time() + 300
-    # A checkpoint counts once TF has recorded it in the state file (written last, atomically).
-    while tf.train.latest_checkpoint(str(multi_dir / "checkpoints")) is None:
-        assert time.time() < deadline, (multi_dir.parent / "worker0.log").read_text()[-3000:]
-        assert all(w.poll() is None for w in workers), "a worker exited before the kill"
-        time.sleep(0.2)
-    workers[1].send_signal(signal.SIGKILL)
-    workers[0].send_signal(signal.SIGKILL)  # its collectives would wait for worker 1 forever
-    for worker in workers:
-        worker.wait(timeout=60)
-    assert tf.train.latest_checkpoint(str(multi_dir / "checkpoints")) is not None
 
-    workers = start_workers(command, multi_dir)
-    for worker in workers:
-        assert worker.wait(timeout=600) == 0, (multi_dir.parent / "worker0.log").read_text()[-3000:]
-    log = (multi_dir.parent / "worker0.log").read_text()
-    assert "Resumed from" in log
-    assert json.loads((multi_dir / "metrics.json").read_text()).keys() >= {"recall@1", "nmi"}
-    assert sorted(os.listdir(multi_dir)) == sorted(os.listdir(single_dir))  # only the chief wrote
-    # Stated tolerance: the two runs differ by under 1% of how far training moved the weights
-    # (relative L2 over the whole model). Not an element-wise bound: synchronized batch norm
-    # (E[x^2] - E[x]^2) and the collective's summation order round differently from one device,
-    # and for a weight whose gradient is ~0, Adam's m / sqrt(v) turns that rounding into an
-    # O(learning rate) step of either sign (measured after 6 steps at lr 3e-3: 2.6e-4
-    # element-wise, 8e-5 relative). Gradient scale and aggregation are checked step by step in
-    # test_one_step_equals_the_single_device_step; this test is about the multi-worker process.
-    multi = model_weights(multi_dir / "checkpoints" / "ckpt-6")
-    single = model_weights(single_dir / "checkpoints" / "ckpt-6")
-    initial = model_weights(single_dir / "checkpoints" / "ckpt-2")
-    assert multi.keys() == single.keys()
-    disagreement = np.sqrt(sum(np.sum((multi[k] - single[k]) ** 2) for k in single))
-    movement = np.sqrt(sum(np.sum((single[k] - initial[k]) ** 2) for k in single))
-    assert movement > 1e-1, movement  # the weights really trained between ckpt-2 and ckpt-6
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    return write_folder_dataset(tmp_path_factory.mktemp("distribution") / "images")
+
+
+@pytest.fixture(scope="module")
+def single_device_run(images, tmp_path_factory):
+    """The reference: STEPS uninterrupted steps on one device (one process for the module)."""
+    run_dir = tmp_path_factory.mktemp("single") / "run"
+    result = subprocess.run(train_command(images, run_dir, STEPS), cwd=ROOT, env=ENV,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run_dir
+
+
+def assert_trains_like(run_dir, reference_dir):
+    """Stated tolerance: two runs differ by under 1% of how far training moved the weights
+    (relative L2 over the whole model). Not an element-wise bound: synchronized batch norm
+    (E[x^2] - E[x]^2) and the collective's summation order round differently from one device,
+    and for a weight whose gradient is ~0, Adam's m / sqrt(v) turns that rounding into an
+    O(learning rate) step of either sign (measured after 6 steps at lr 3e-3: 2.6e-4
+    element-wise, 8e-5 relative). Gradient scale and aggregation are checked step by step in
+    test_steps_in_both_phases_equal_the_single_device_steps."""
+    other = model_weights(run_dir / "checkpoints" / f"ckpt-{STEPS}")
+    reference = model_weights(reference_dir / "checkpoints" / f"ckpt-{STEPS}")
+    # The oldest checkpoint the run keeps (its last 3, every 2 steps).
+    earlier = model_weights(reference_dir / "checkpoints" / f"ckpt-{STEPS - 4}")
+    assert other.keys() == reference.keys()
+    disagreement = np.sqrt(sum(np.sum((other[k] - reference[k]) ** 2) for k in reference))
+    movement = np.sqrt(sum(np.sum((reference[k] - earlier[k]) ** 2) for k in reference))
+    assert movement > 1e-1, movement  # the weights really trained in the last 4 steps
     assert disagreement < 1e-2 * movement, (disagreement, movement)
 
 
-def test_sigterm_to_one_worker_stops_every_worker_after_the_same_step(tmp_path):
-    data_dir = write_folder_dataset(tmp_path / "images")
+def test_sigterm_to_one_worker_stops_every_worker_and_the_rerun_trains_like_one_device(
+        images, single_device_run, tmp_path):
+    """Two workers on 127.0.0.1; only the non-chief worker gets SIGTERM: the chief must stop
+    after the same step (or worker 1 would leave it waiting in the next step's collectives).
+    Then the cluster is restarted with the same command, as a scheduler would, resumes, and
+    ends where one process ends."""
     run = tmp_path / "multi" / "run"
     os.makedirs(run.parent)
     logs = [run.parent / f"worker{index}.log" for index in range(2)]
-    command = train_command(data_dir, run, 100000, "--strategy=multi_worker",
-                            "--checkpoint_every=100000")
+    command = train_command(images, run, STEPS, "--strategy=multi_worker")
     workers = start_workers(command, run)
     try:
         deadline = time.time() + 300
-        while "step 4/100000" not in logs[0].read_text():
+        while "step 2/" not in logs[0].read_text():
             assert time.time() < deadline, logs[0].read_text()[-3000:]
             assert all(w.poll() is None for w in workers), "a worker exited before SIGTERM"
             time.sleep(0.05)
-        # Only the non-chief worker is told: the chief must stop after the same step, or
-        # worker 1 would leave it waiting in the next step's collectives.
+        # Frozen, worker 1 holds the chief within a step of it, so that the signal lands
+        # before the run's end whatever the machine's speed; it is handled on SIGCONT.
+        workers[1].send_signal(signal.SIGSTOP)
         workers[1].send_signal(signal.SIGTERM)
+        workers[1].send_signal(signal.SIGCONT)
         codes = [worker.wait(timeout=300) for worker in workers]
     finally:
         for worker in workers:
@@ -222,18 +211,19 @@ def test_sigterm_to_one_worker_stops_every_worker_after_the_same_step(tmp_path):
     assert codes == [143, 143], logs[0].read_text()[-3000:]
     saved = tf.train.latest_checkpoint(str(run / "checkpoints"))
     step = int(saved.rsplit("-", 1)[-1])
-    assert step >= 4
+    assert 2 <= step < STEPS
     for log in logs:
         text = log.read_text()
         assert f"train.py: terminated (SIGTERM) at step {step}; checkpoint " in text
         assert "Traceback" not in text
 
-    workers = start_workers(train_command(data_dir, run, step + 2, "--strategy=multi_worker",
-                                          "--checkpoint_every=100000"), run)
+    workers = start_workers(command, run)
     for worker in workers:
         assert worker.wait(timeout=600) == 0, logs[0].read_text()[-3000:]
     assert f"Resumed from {saved} at step {step}" in logs[0].read_text()
-    assert (run / "metrics.json").exists()
+    assert json.loads((run / "metrics.json").read_text()).keys() >= {"recall@1", "nmi"}
+    assert sorted(os.listdir(run)) == sorted(os.listdir(single_device_run))  # only the chief wrote
+    assert_trains_like(run, single_device_run)
 
 
 # train.py itself on 2 logical CPU devices: they must exist before TensorFlow initializes, so a
@@ -249,44 +239,24 @@ runpy.run_path("train.py", run_name="__main__")
 """
 
 
-def test_train_py_mirrored_on_two_local_replicas_equals_one_device(tmp_path):
-    data_dir = write_folder_dataset(tmp_path / "images")
-    runs = {}
-    cases = [("single", [], ()),
-             ("mirrored", ["-c", TWO_LOCAL_REPLICAS], ("--strategy=mirrored",))]
-    for name, launcher, extra in cases:
-        command = train_command(data_dir, tmp_path / name, 6, *extra)
-        command[1:1] = launcher  # python [-c launcher] train.py ...
-        result = subprocess.run(command, cwd=ROOT, env=ENV, capture_output=True, text=True,
-                                timeout=600)
-        assert result.returncode == 0, result.stderr[-3000:]
-        runs[name] = result.stderr
+def test_train_py_mirrored_on_two_local_replicas_equals_one_device(images, single_device_run,
+                                                                 tmp_path):
+    command = train_command(images, tmp_path / "mirrored", STEPS, "--strategy=mirrored")
+    command[1:1] = ["-c", TWO_LOCAL_REPLICAS]  # python -c launcher train.py ...
+    result = subprocess.run(command, cwd=ROOT, env=ENV, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
     # The mirrored run really had two replicas, each fed its half of every global batch by the
     # trainer's round-robin input (whole classes per replica).
-    assert "Strategy mirrored: 2 replica(s) in sync, 2 classes x 2 images" in runs["mirrored"]
-    mirrored = model_weights(tmp_path / "mirrored" / "checkpoints" / "ckpt-6")
-    single = model_weights(tmp_path / "single" / "checkpoints" / "ckpt-6")
-    initial = model_weights(tmp_path / "single" / "checkpoints" / "ckpt-2")
-    assert mirrored.keys() == single.keys()
-    disagreement = np.sqrt(sum(np.sum((mirrored[k] - single[k]) ** 2) for k in single))
-    movement = np.sqrt(sum(np.sum((single[k] - initial[k]) ** 2) for k in single))
-    assert movement > 1e-1, movement
-    assert disagreement < 1e-2 * movement, (disagreement, movement)  # see the multi-worker test
+    assert "Strategy mirrored: 2 replica(s) in sync, 2 classes x 2 images" in result.stderr
+    assert_trains_like(tmp_path / "mirrored", single_device_run)
 
 
-def test_sigkill_then_rerun_resumes_and_matches_an_uninterrupted_run(tmp_path):
-    data_dir = write_folder_dataset(tmp_path / "images")
-    straight_dir, killed_dir = tmp_path / "straight", tmp_path / "killed"
-    steps = 16  # phase 1 = steps 0-3, so the kill lands in phase 2 for most timings
-    straight = subprocess.Popen(
-        train_command(data_dir, straight_dir, steps),
-        cwd=ROOT,
-        env=ENV,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+def test_sigkill_then_rerun_resumes_and_matches_an_uninterrupted_run(images, single_device_run,
+                                                                    tmp_path):
+    killed_dir, steps = tmp_path / "killed", STEPS  # the kill lands in phase 2
     victim = subprocess.Popen(
-        train_command(data_dir, killed_dir, steps),
+        train_command(images, killed_dir, steps),
         cwd=ROOT,
         env=ENV,
         stdout=subprocess.DEVNULL,
@@ -302,7 +272,7 @@ def test_sigkill_then_rerun_resumes_and_matches_an_uninterrupted_run(tmp_path):
     assert 6 <= interrupted_at < steps
 
     rerun = subprocess.run(
-        train_command(data_dir, killed_dir, steps),
+        train_command(images, killed_dir, steps),
         cwd=ROOT,
         env=ENV,
         capture_output=True,
@@ -311,19 +281,17 @@ def test_sigkill_then_rerun_resumes_and_matches_an_uninterrupted_run(tmp_path):
     )
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert f"at step {interrupted_at} (phase 2)" in rerun.stderr
-    assert straight.wait(timeout=600) == 0
     assert_same_weights(
         model_weights(killed_dir / "checkpoints" / f"ckpt-{steps}"),
-        model_weights(straight_dir / "checkpoints" / f"ckpt-{steps}"),
+        model_weights(single_device_run / "checkpoints" / f"ckpt-{steps}"),
     )
     assert (killed_dir / "metrics.json").exists() and (killed_dir / "model.keras").exists()
 
 
-def test_ctrl_c_saves_a_checkpoint_and_the_same_command_resumes(tmp_path):
-    data_dir = write_folder_dataset(tmp_path / "images")
+def test_ctrl_c_saves_a_checkpoint_and_the_same_command_resumes(images, tmp_path):
     run_dir, log_path = tmp_path / "run", tmp_path / "train.log"
     # No periodic checkpoint before the interrupt: the one found afterwards is Ctrl-C's.
-    command = train_command(data_dir, run_dir, 100000, "--checkpoint_every=100000")
+    command = train_command(images, run_dir, 100000, "--checkpoint_every=100000")
     with open(log_path, "w") as log:
         # A pytest-xdist worker ignores SIGINT, and an ignored signal stays ignored across exec:
         # give the child the default disposition so that Python turns SIGINT into Ctrl-C.
@@ -350,7 +318,7 @@ def test_ctrl_c_saves_a_checkpoint_and_the_same_command_resumes(tmp_path):
 
     # The same command (here with fewer total steps, a resumable field) continues from there.
     rerun = subprocess.run(
-        train_command(data_dir, run_dir, interrupted_at + 2, "--checkpoint_every=100000"),
+        train_command(images, run_dir, interrupted_at + 2, "--checkpoint_every=100000"),
         cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600,
     )
     assert rerun.returncode == 0, rerun.stderr[-3000:]
