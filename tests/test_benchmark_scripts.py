@@ -3,7 +3,6 @@ tests/research/test_scripts.py)."""
 
 import importlib.util
 import json
-import os
 import pathlib
 import statistics
 import subprocess
@@ -11,6 +10,8 @@ import sys
 import textwrap
 
 import pytest
+
+from tests.script_session import ScriptSession
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -50,15 +51,17 @@ def test_step_time_rejects_bad_flags(capsys):
 
 
 @pytest.mark.slow
-def test_step_time_small_convnet(tmp_path):
+def test_step_time_small_convnet(tmp_path, monkeypatch, capsys):
+    # The parent in this process (it only starts, steers and reads its workers); the timed
+    # workers are `python step_time.py --worker=...` processes, as in a real run.
+    step_time = _load_script("step_time")
     output = tmp_path / "step_time.json"
-    env = {k: v for k, v in os.environ.items() if k != "TFDS_DATA_DIR"}  # synthetic images
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "step_time.py"), "--cases=convnet_small",
-         "--steps=2", "--repeats=2", "--warmup=1", "--convnet_batch=4x2", "--profile=always",
-         "--profile_calls=1", f"--output={output}"],
-        capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300, check=False)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    monkeypatch.delenv("TFDS_DATA_DIR", raising=False)  # synthetic images
+    monkeypatch.chdir(tmp_path)
+    step_time.main(["--cases=convnet_small", "--steps=2", "--repeats=2", "--warmup=1",
+                    "--convnet_batch=4x2", "--profile=always", "--profile_calls=1",
+                    f"--output={output}"])
+    printed = capsys.readouterr().out
     record = json.loads(output.read_text())
     (result,) = record["results"]
     assert result["data"] == "synthetic" and result["batch_size"] == 8
@@ -79,22 +82,23 @@ def test_step_time_small_convnet(tmp_path):
         sum(p["ms"] for p in parts if p["extra"]), abs=0.02)
     machine = record["machine"]
     assert machine["cpu_count"] >= 1 and len(machine["load_average_1_5_15_before"]) == 3
-    assert "| convnet_small 28 px | synthetic | 4x2 |" in proc.stdout
-    assert "Where DVML's extra time goes" in proc.stdout
+    assert "| convnet_small 28 px | synthetic | 4x2 |" in printed
+    assert "Where DVML's extra time goes" in printed
 
 
 # ---------------------------------------------------------------------------- index_recall.py
 
 @pytest.mark.slow
-def test_index_recall_small_run(catalogue_export, tmp_path):
+def test_index_recall_small_run(catalogue_export, tmp_path, monkeypatch, capsys):
+    # The benchmark in this process: what it measures, `index.py build` and `evaluate.py`, runs
+    # as the product's own processes. (It puts benchmarks/ on sys.path for step_time: undone.)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    index_recall = _load_script("index_recall")
     output = tmp_path / "index_recall.json"
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "index_recall.py"),
-         f"--saved_model={catalogue_export.export_dir}", "--dataset=csv",
-         f"--data_dir={catalogue_export.manifest}", "--backends=flat,hnsw",
-         f"--work_dir={tmp_path / 'work'}", f"--output={output}"],
-        capture_output=True, text=True, cwd=ROOT, timeout=600, check=False)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    index_recall.main([f"--saved_model={catalogue_export.export_dir}", "--dataset=csv",
+                       f"--data_dir={catalogue_export.manifest}", "--backends=flat,hnsw",
+                       f"--work_dir={tmp_path / 'work'}", f"--output={output}"])
+    printed = capsys.readouterr().out
     record = json.loads(output.read_text())
     assert record["model"]["dataset"] == "csv" and record["version"] == 1
     exact, flat = record["exact"], record["backends"]["flat"]
@@ -105,12 +109,26 @@ def test_index_recall_small_run(catalogue_export, tmp_path):
         assert hnsw["difference"][key] == pytest.approx(hnsw[key] - exact[key])
     assert flat["rows"] == 15 and flat["build_seconds"] > 0 and flat["index_bytes"] > 0
     assert record["backends"]["hnsw"]["backend_options"]["M"] == 32
-    assert "| exact (evaluate.py) |" in proc.stdout and "| hnsw |" in proc.stdout
+    assert "| exact (evaluate.py) |" in printed and "| hnsw |" in printed
 
 
 # --------------------------------------------------------------------------- default_run.py
+# default_run.py defines absl flags that other scripts define too, so it does not run in the
+# test process: one test runs it as a plain process (it trains), the others' commands and calls
+# share one session (tests/script_session.py), each process paying TensorFlow's import once.
 
-def test_default_run_times_both_commands_and_resumes_without_reusing_a_folder(tmp_path):
+
+@pytest.fixture(scope="module")
+def default_run():
+    """A session of default_run.py: `.run(*argv)` as `python default_run.py *argv`,
+    `.evaluate(expression)` in its namespace."""
+    session = ScriptSession(ROOT / "benchmarks" / "default_run.py")
+    yield session
+    session.close()
+
+
+def test_default_run_times_both_commands_and_resumes_without_reusing_a_folder(default_run,
+                                                                            tmp_path):
     from tests.test_train_cli import SMALL_FOLDER_RUN
     from tests.test_train_cli import write_folder
 
@@ -151,12 +169,11 @@ def test_default_run_times_both_commands_and_resumes_without_reusing_a_folder(tm
     assert "the default beats --nodvml by the rule: undecided (one seed)" in proc.stdout
 
     # Run again: both runs are recorded, so nothing trains; other flags are refused.
-    proc = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
+    proc = default_run.run(*command[2:])
     assert proc.returncode == 0 and json.loads(output.read_text())["runs"] == results["runs"]
     assert sorted(p.name for p in work.iterdir()) == [
         "default_seed0", "default_seed0_attempt2", "nodvml_seed0"]
-    proc = subprocess.run([*command[:-1], "--extra=--steps=3"], capture_output=True, text=True,
-                          timeout=300, check=False)
+    proc = default_run.run(*command[2:-1], "--extra=--steps=3")
     assert proc.returncode != 0 and "--extra=" in proc.stderr
 
 
@@ -166,7 +183,8 @@ def _default_run_record(recall_at_1):
             "recall@1": recall_at_1, "map@r": 0.5}
 
 
-def test_default_run_summary_applies_the_studys_rule_on_hand_computed_cases(tmp_path):
+def test_default_run_summary_applies_the_studys_rule_on_hand_computed_cases(default_run,
+                                                                           tmp_path):
     """The summary's verdict is the Omniglot study's rule (gain > 2 x the larger seed std, np.std,
     AND >= 1.5 points), not "the mean is higher"."""
     cases = {
@@ -183,17 +201,15 @@ def test_default_run_summary_applies_the_studys_rule_on_hand_computed_cases(tmp_
                              for seed, value in enumerate(values)}
                    for variant, values in zip(("default", "nodvml"), pair, strict=True)}
             for name, pair in cases.items()}
-    # In a subprocess (default_run.py defines absl flags other scripts define too); it also
-    # asks --summary_only for a results file that does not exist.
-    code = ("import json, pathlib, sys; sys.path.insert(0, 'benchmarks'); import default_run; "
-            "runs = json.load(sys.stdin); print(json.dumps({name: default_run.summarize(r, 600.0)"
-            " for name, r in runs.items()})); default_run.summary_only(pathlib.Path('"
-            f"{tmp_path / 'missing.json'}'))")
-    proc = subprocess.run([sys.executable, "-c", code], input=json.dumps(runs),
-                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    # --summary_only asked for a results file that does not exist.
+    proc = default_run.evaluate("summary_only(pathlib.Path(path))",
+                                path=str(tmp_path / "missing.json"))
     assert proc.returncode != 0 and "missing.json is not one" in proc.stderr, proc.stderr[-3000:]
     assert not (tmp_path / "missing.json").exists()
-    summaries = json.loads(proc.stdout)
+    proc = default_run.evaluate("{name: summarize(r, 600.0) for name, r in runs.items()}",
+                                runs=runs)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summaries = proc.value
     tie = summaries["tie"]
     assert tie["recall@1_default_minus_nodvml"] == pytest.approx(0.00134, abs=1e-5)
     assert tie["recall@1_twice_larger_std"] == pytest.approx(0.01292, abs=1e-5)
@@ -208,7 +224,7 @@ def test_default_run_summary_applies_the_studys_rule_on_hand_computed_cases(tmp_
 
 
 def test_default_run_summary_only_rewrites_the_summary_and_keeps_every_recorded_number(
-        tmp_path):
+        default_run, tmp_path):
     """--summary_only migrates a results file: the summary is derived anew from the recorded
     runs (nothing trains, no --work_dir needed), every other key stays as it was."""
     runs = {"default": {"0": _default_run_record(0.86), "1": _default_run_record(0.865),
@@ -219,9 +235,7 @@ def test_default_run_summary_only_rewrites_the_summary_and_keeps_every_recorded_
            "runs": runs, "summary": {"default_beats_nodvml": True, "stale": 1}}
     output = tmp_path / "default_run.json"
     output.write_text(json.dumps(old))
-    script = str(ROOT / "benchmarks" / "default_run.py")
-    proc = subprocess.run([sys.executable, script, "--summary_only", f"--output={output}"],
-                          capture_output=True, text=True, timeout=120, check=False)
+    proc = default_run.run("--summary_only", f"--output={output}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     new = json.loads(output.read_text())
     assert {k: v for k, v in new.items() if k != "summary"} == {

@@ -1,13 +1,21 @@
-"""evaluate.py end to end on a tiny trained run (a subprocess, as users run it)."""
+"""evaluate.py end to end on a tiny trained run (a subprocess, as users run it); its flag and
+folder checks in-process (`run_script`), each kind of exit still once in a real process."""
 
+import functools
+import importlib.util
+import inspect
 import json
 import os
 import pathlib
 import subprocess
 import sys
+from unittest import mock
 
 import numpy as np
 import pytest
+from absl import app
+from absl import flags
+from absl.testing import flagsaver
 from PIL import Image
 
 from dvml_tf.training import trainer
@@ -21,6 +29,50 @@ ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": ""}
 def evaluate(*flags):
     return subprocess.run([sys.executable, "evaluate.py", *flags], cwd=ROOT, env=ENV,
                           capture_output=True, text=True, timeout=600)
+
+
+@functools.cache
+def script_module(script):
+    """A top-level script (evaluate.py, export.py) imported as a module whose absl flags live in
+    a FlagValues of its own: the test modules of a process define train.py's flags (this one
+    imports tests.test_train_cli, which imports train), and evaluate.py's and export.py's
+    --model_dir, --dataset, ... would clash with them in absl's global FLAGS."""
+    own = flags.FlagValues()
+    # Every absl.flags function that defines or marks flags, bound to `own` while the script's
+    # module body runs (the scripts call them as flags.DEFINE_string(...), FLAGS = flags.FLAGS).
+    binders = {name: functools.partial(function, flag_values=own)
+               for name, function in vars(flags).items()
+               if inspect.isfunction(function)
+               and "flag_values" in inspect.signature(function).parameters}
+    spec = importlib.util.spec_from_file_location(f"{script[:-3]}_script", ROOT / script)
+    module = importlib.util.module_from_spec(spec)
+    with mock.patch.multiple(flags, FLAGS=own, **binders):
+        spec.loader.exec_module(module)
+    assert module.FLAGS is own
+    return module
+
+
+def run_script(script, *flag_args):
+    """Runs `python <script> <flag_args>`'s main in this process (without paying a process's
+    TensorFlow import): the message it stops with (its SystemExit, or the UsageError app.run
+    would print), None if it finished. Any other exception, a traceback for the user, fails the
+    calling test."""
+    module = script_module(script)
+    module.FLAGS.unparse_flags()
+    argv = module.FLAGS([script, *flag_args])
+    with flagsaver.flagsaver():  # main sets absl's --verbosity (a global flag)
+        try:
+            module.main(argv)
+        except SystemExit as stop:
+            assert stop.code not in (None, 0), stop
+            return str(stop)
+        except app.UsageError as error:
+            return str(error)
+    return None
+
+
+def evaluate_in_process(*flag_args):
+    return run_script("evaluate.py", *flag_args)
 
 
 def run_metrics(run):
@@ -83,20 +135,19 @@ def test_the_exported_saved_model_scores_what_the_run_scored(trained_folder_run,
 
 
 def test_bad_inputs_give_clear_errors(tmp_path):
-    (tmp_path / "not_a_run").mkdir()
-    result = evaluate(f"--model_dir={tmp_path}/not_a_run")
-    assert result.returncode != 0 and "not a training run folder" in result.stderr
-    result = evaluate(f"--saved_model={tmp_path}/not_a_run", "--dataset=omniglot")
-    assert result.returncode != 0 and "no saved_model.pb" in result.stderr
+    # A usage error as app.run reports it, in a real process.
     result = evaluate("--dataset=omniglot")
     assert result.returncode != 0
     assert "exactly one of --model_dir and --saved_model" in result.stderr
-    result = evaluate(f"--model_dir={tmp_path}/not_a_run", "--calibrate")
-    assert result.returncode != 0
-    assert "--calibrate needs --saved_model (indexes and thresholds belong" in result.stderr
+    (tmp_path / "not_a_run").mkdir()
+    assert "not a training run folder" in evaluate_in_process(f"--model_dir={tmp_path}/not_a_run")
+    assert "no saved_model.pb" in evaluate_in_process(f"--saved_model={tmp_path}/not_a_run",
+                                                      "--dataset=omniglot")
+    assert "--calibrate needs --saved_model (indexes and thresholds belong" in (
+        evaluate_in_process(f"--model_dir={tmp_path}/not_a_run", "--calibrate"))
 
 
-def test_a_saved_model_not_written_by_export_py_is_refused(tmp_path):
+def test_a_saved_model_not_written_by_export_py_is_refused(tmp_path, capfd, caplog):
     import tensorflow as tf
 
     from dvml_tf.export import layout
@@ -110,35 +161,31 @@ def test_a_saved_model_not_written_by_export_py_is_refused(tmp_path):
     tf.saved_model.save(module, str(tmp_path / "foreign" / "1"),
                         signatures={"serving_default": module.double})
     # Without the export report inside the version folder: which dataset, which distance?
-    result = evaluate(f"--saved_model={tmp_path}/foreign", "--dataset=omniglot")
-    assert result.returncode != 0
-    assert "was not written by dvml_tf's export.py" in result.stderr
-    assert "Traceback" not in result.stderr
+    # (A one-line exit: an exception other than SystemExit would fail evaluate_in_process.)
+    assert "was not written by dvml_tf's export.py" in evaluate_in_process(
+        f"--saved_model={tmp_path}/foreign", "--dataset=omniglot")
     # With a report but without the signatures export.py writes.
     layout.write_version_report(tmp_path / "foreign" / "1",
                                 {"model": {"dataset": "omniglot", "normalized": True}})
-    result = evaluate(f"--saved_model={tmp_path}/foreign", "--dataset=omniglot")
-    assert result.returncode != 0
-    assert "needs the 'serving_default' and 'embed_bytes' signatures" in result.stderr
-    assert "Traceback" not in result.stderr
+    assert "needs the 'serving_default' and 'embed_bytes' signatures" in evaluate_in_process(
+        f"--saved_model={tmp_path}/foreign", "--dataset=omniglot")
+    assert "Traceback" not in capfd.readouterr().err + caplog.text  # nor a logged one
 
 
-def test_unwritable_outputs_are_refused_before_evaluating(trained_folder_run, tmp_path):
+def test_unwritable_outputs_are_refused_before_evaluating(trained_folder_run, tmp_path, capfd,
+                                                          caplog):
     (tmp_path / "a_file").write_text("notes")
-    result = evaluate(f"--model_dir={trained_folder_run}",
-                      f"--output_json={tmp_path}/a_file/metrics.json")
-    assert result.returncode != 0
-    assert result.stderr.strip().splitlines()[-1] == (
+    assert evaluate_in_process(f"--model_dir={trained_folder_run}",
+                               f"--output_json={tmp_path}/a_file/metrics.json") == (
         f"evaluate.py: error: --output_json: Cannot write {tmp_path}/a_file/metrics.json: "
         f"{tmp_path}/a_file is a file, not a folder.")
-    assert "Traceback" not in result.stderr
-    assert "R@1" not in result.stdout  # nothing was evaluated
-    result = evaluate(f"--model_dir={trained_folder_run}", f"--plots={tmp_path}/a_file",
-                      "--recall_ks=1,2")
-    assert result.stderr.strip().splitlines()[-1] == (
+    printed = capfd.readouterr()
+    assert "Traceback" not in printed.err + caplog.text
+    assert "R@1" not in printed.out  # nothing was evaluated
+    assert evaluate_in_process(f"--model_dir={trained_folder_run}", f"--plots={tmp_path}/a_file",
+                               "--recall_ks=1,2") == (
         f"evaluate.py: error: --plots: {tmp_path}/a_file is a file, not a folder.")
-    result = evaluate(f"--model_dir={trained_folder_run}", "--recall_ks=1,x")
-    assert result.stderr.strip().splitlines()[-1] == (
+    assert evaluate_in_process(f"--model_dir={trained_folder_run}", "--recall_ks=1,x") == (
         "evaluate.py: error: --recall_ks: expected comma-separated integers, got 'x' in '1,x'.")
     assert (tmp_path / "a_file").read_text() == "notes"
 

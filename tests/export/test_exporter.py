@@ -26,6 +26,7 @@ from dvml_tf.export import retrieval
 from dvml_tf.export import verify
 from dvml_tf.training import trainer as trainer_lib
 from dvml_tf.training.config import TrainConfig
+from tests.test_evaluate_cli import run_script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 FAST = dict(calibration_images=40)
@@ -309,7 +310,7 @@ def _photo_folder(root):
 
 
 @pytest.mark.slow
-def test_export_py_end_to_end_on_a_trained_folder_run(tmp_path):
+def test_export_py_end_to_end_on_a_trained_folder_run(tmp_path, monkeypatch, capfd, caplog):
     data_dir = _photo_folder(tmp_path / "photos")
     model_dir = tmp_path / "run"
     config = TrainConfig(dataset="folder", data_dir=str(data_dir), model_dir=str(model_dir),
@@ -344,32 +345,26 @@ def test_export_py_end_to_end_on_a_trained_folder_run(tmp_path):
     if done.returncode:
         assert "export.py: verification failed" in done.stderr
 
+    # A run folder without a trained model, and a failed check (the rule itself:
+    # test_verify.py): one-line exits of export.py's main, run in this process (a process of its
+    # own would only add its TensorFlow import; the run above is export.py in a process).
     untrained = tmp_path / "untrained"
     untrained.mkdir()
     shutil.copy(model_dir / "config.json", untrained / "config.json")
-    failing = [*command]
-    failing[2:4] = [f"--model_dir={untrained}", f"--export_dir={tmp_path / 'E2'}"]
-    failed = subprocess.run(failing, capture_output=True, text=True, timeout=600, env=env)
-    assert failed.returncode != 0
-    assert "holds no trained model" in failed.stderr
-    assert "Traceback" not in failed.stderr
+    capfd.readouterr()
+    caplog.clear()
+    error = run_script("export.py", f"--model_dir={untrained}", f"--export_dir={tmp_path / 'E2'}",
+                       *command[4:])
+    assert "holds no trained model" in error
+    assert "Traceback" not in capfd.readouterr().err + caplog.text  # nor a logged one
     assert not os.path.exists(tmp_path / "E2")
 
-    # A failed check makes export.py fail, naming it (the rule itself: test_verify.py).
-    argv = [command[1], f"--model_dir={model_dir}", f"--export_dir={tmp_path / 'E3'}",
-            "--skip_litert", "--verify"]
-    script = (
-        "import runpy, sys\n"
-        "from dvml_tf.export import verify\n"
-        "verify.checks = lambda parities, recall: {'saved_model_cosine_min>=0.99999': False}\n"
-        f"sys.argv = {argv!r}\n"
-        f"runpy.run_path({command[1]!r}, run_name='__main__')\n"
-    )
-    refused = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                             timeout=600, env=env, cwd=ROOT)
-    assert refused.returncode != 0
-    assert ("export.py: verification failed: saved_model_cosine_min>=0.99999 (see "
-            "verification.json)") in refused.stderr
+    monkeypatch.setattr(verify, "checks",
+                        lambda parities, recall: {"saved_model_cosine_min>=0.99999": False})
+    assert run_script("export.py", f"--model_dir={model_dir}",
+                      f"--export_dir={tmp_path / 'E3'}", "--skip_litert", "--verify") == (
+        "export.py: verification failed: saved_model_cosine_min>=0.99999 (see "
+        "verification.json).")
     with open(tmp_path / "E3" / layout.VERIFICATION_FILE) as f:
         assert json.load(f)["checks"] == {"saved_model_cosine_min>=0.99999": False}
 
@@ -439,13 +434,25 @@ from dvml_tf.export import saved_model as saved_model_lib
 from dvml_tf.testing import synthetic_data
 from dvml_tf.training.config import TrainConfig
 
-export_dir, seed, ready, go, stall = sys.argv[1:6]
+export_dir, seed, ready, go, stall, go_again = sys.argv[1:7]
 logging.set_verbosity(logging.INFO)
 config = TrainConfig(embedding_dim=8)
 keras.utils.set_random_seed(int(seed))
 model = task.build_model(config)
 splits = synthetic_data.synthetic_raw_splits(task.raw_form(config), task.preprocess_config(config),
                                              train_classes=3, test_classes=2, images_per_class=2)
+
+
+def wait_for(path):
+    while not os.path.exists(path):
+        time.sleep(0.01)
+
+
+open(ready, "w").close()
+wait_for(go)
+result = exporter.export_model(model, config, export_dir, raw_splits=splits, litert_models=False,
+                               source=f"process {seed}")
+print("EXPORTED", result.version, flush=True)
 if stall != "-":
     write = saved_model_lib.write_saved_model
 
@@ -455,20 +462,20 @@ if stall != "-":
         time.sleep(600)
 
     saved_model_lib.write_saved_model = slow
-open(ready, "w").close()
-while not os.path.exists(go):
-    time.sleep(0.01)
-result = exporter.export_model(model, config, export_dir, raw_splits=splits, litert_models=False,
-                               source=f"process {seed}")
-print("EXPORTED", result.version, flush=True)
+    wait_for(go_again)
+    exporter.export_model(model, config, export_dir, raw_splits=splits, litert_models=False,
+                          source=f"process {seed}, again")
 """
 
 
-def _start_export(tmp_path, export_dir, seed, stall="-"):
+def _start_export(tmp_path, export_dir, seed, stall="-", go_again="-"):
+    """A process exporting a model of its own into export_dir once `go` exists; with `stall`,
+    it then exports again once `go_again` exists, and stops for good after that export's
+    SavedModel, saying so in the file `stall`."""
     log = open(tmp_path / f"export{seed}.log", "w")  # noqa: SIM115 (closed by the caller)
     process = subprocess.Popen(
         [sys.executable, "-c", CHILD_EXPORT, str(export_dir), str(seed),
-         str(tmp_path / f"ready{seed}"), str(tmp_path / "go"), str(stall)],
+         str(tmp_path / f"ready{seed}"), str(tmp_path / "go"), str(stall), str(go_again)],
         cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
         env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": "",
              "PYTHONPATH": ROOT})
@@ -485,86 +492,88 @@ def _wait_for(condition, processes, what, timeout=300):
 
 
 @pytest.mark.slow
-def test_two_concurrent_export_processes_land_as_two_versions(exported, tmp_path):
+def test_concurrent_exports_land_as_two_versions_and_a_sigkilled_one_leaves_e_intact(
+        exported, config, tmp_path, caplog):
+    """Two export processes at once land as versions 2 and 3; one of them, SIGKILLed in its
+    next export after writing that export's SavedModel, leaves E as it was, and the export
+    after it removes the killed one's staging folder. (One process shows both the concurrent
+    and the killed export: every process pays a TensorFlow import.)"""
     import tensorflow as tf
 
-    _, _, result = exported
+    model, splits, result = exported
     export_dir = tmp_path / "E"
     shutil.copytree(result.export_dir, export_dir)
     before = _snapshot(export_dir)
-    children = [_start_export(tmp_path, export_dir, seed) for seed in (11, 12)]
-    processes = [process for process, _ in children]
+    children = [_start_export(tmp_path, export_dir, 11),
+                _start_export(tmp_path, export_dir, 12, stall=tmp_path / "stalled",
+                              go_again=tmp_path / "go_again")]
+    (first, _), (second, _) = children
+    logs = {seed: tmp_path / f"export{seed}.log" for seed in (11, 12)}
     try:
-        _wait_for(lambda: all((tmp_path / f"ready{s}").exists() for s in (11, 12)), processes,
-                  "both processes to build their model")
+        _wait_for(lambda: all((tmp_path / f"ready{s}").exists() for s in (11, 12)),
+                  [first, second], "both processes to build their model")
         # Hold E's lock while both start exporting, so that both are inside export_model at once
         # and find it taken; then let them go together.
         with open(export_dir / exporter.LOCK_FILE, "a+") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             (tmp_path / "go").touch()
-            _wait_for(lambda: all("Another export is writing into" in
-                                  (tmp_path / f"export{s}.log").read_text() for s in (11, 12)),
-                      processes, "both exports to wait for the lock")
+            _wait_for(lambda: all("Another export is writing into" in log.read_text()
+                                  for log in logs.values()),
+                      [first, second], "both exports to wait for the lock")
             fcntl.flock(lock, fcntl.LOCK_UN)
-        for process in processes:
-            assert process.wait(timeout=600) == 0
+        assert first.wait(timeout=600) == 0
+        # The second process waits for go_again once its export has returned.
+        _wait_for(lambda: "EXPORTED" in logs[12].read_text(), [second],
+                  "the second export to land")
+        outputs = {seed: log.read_text() for seed, log in logs.items()}
+        versions = {seed: int(re.search(r"EXPORTED (\d+)", text)[1])
+                    for seed, text in outputs.items()}
+        assert sorted(versions.values()) == [2, 3]
+        assert layout.existing_versions(export_dir / "saved_model") == [1, 2, 3]
+        # Each version is complete and is the model of the process that reported it.
+        embeddings = {}
+        images = splits.test.images[:2]
+        for seed, version in versions.items():
+            version_dir = export_dir / "saved_model" / str(version)
+            assert layout.read_version_report(version_dir)["model"]["source"] == (
+                f"process {seed}")
+            serve = tf.saved_model.load(str(version_dir)).signatures["serving_default"]
+            embeddings[seed] = serve(images=tf.constant(images))["embedding"].numpy()
+        assert np.abs(embeddings[11] - embeddings[12]).max() > 1e-3
+        # E's report is the one of the last export; version 1 and the LiteRT files are
+        # untouched.
+        assert json.loads((export_dir / "export_report.json").read_text())["version"] == 3
+        after = _snapshot(export_dir)
+        for name, content in before.items():
+            if name != "export_report.json":
+                assert after[name] == content, name
+        assert not [p for p in os.listdir(export_dir) if p.startswith(exporter.STAGING_PREFIX)]
+
+        # The second process exports again and is SIGKILLed after that export's SavedModel.
+        before = after
+        (tmp_path / "go_again").touch()
+        _wait_for(lambda: (tmp_path / "stalled").exists(), [second], "the export to stall")
+        second.send_signal(signal.SIGKILL)
+        assert second.wait(timeout=60) == -signal.SIGKILL
     finally:
         for process, log in children:
             process.kill()
             log.close()
-    outputs = {seed: (tmp_path / f"export{seed}.log").read_text() for seed in (11, 12)}
-    versions = {seed: int(re.search(r"EXPORTED (\d+)", text)[1]) for seed, text in outputs.items()}
-    assert sorted(versions.values()) == [2, 3]
-    assert layout.existing_versions(export_dir / "saved_model") == [1, 2, 3]
-    # Each version is complete and is the model of the process that reported it.
-    embeddings = {}
-    images = exported[1].test.images[:2]
-    for seed, version in versions.items():
-        version_dir = export_dir / "saved_model" / str(version)
-        assert layout.read_version_report(version_dir)["model"]["source"] == f"process {seed}"
-        serve = tf.saved_model.load(str(version_dir)).signatures["serving_default"]
-        embeddings[seed] = serve(images=tf.constant(images))["embedding"].numpy()
-    assert np.abs(embeddings[11] - embeddings[12]).max() > 1e-3
-    # E's report is the one of the last export; version 1 and the LiteRT files are untouched.
-    assert json.loads((export_dir / "export_report.json").read_text())["version"] == 3
-    after = _snapshot(export_dir)
-    for name, content in before.items():
-        if name != "export_report.json":
-            assert after[name] == content, name
-    assert not [p for p in os.listdir(export_dir) if p.startswith(exporter.STAGING_PREFIX)]
-
-
-@pytest.mark.slow
-def test_a_sigkilled_export_leaves_e_intact_and_the_next_one_removes_its_staging(
-        exported, config, tmp_path, caplog):
-    model, splits, result = exported
-    export_dir = tmp_path / "E"
-    shutil.copytree(result.export_dir, export_dir)
-    before = _snapshot(export_dir)
-    (tmp_path / "go").touch()
-    process, log = _start_export(tmp_path, export_dir, 21, stall=tmp_path / "stalled")
-    try:
-        _wait_for(lambda: (tmp_path / "stalled").exists(), [process], "the export to stall")
-        process.send_signal(signal.SIGKILL)
-        assert process.wait(timeout=60) == -signal.SIGKILL
-    finally:
-        process.kill()
-        log.close()
     staging = [p for p in os.listdir(export_dir) if p.startswith(exporter.STAGING_PREFIX)]
     assert len(staging) == 1  # the killed export's half-made version, hidden in E
-    assert os.path.isdir(export_dir / staging[0] / "saved_model" / "2")
+    assert os.path.isdir(export_dir / staging[0] / "saved_model" / "4")
     after = _snapshot(export_dir)
     # A SIGKILLed process cannot remove its lock file; the kernel released its lock, though.
-    assert f'"pid": {process.pid}' in after.pop(exporter.LOCK_FILE).decode()
+    assert f'"pid": {second.pid}' in after.pop(exporter.LOCK_FILE).decode()
     assert {k: v for k, v in after.items()
             if not k.startswith(exporter.STAGING_PREFIX)} == before
-    assert layout.existing_versions(export_dir / "saved_model") == [1]
+    assert layout.existing_versions(export_dir / "saved_model") == [1, 2, 3]
 
     with caplog.at_level("WARNING"):
         again = exporter.export_model(model, config, export_dir, raw_splits=splits,
                                       litert_models=False, **FAST)
-    assert again.version == 2
-    assert f"Removing {export_dir / staging[0]}, left by an export (pid {process.pid}" \
+    assert again.version == 4
+    assert f"Removing {export_dir / staging[0]}, left by an export (pid {second.pid}" \
         in caplog.text
     assert not [p for p in os.listdir(export_dir) if p.startswith(exporter.STAGING_PREFIX)]
     assert not (export_dir / exporter.LOCK_FILE).exists()  # the next holder removed it

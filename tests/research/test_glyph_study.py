@@ -11,6 +11,7 @@ import pytest
 from absl import flags
 from absl.testing import flagsaver
 
+from research.dvml_omniglot import runs
 from research.glyphs import positive_control
 from research.glyphs import study
 from tests.data import fonts
@@ -83,6 +84,10 @@ def study_flags(tmp_path, monkeypatch):
     # N-pair's 64 x 2 batches need 64 training classes; the pretraining pool is 16 classes.
     monkeypatch.setattr(study, "TRANSFER_TRAIN_CLASSES", 66)
     monkeypatch.setattr(study, "PRETRAIN", {**study.PRETRAIN, "classes_per_batch": 8})
+    # The triplet run's batch: 8 x 4 images instead of 32 x 4. A run ends with the DVML
+    # diagnostics on 8 training batches, 20 draws each, which took most of its time.
+    triplet = [f for f in runs.LOSS_FLAGS["triplet"] if not f.startswith("--classes_per_batch")]
+    monkeypatch.setitem(runs.LOSS_FLAGS, "triplet", [*triplet, "--classes_per_batch=8"])
     if "calibration" not in flags.FLAGS:  # study.py defines its flags when run as a script
         study.define_flags()
     return [f"--workdir={tmp_path / 'runs'}", f"--fonts={','.join(fonts.DEJAVU[:6])}",

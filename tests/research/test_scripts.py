@@ -11,6 +11,7 @@ import sys
 import pytest
 
 from tests.research.conftest import write_folder_dataset
+from tests.script_session import ScriptSession
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 HERE = ROOT / "research" / "dvml_omniglot"
@@ -124,7 +125,10 @@ def test_zero_shot_rejects_unknown_variants(tmp_path):
 
 
 # ------------------------------------------------------------------------------ train.py
-# A subprocess too: it defines train.py's flags (and --research_variant) once more.
+# Its flags are train.py's (and --research_variant), defined once more: not in the test process.
+# Its three commands run in one session (tests/script_session.py), from another folder and
+# without PYTHONPATH (the script finds its packages itself); the glyph study's test runs it as a
+# plain process (research/dvml_omniglot/runs.py starts every study run that way).
 
 
 @pytest.mark.slow
@@ -132,18 +136,27 @@ def test_train_records_the_research_variant_and_refuses_another(tmp_path):
     folder = tmp_path / "images"
     write_folder_dataset(folder, num_classes=6, per_class=4)
     model_dir = tmp_path / "run"
-    command = [sys.executable, str(HERE / "train.py"), "--config=omniglot", "--dataset=folder",
-               f"--data_dir={folder}", f"--model_dir={model_dir}", "--image_size=12",
-               "--resize_size=16", "--embedding_dim=8", "--num_samples=2", "--loss=triplet",
-               "--classes_per_batch=2", "--images_per_class=2", "--steps=2",
-               "--checkpoint_every=2", "--log_every=1", "--eval_batch_size=16"]
+    flags_ = ["--config=omniglot", "--dataset=folder", f"--data_dir={folder}",
+              f"--model_dir={model_dir}", "--image_size=12", "--resize_size=16",
+              "--embedding_dim=8", "--num_samples=2", "--loss=triplet", "--classes_per_batch=2",
+              "--images_per_class=2", "--steps=2", "--checkpoint_every=2", "--log_every=1",
+              "--eval_batch_size=16"]
     env = {"TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": "",
            **{k: v for k, v in os.environ.items() if k != "PYTHONPATH"}}
-    done = subprocess.run([*command, "--research_variant=stop"], capture_output=True, text=True,
-                          timeout=600, env=env, cwd=tmp_path)
-    assert done.returncode == 0, done.stderr[-3000:]
+    session = ScriptSession(HERE / "train.py", cwd=tmp_path, env=env)
+    try:
+        done = session.run(*flags_, "--research_variant=stop", timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert (model_dir / "research_variant.txt").read_text() == "stop"
+        assert json.loads((model_dir / "metrics.json").read_text())["recall@1"] >= 0.0
+        other = session.run(*flags_, "--research_variant=reverse")
+        unknown = session.run(*flags_, "--research_variant=sideways")
+    finally:
+        session.close()
+    assert other.returncode != 0
+    assert f"{model_dir} was trained with research_variant=stop, not reverse" in other.stderr
     assert (model_dir / "research_variant.txt").read_text() == "stop"
-    assert json.loads((model_dir / "metrics.json").read_text())["recall@1"] >= 0.0
+    assert unknown.returncode != 0 and "unit|stop|reverse" in unknown.stderr
 
     from dvml_tf import task
     from research.dvml_omniglot import variants
@@ -152,17 +165,21 @@ def test_train_records_the_research_variant_and_refuses_another(tmp_path):
     assert type(run.model) is variants.ResearchDVMLModel
     assert run.model.research_variant == "stop"
 
-    other = subprocess.run([*command, "--research_variant=reverse"], capture_output=True,
-                           text=True, timeout=600, env=env, cwd=tmp_path)
-    assert other.returncode != 0
-    assert f"{model_dir} was trained with research_variant=stop, not reverse" in other.stderr
-    assert (model_dir / "research_variant.txt").read_text() == "stop"
-    unknown = subprocess.run([*command, "--research_variant=sideways"], capture_output=True,
-                             text=True, timeout=600, env=env, cwd=tmp_path)
-    assert unknown.returncode != 0 and "unit|stop|reverse" in unknown.stderr
-
 
 # ---------------------------------------------------------------------------- synthesis.py
+# synthesis.py defines absl flags that other scripts (zero_shot.py, ...) define too: its commands
+# and functions run in one session for the module (each process pays TensorFlow's import, which
+# dvml_tf brings), and one test runs it as a plain subprocess.
+
+
+@pytest.fixture(scope="module")
+def synthesis():
+    """A session of synthesis.py (tests/script_session.py): `.run(*argv)` as `python
+    synthesis.py *argv`, `.evaluate(expression)` in its namespace."""
+    session = ScriptSession(HERE / "synthesis.py")
+    yield session
+    session.close()
+
 
 def _validation_run(run_dir, recall_at_1, curve=None, diagnostics=None):
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -176,18 +193,16 @@ def _validation_run(run_dir, recall_at_1, curve=None, diagnostics=None):
     (run_dir / "train.log").write_text("\n".join(lines) + "\n")
 
 
-def test_synthesis_applies_the_protocols_rules_to_finished_runs(tmp_path):
+def test_synthesis_applies_the_protocols_rules_to_finished_runs(synthesis, tmp_path):
     """The steps rule, the selection rule and the test stage's jobs, on fabricated runs (every
     run exists, so nothing trains)."""
-    script = str(HERE / "synthesis.py")
     workdir, output = tmp_path / "runs", tmp_path / "results.json"
     common = [f"--workdir={workdir}", f"--output={output}"]
     curve = {"npair": {1000: 0.80, 2000: 0.85, 3000: 0.90, 9000: 0.903, 10000: 0.90},
              "triplet2_dws": {1000: 0.88, 2000: 0.91, 10000: 0.912}}
     for loss, points in curve.items():
         _validation_run(workdir / "curve" / f"{loss}_baseline_seed0", 0.9, points)
-    proc = subprocess.run([sys.executable, script, "--stage=curve", *common],
-                          capture_output=True, text=True, timeout=120)
+    proc = synthesis.run("--stage=curve", *common)
     assert proc.returncode == 0, proc.stderr[-3000:]
     # npair: best 0.903, first multiple of 1,000 within 0.5 points = 3000; triplet2_dws: 2000.
     assert "steps chosen by the rule: 3000" in proc.stdout
@@ -196,7 +211,6 @@ def test_synthesis_applies_the_protocols_rules_to_finished_runs(tmp_path):
     diagnostics = {"active_units": 3, "recon": 1.0, "recon_shuffled": 1.5, "kl": 2.0,
                    "kl_per_dim": [1.0, 1.0], "syn_to_inv": 1.1, "metric_inv": 0.1,
                    "metric_syn": 0.11, "images": 8}
-    # (Read from the protocol, not imported: the script's absl flags would join this process's.)
     variants = json.loads(output.read_text())["protocol"]["flags"]["variants"]
     scores = {"baseline": 0.90, "dvml_transfer": 0.93, "ref_symmetrical": 0.92}
     for seed in (0, 1):
@@ -207,8 +221,7 @@ def test_synthesis_applies_the_protocols_rules_to_finished_runs(tmp_path):
                                 diagnostics=diagnostics if variant.startswith("dvml") else None)
         for name, value in (("baseline", 0.90), ("baseline_active", 0.91)):
             _validation_run(workdir / "validation" / f"triplet_{name}_seed{seed}", value)
-    proc = subprocess.run([sys.executable, script, "--stage=validation", *common],
-                          capture_output=True, text=True, timeout=120)
+    proc = synthesis.run("--stage=validation", *common)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads(output.read_text())
     assert results["steps"] == 3000
@@ -230,8 +243,7 @@ def test_synthesis_applies_the_protocols_rules_to_finished_runs(tmp_path):
         for loss in ("triplet", "npair", "triplet2_dws"):
             for method in ("baseline", "dvml", "reference"):
                 _validation_run(workdir / "test" / f"{loss}_{method}_seed{seed}", 0.8)
-    proc = subprocess.run([sys.executable, script, "--stage=test", *common],
-                          capture_output=True, text=True, timeout=120)
+    proc = synthesis.run("--stage=test", *common)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads(output.read_text())
     assert set(results["test"]["triplet"]) == {"baseline", "dvml", "reference"}
@@ -256,8 +268,7 @@ def test_synthesis_applies_the_protocols_rules_to_finished_runs(tmp_path):
 
     exploratory_runs({"dvml_decoded": 0.904, "dvml_decoded_transfer": 0.903})
     before = output.read_text()
-    proc = subprocess.run([sys.executable, script, "--stage=exploratory", *common],
-                          capture_output=True, text=True, timeout=120)
+    proc = synthesis.run("--stage=exploratory", *common)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "no test runs" in proc.stdout and not (workdir / "exploratory_test").exists()
     selected = json.loads(output.read_text())["exploratory"]["selected"]
@@ -275,8 +286,7 @@ def test_synthesis_applies_the_protocols_rules_to_finished_runs(tmp_path):
             _validation_run(workdir / "exploratory_test"
                             / f"{loss}_dvml_decoded_transfer_seed{seed}", 0.82,
                             diagnostics=diagnostics)
-    proc = subprocess.run([sys.executable, script, "--stage=exploratory", *common],
-                          capture_output=True, text=True, timeout=120)
+    proc = synthesis.run("--stage=exploratory", *common)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads(output.read_text())
     assert results["exploratory"]["selected"]["to_test"]
@@ -290,7 +300,7 @@ def test_synthesis_applies_the_protocols_rules_to_finished_runs(tmp_path):
     assert "success rule, dvml_decoded_transfer vs baseline (test): MET" in proc.stdout
 
 
-def test_synthesis_success_rule_on_hand_computed_cases():
+def test_synthesis_success_rule_on_hand_computed_cases(synthesis):
     """The protocol's success rule: more than twice the larger seed std AND at least 1.5 points,
     on at least two of the three losses, with active units and a decoder that uses z_V."""
     def row(recalls, active=None, recon=None):
@@ -322,14 +332,10 @@ def test_synthesis_success_rule_on_hand_computed_cases():
         "seed_missing": {**summary, "npair": {"baseline": row([0.8] * 3),
                                               "dvml": row([0.83] * 2, 128, 2.0)}},
     }
-    # In a subprocess: synthesis.py defines absl flags that other scripts' tests define too.
-    code = ("import json, sys; from research.dvml_omniglot import synthesis; cases = "
-            "json.load(sys.stdin); print(json.dumps({name: synthesis.success_check(case, 'dvml')"
-            " for name, case in cases.items()}))")
-    proc = subprocess.run([sys.executable, "-c", code], input=json.dumps(cases),
-                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    proc = synthesis.evaluate(
+        "{name: success_check(case, 'dvml') for name, case in cases.items()}", cases=cases)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    checks = json.loads(proc.stdout)
+    checks = proc.value
     one = checks["one_loss"]
     assert one["per_loss"]["triplet"]["gain"] == pytest.approx(0.02)
     assert one["per_loss"]["triplet"]["twice_larger_std"] == pytest.approx(0.01633, abs=1e-5)
@@ -351,15 +357,13 @@ def test_synthesis_success_rule_on_hand_computed_cases():
     assert checks["seed_missing"] is None
 
 
-def test_synthesis_reads_results_files_written_before_runs_existed(tmp_path):
+def test_synthesis_reads_results_files_written_before_runs_existed(synthesis, tmp_path):
     """Earlier files kept each run's record under the stage's name: they are moved under
     "runs" (nothing is trained again) and the summaries are derived from them."""
     record = {"recall@1": 0.92, "map@r": 0.73, "nmi": 0.96, "f1": 0.83}
     output = tmp_path / "results.json"
     output.write_text(json.dumps({"validation": {"npair": {"baseline": {"0": record}}}}))
-    proc = subprocess.run(
-        [sys.executable, str(HERE / "synthesis.py"), "--stage=report", f"--output={output}",
-         f"--workdir={tmp_path / 'runs'}"], capture_output=True, text=True, timeout=120)
+    proc = synthesis.run("--stage=report", f"--output={output}", f"--workdir={tmp_path / 'runs'}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads(output.read_text())
     assert results["runs"]["validation"]["npair"]["baseline"]["0"] == record
@@ -370,21 +374,21 @@ def test_synthesis_reads_results_files_written_before_runs_existed(tmp_path):
     assert "ddof=0" in results["protocol_clarifications"]["2026-12-07"]
 
 
-def test_synthesis_refuses_a_results_file_whose_protocol_clarification_differs(tmp_path):
+def test_synthesis_refuses_a_results_file_whose_protocol_clarification_differs(synthesis,
+                                                                               tmp_path):
     """Clarifications are only ever added: a file holding another text for a date is refused
     and left as it was."""
     output = tmp_path / "results.json"
     written = json.dumps({"protocol_clarifications": {"2026-12-07": "the sample std"}})
     output.write_text(written)
-    proc = subprocess.run(
-        [sys.executable, str(HERE / "synthesis.py"), "--stage=report", f"--output={output}",
-         f"--workdir={tmp_path / 'runs'}"], capture_output=True, text=True, timeout=120)
+    proc = synthesis.run("--stage=report", f"--output={output}", f"--workdir={tmp_path / 'runs'}")
     assert proc.returncode != 0
     assert "protocol clarifications" in proc.stderr
     assert output.read_text() == written
 
 
 def test_synthesis_test_stage_refuses_before_validation_is_complete(tmp_path):
+    """A plain `python synthesis.py` process (the other tests use the module's session)."""
     proc = subprocess.run(
         [sys.executable, str(HERE / "synthesis.py"), "--stage=test", f"--workdir={tmp_path}",
          f"--output={tmp_path / 'results.json'}"],
@@ -394,7 +398,7 @@ def test_synthesis_test_stage_refuses_before_validation_is_complete(tmp_path):
     assert not (tmp_path / "test").exists()
 
 
-def test_the_default_preset_is_the_variant_the_study_selected():
+def test_the_default_preset_is_the_variant_the_study_selected(synthesis):
     """`python train.py` trains what synthesis.py selected: the study's flags for N-pair and the
     selected DVML variant, on the research runs' base preset, give the `omniglot` preset, but for
     the steps (sized for the default run's 10 minutes) and the logging."""
@@ -403,14 +407,10 @@ def test_the_default_preset_is_the_variant_the_study_selected():
     from tests.training.test_flags import parse
 
     selected = json.loads((HERE / "results" / "omniglot_synthesis.json").read_text())["selected"]
-    # In a subprocess: synthesis.py and zero_shot.py define absl flags of the same names.
-    proc = subprocess.run(
-        [sys.executable, "-c", "import json; from research.dvml_omniglot import runs, synthesis; "
-         "print(json.dumps([synthesis.NETWORK, runs.LOSS_FLAGS['npair'], synthesis.VARIANTS, "
-         "runs.command('RUN', 'test', [])[2]]))"],
-        cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
+    proc = synthesis.evaluate(
+        "[NETWORK, runs.LOSS_FLAGS['npair'], VARIANTS, runs.command('RUN', 'test', [])[2]]")
     assert proc.returncode == 0, proc.stderr[-2000:]
-    network, npair, variants, base = json.loads(proc.stdout.splitlines()[-1])
+    network, npair, variants, base = proc.value
     study = parse(base, *network, *npair, *variants[selected["dvml"]])
     default = configs.get_preset("omniglot")
     differences = {field.name for field in dataclasses.fields(TrainConfig)

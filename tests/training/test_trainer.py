@@ -1,6 +1,7 @@
 import json
 import os
 import pathlib
+import shutil
 import signal
 
 import numpy as np
@@ -32,6 +33,33 @@ def tiny_config(tmp_path, **changes):
     return TrainConfig(**values)
 
 
+# Tests that start from a trained run share one: tracing the training step costs a few CPU
+# seconds for each `train` call, far more than the steps of these tiny runs.
+INTERRUPTED_STEPS, INTERRUPTED_AT = 8, 4
+
+
+@pytest.fixture(scope="module")
+def interrupted_run(tmp_path_factory):
+    """A run of `tiny_config(steps=8, checkpoint_every=2)` on `synthetic.splits()` stopped after
+    step 4, as an interruption leaves it (checkpoints 2 and 4; phase 2 from step 2): its
+    `model_dir`, `step`, `phase` and trainable `weights` then. Tests copy it (`copy_of`) before
+    resuming, damaging or refusing it."""
+    root = tmp_path_factory.mktemp("interrupted")
+    config = tiny_config(root, steps=INTERRUPTED_STEPS, checkpoint_every=2)
+    run = trainer.Trainer(config, splits=synthetic.splits(), verbose=False)
+    run.train(stop_at=INTERRUPTED_AT)
+    state = dict(model_dir=root / "run", step=run.step, phase=run.model.phase,
+                 weights=[v.numpy() for v in run.model.trainable_variables])
+    run.close()
+    return state
+
+
+def copy_of(interrupted_run, model_dir):
+    """A copy of the shared interrupted run at `model_dir`."""
+    shutil.copytree(interrupted_run["model_dir"], model_dir)
+    return model_dir
+
+
 def test_trains_saves_and_evaluates(tmp_path):
     config = tiny_config(tmp_path, validation_classes=4, eval_every=20)
     splits = synthetic.splits(validation_classes=4)
@@ -59,39 +87,31 @@ def test_trains_saves_and_evaluates(tmp_path):
     assert saved["recall@1"] > 0.5
 
 
-def test_resume_continues_at_the_saved_step_and_phase(tmp_path):
-    splits = synthetic.splits()
-    config = tiny_config(tmp_path, steps=20, phase1_fraction=0.5, checkpoint_every=10)
-    first = trainer.Trainer(config, splits=splits, verbose=False)
-    first.train()
-    assert first.step == 20 and first.model.phase == 2
-    weights = [v.numpy() for v in first.model.trainable_variables]
-
-    # The same command with more steps: resumes at 20, in phase 2, with the same weights.
-    longer = config.replace(steps=30)
-    resumed = trainer.Trainer(longer, splits=splits, verbose=False)
-    assert resumed.step == 20 and resumed.model.phase == 2
-    for a, b in zip(weights, resumed.model.trainable_variables, strict=True):
+def test_resume_continues_at_the_saved_step_and_phase(interrupted_run, tmp_path):
+    assert interrupted_run["step"] == 4 and interrupted_run["phase"] == 2
+    copy_of(interrupted_run, tmp_path / "run")
+    # The same command with more steps: resumes at 4, in phase 2, with the same weights.
+    longer = tiny_config(tmp_path, steps=12, checkpoint_every=2)
+    resumed = trainer.Trainer(longer, splits=synthetic.splits(), verbose=False)
+    assert resumed.step == 4 and resumed.model.phase == 2
+    for a, b in zip(interrupted_run["weights"], resumed.model.trainable_variables, strict=True):
         np.testing.assert_array_equal(a, b.numpy())
     resumed.train()
-    assert resumed.step == 30
+    assert resumed.step == 12
 
 
-def test_interrupted_run_matches_an_uninterrupted_one(tmp_path):
+def test_interrupted_run_matches_an_uninterrupted_one(interrupted_run, tmp_path):
     splits = synthetic.splits()
     straight = trainer.Trainer(
-        tiny_config(tmp_path / "a", steps=12, checkpoint_every=6), splits=splits, verbose=False
+        tiny_config(tmp_path / "a", steps=8, checkpoint_every=2), splits=splits, verbose=False
     )
     straight.train()
-    # Stop after 6 steps (the checkpoint), then rerun the same configuration.
-    part = trainer.Trainer(
-        tiny_config(tmp_path / "b", steps=12, checkpoint_every=6), splits=splits, verbose=False
-    )
-    part.train(stop_at=6)
+    # The run stopped after 4 steps (a checkpoint), rerun with the same configuration.
+    copy_of(interrupted_run, tmp_path / "b" / "run")
     rest = trainer.Trainer(
-        tiny_config(tmp_path / "b", steps=12, checkpoint_every=6), splits=splits, verbose=False
+        tiny_config(tmp_path / "b", steps=8, checkpoint_every=2), splits=splits, verbose=False
     )
-    assert rest.step == 6
+    assert rest.step == 4
     rest.train()
     for a, b in zip(
         straight.model.trainable_variables, rest.model.trainable_variables, strict=True
@@ -99,11 +119,11 @@ def test_interrupted_run_matches_an_uninterrupted_one(tmp_path):
         np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-6)
 
 
-def test_refuses_to_mix_two_configurations_in_one_model_dir(tmp_path):
-    splits = synthetic.splits()
-    trainer.Trainer(tiny_config(tmp_path, steps=2), splits=splits, verbose=False).train()
+def test_refuses_to_mix_two_configurations_in_one_model_dir(interrupted_run, tmp_path):
+    copy_of(interrupted_run, tmp_path / "run")
     with pytest.raises(ValueError, match="different configuration:\n  loss: 'npair'"):
-        trainer.Trainer(tiny_config(tmp_path, loss="triplet"), splits=splits, verbose=False)
+        trainer.Trainer(tiny_config(tmp_path, loss="triplet"), splits=synthetic.splits(),
+                        verbose=False)
 
 
 def test_a_run_that_never_trained_may_start_again_with_other_flags(tmp_path):
@@ -115,14 +135,16 @@ def test_a_run_that_never_trained_may_start_again_with_other_flags(tmp_path):
     assert other.step == 0
 
 
-def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
-    splits = synthetic.splits()
-    config = tiny_config(tmp_path, steps=10, checkpoint_every=5)
-    run = trainer.Trainer(config, splits=splits, verbose=False)
-    run.train(stop_at=5)
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(interrupted_run, tmp_path):
+    copy_of(interrupted_run, tmp_path / "run")
+    # Resumed at step 4. Step 5's update makes the weights non-finite (no checkpoint step with
+    # checkpoint_every=10); step 6's loss is then non-finite.
+    config = tiny_config(tmp_path, steps=10, checkpoint_every=10)
+    run = trainer.Trainer(config, splits=synthetic.splits(), verbose=False)
     good = run.manager.latest_checkpoint
     run.optimizer.learning_rate.assign(float("nan"))
-    with pytest.raises(trainer.NonFiniteLossError, match="last good checkpoint"):
+    with pytest.raises(trainer.NonFiniteLossError,
+                       match=r"Non-finite loss at step 6: .* the last good checkpoint"):
         run.train()
     assert run.manager.latest_checkpoint == good
     reader = tf.train.load_checkpoint(good)
@@ -133,12 +155,12 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     )
 
 
-def test_non_finite_weights_are_never_checkpointed(tmp_path):
-    splits = synthetic.splits()
+def test_non_finite_weights_are_never_checkpointed(interrupted_run, tmp_path):
+    copy_of(interrupted_run, tmp_path / "run")  # interrupted: checkpoints step 4
     run = trainer.Trainer(
-        tiny_config(tmp_path, steps=10, checkpoint_every=5), splits=splits, verbose=False
+        tiny_config(tmp_path, steps=10, checkpoint_every=5), splits=synthetic.splits(),
+        verbose=False
     )
-    run.train(stop_at=4)  # like an interruption: checkpoints step 4
     good = run.manager.latest_checkpoint
     assert good.endswith("ckpt-4")
     run.optimizer.learning_rate.assign(float("nan"))
@@ -207,50 +229,49 @@ def _truncate(path):
         f.truncate(os.path.getsize(path) // 2)
 
 
-def test_an_unreadable_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, caplog):
+def test_an_unreadable_latest_checkpoint_falls_back_to_the_previous_one(interrupted_run,
+                                                                        tmp_path, caplog):
     splits = synthetic.splits()
     config = tiny_config(tmp_path, steps=8, checkpoint_every=2)
-    first = trainer.Trainer(config, splits=splits, verbose=False)
-    first.train(stop_at=6)
-    checkpoints = tmp_path / "run" / "checkpoints"
-    reader = tf.train.load_checkpoint(str(checkpoints / "ckpt-4"))
-    at_step_4 = {name: reader.get_tensor(name) for name, _ in
-                 tf.train.list_variables(str(checkpoints / "ckpt-4")) if name.startswith("model/")}
-    (data_file,) = [p for p in os.listdir(checkpoints) if p.startswith("ckpt-6.data")]
+    checkpoints = copy_of(interrupted_run, tmp_path / "run") / "checkpoints"  # ckpt-2, ckpt-4
+    reader = tf.train.load_checkpoint(str(checkpoints / "ckpt-2"))
+    at_step_2 = {name: reader.get_tensor(name) for name, _ in
+                 tf.train.list_variables(str(checkpoints / "ckpt-2")) if name.startswith("model/")}
+    (data_file,) = [p for p in os.listdir(checkpoints) if p.startswith("ckpt-4.data")]
     _truncate(checkpoints / data_file)
     bad_bytes = (checkpoints / data_file).read_bytes()
 
     with caplog.at_level("WARNING"):
         resumed = trainer.Trainer(config, splits=splits, verbose=False)
-    assert resumed.step == 4
-    assert f"{checkpoints}/ckpt-6 cannot be read" in caplog.text
+    assert resumed.step == 2
+    assert f"{checkpoints}/ckpt-4 cannot be read" in caplog.text
     assert "falling back to the previous one" in caplog.text
-    # The weights are step 4's (read back from a checkpoint of the resumed model).
+    # The weights are step 2's (read back from a checkpoint of the resumed model).
     copy = resumed.checkpoint.write(str(tmp_path / "copy" / "now"))
     now = tf.train.load_checkpoint(copy)
-    for name, value in at_step_4.items():
+    for name, value in at_step_2.items():
         np.testing.assert_array_equal(now.get_tensor(name), value, err_msg=name)
     # Kept, not deleted: moved out of the way, and out of the state file.
     aside = checkpoints / trainer.UNREADABLE_DIR
     assert (aside / data_file).read_bytes() == bad_bytes
-    assert (aside / "ckpt-6.index").exists()
-    assert tf.train.latest_checkpoint(str(checkpoints)) == str(checkpoints / "ckpt-4")
+    assert (aside / "ckpt-4.index").exists()
+    assert tf.train.latest_checkpoint(str(checkpoints)) == str(checkpoints / "ckpt-2")
     state = (checkpoints / "checkpoint").read_text()
-    assert "ckpt-6" not in state and str(tmp_path) not in state  # relative names, as TF writes
-    # Training goes on; the new checkpoint of step 6 is a good one, and the old one stays aside.
+    assert "ckpt-4" not in state and str(tmp_path) not in state  # relative names, as TF writes
+    # Training goes on; the new checkpoint of step 4 is a good one, and the old one stays aside.
     resumed.train()
     assert resumed.step == 8
     assert tf.train.latest_checkpoint(str(checkpoints)).endswith("ckpt-8")
-    tf.train.load_checkpoint(str(checkpoints / "ckpt-6")).get_tensor(
+    tf.train.load_checkpoint(str(checkpoints / "ckpt-4")).get_tensor(
         "model/step_counter/.ATTRIBUTES/VARIABLE_VALUE")
     assert (aside / data_file).read_bytes() == bad_bytes
 
 
-def test_no_readable_checkpoint_is_a_clear_error_that_changes_nothing(tmp_path):
+def test_no_readable_checkpoint_is_a_clear_error_that_changes_nothing(interrupted_run,
+                                                                      tmp_path):
     splits = synthetic.splits()
-    config = tiny_config(tmp_path, steps=4, checkpoint_every=2)
-    trainer.Trainer(config, splits=splits, verbose=False).train()
-    checkpoints = tmp_path / "run" / "checkpoints"
+    config = tiny_config(tmp_path, steps=8, checkpoint_every=2)
+    checkpoints = copy_of(interrupted_run, tmp_path / "run") / "checkpoints"  # ckpt-2, ckpt-4
     for name in os.listdir(checkpoints):
         if ".index" in name:
             _truncate(checkpoints / name)
@@ -261,16 +282,13 @@ def test_no_readable_checkpoint_is_a_clear_error_that_changes_nothing(tmp_path):
     assert {name: (checkpoints / name).read_bytes() for name in os.listdir(checkpoints)} == before
 
 
-def test_resuming_with_fewer_steps_than_trained_is_refused(tmp_path):
-    splits = synthetic.splits()
-    trainer.Trainer(tiny_config(tmp_path, steps=6, checkpoint_every=3), splits=splits,
-                    verbose=False).train()
-    config_json = (tmp_path / "run" / "config.json").read_text()
-    with pytest.raises(ValueError, match=r"has trained 6 steps; --steps=3 would record fewer "
-                                         r"steps than were trained\. Rerun with --steps=6"):
-        trainer.Trainer(tiny_config(tmp_path, steps=3), splits=splits, verbose=False)
+def test_resuming_with_fewer_steps_than_trained_is_refused(interrupted_run, tmp_path):
+    config_json = (copy_of(interrupted_run, tmp_path / "run") / "config.json").read_text()
+    with pytest.raises(ValueError, match=r"has trained 4 steps; --steps=3 would record fewer "
+                                         r"steps than were trained\. Rerun with --steps=4"):
+        trainer.Trainer(tiny_config(tmp_path, steps=3), splits=synthetic.splits(), verbose=False)
     assert (tmp_path / "run" / "config.json").read_text() == config_json
-    assert json.loads(config_json)["steps"] == 6
+    assert json.loads(config_json)["steps"] == 8
 
 
 def test_a_model_dir_that_is_a_file_or_not_writable_is_refused_before_loading(tmp_path,
@@ -372,23 +390,25 @@ def folder_bytes(folder):
             for name in os.listdir(folder)}
 
 
-def test_a_full_disk_is_a_clear_error_and_the_last_checkpoint_stays(tmp_path, monkeypatch):
+def test_a_full_disk_is_a_clear_error_and_the_last_checkpoint_stays(interrupted_run, tmp_path,
+                                                                    monkeypatch):
     from dvml_tf.utils import write_errors
     from tests import faults
 
     splits = synthetic.splits()
     with faults.full_disk(tmp_path / "disk") as disk:
         folder = os.path.join(disk.path, "run")
-        config = tiny_config(tmp_path, steps=10, checkpoint_every=5, model_dir=folder)
+        copy_of(interrupted_run, folder)
+        # Resumed at step 4; the next checkpoint is step 10's, the last.
+        config = tiny_config(tmp_path, steps=10, checkpoint_every=10, model_dir=folder)
         run = trainer.Trainer(config, splits=splits, verbose=False)
-        run.train(stop_at=5)
         checkpoints = os.path.join(folder, "checkpoints")
         before = folder_bytes(checkpoints)
         reason = ("no space left on device" if disk.mounted
                   else "file too large for the file system")
         advice = ("free some space or choose another folder" if disk.mounted
                   else "choose another folder or raise the limit")
-        kept = f"The last checkpoint ({checkpoints}/ckpt-5) is intact. To go on, {advice}."
+        kept = f"The last checkpoint ({checkpoints}/ckpt-4) is intact. To go on, {advice}."
         # Full before training goes on: TensorBoard's event file is refused first.
         disk.fill()
         with pytest.raises(write_errors.WriteFailedError) as failed:
@@ -417,7 +437,7 @@ def test_a_full_disk_is_a_clear_error_and_the_last_checkpoint_stays(tmp_path, mo
         disk.free()
         run.close()
         resumed = trainer.Trainer(config, splits=splits, verbose=False)
-        assert resumed.step == 5
+        assert resumed.step == 4
         resumed.run()
         assert resumed.step == 10
         assert not os.path.exists(os.path.join(folder, trainer.RUN_LOCK_FILE))
